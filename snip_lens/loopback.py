@@ -1,0 +1,253 @@
+"""A loopback OpenAI-compatible HTTP server (stdlib only) for tests and benchmarks of the LLM stages.
+
+It answers ``POST /v1/chat/completions`` and ``POST /v1/embeddings`` on 127.0.0.1 with a fixed latency
+and, optionally, a seeded fault injector that returns 429s, 500s, hangs past the client's timeout, or
+garbage (bodies that are not JSON, JSON without choices, answers that are not a sentence). It lets the
+real ``openai`` client be exercised over real HTTP without any network access.
+
+Run standalone (e.g. in its own process for benchmarks): ``python -m snip_lens.loopback --latency 0.05``
+prints ``PORT <n>`` on its first line and serves until killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import random
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+logger = logging.getLogger(__name__)
+
+FAULT_KINDS = ("429", "500", "timeout", "garbage")
+"""The kinds of injected faults, drawn uniformly when a request is chosen to fail."""
+
+GARBAGE_ANSWERS = (
+    "",
+    "   \n\t ",
+    "#### ??? !!! ////",
+    "\u2603\u2603\u2603 \u2620\u2620",
+    "<start>\nthe\t10\n<end>",
+    "x" * 3000,
+    "12 34 56 78 90",
+)
+"""Chat answers that are syntactically valid responses but carry no explanation."""
+
+
+def default_answer(messages: list[dict]) -> str:
+    """A plausible explanation derived from the last user message (deterministic, for tests)."""
+    text = str(messages[-1].get("content", "")) if messages else ""
+    # The neuron-explainer prompt names the neuron being explained: echo it so answers are distinguishable.
+    m = re.findall(r"Neuron (\d+)", text)
+    tag = m[-1] if m else hashlib.sha256(text.encode()).hexdigest()[:6]
+    return f" words related to topic {tag} in sentences."
+
+
+@dataclass
+class LoopbackStats:
+    """What the server saw (thread-safe counters)."""
+
+    requests: int = 0
+    """All POST requests received."""
+    faults: dict[str, int] = field(default_factory=dict)
+    """Injected faults by kind."""
+    chat_prompts: list[str] = field(default_factory=list)
+    """Last message content of every chat request, in arrival order."""
+    embed_inputs: list[list[str]] = field(default_factory=list)
+    """Inputs of every embedding request."""
+    auth_headers: set[str] = field(default_factory=set)
+    """Distinct Authorization headers seen."""
+
+
+class LoopbackServer:
+    """An OpenAI-compatible server on 127.0.0.1 in a background thread; use as a context manager.
+
+    ``base_url`` is what to put in ``LLMConfig.base_url``.
+    """
+
+    def __init__(self, *, latency: float = 0.0, fault_rate: float = 0.0, seed: int = 0,
+                 hang_seconds: float = 2.0, answer: Callable[[list[dict]], str] = default_answer,
+                 embed_dim: int = 16, api_key: str | None = None) -> None:
+        if not 0.0 <= fault_rate <= 1.0:
+            raise ValueError(f"fault_rate must be in [0, 1], got {fault_rate}")
+        if latency < 0:
+            raise ValueError(f"latency must be >= 0 seconds, got {latency}")
+        self.latency = latency
+        self.fault_rate = fault_rate
+        self.hang_seconds = hang_seconds
+        self.answer = answer
+        self.embed_dim = embed_dim
+        self.api_key = api_key
+        self.stats = LoopbackStats()
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._httpd is not None, "server not started"
+        return self._httpd.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def _draw_fault(self) -> str | None:
+        with self._lock:
+            if self._rng.random() < self.fault_rate:
+                kind = self._rng.choice(FAULT_KINDS)
+                self.stats.faults[kind] = self.stats.faults.get(kind, 0) + 1
+                return kind
+            return None
+
+    def _draw_garbage(self) -> int:
+        with self._lock:
+            return self._rng.randrange(len(GARBAGE_ANSWERS) + 2)
+
+    def start(self) -> "LoopbackServer":
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+                logger.debug("loopback: " + format, *args)
+
+            def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout); nothing to do
+
+            def _json(self, status: int, obj: object) -> None:
+                self._send(status, json.dumps(obj).encode())
+
+            def do_POST(self) -> None:  # noqa: N802 - stdlib name
+                n = int(self.headers.get("Content-Length") or 0)
+                try:
+                    payload = json.loads(self.rfile.read(n) or b"{}")
+                except ValueError:
+                    self._json(400, {"error": {"message": "body is not JSON", "type": "invalid_request_error"}})
+                    return
+                with server._lock:
+                    server.stats.requests += 1
+                    server.stats.auth_headers.add(self.headers.get("Authorization", ""))
+                if server.api_key is not None and self.headers.get("Authorization") != f"Bearer {server.api_key}":
+                    self._json(401, {"error": {"message": "invalid api key", "type": "invalid_request_error"}})
+                    return
+                path = self.path.rstrip("/")
+                if path.endswith("/chat/completions"):
+                    with server._lock:
+                        msgs = payload.get("messages") or []
+                        server.stats.chat_prompts.append(str(msgs[-1].get("content", "")) if msgs else "")
+                elif path.endswith("/embeddings"):
+                    with server._lock:
+                        inp = payload.get("input")
+                        server.stats.embed_inputs.append([inp] if isinstance(inp, str) else list(inp or []))
+                else:
+                    self._json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+                    return
+                if server.latency:
+                    time.sleep(server.latency)
+                fault = server._draw_fault()
+                if fault == "429":
+                    self._json(429, {"error": {"message": "rate limited", "type": "rate_limit_exceeded"}})
+                    return
+                if fault == "500":
+                    self._json(500, {"error": {"message": "internal error", "type": "server_error"}})
+                    return
+                if fault == "timeout":
+                    time.sleep(server.hang_seconds)
+                    self._json(500, {"error": {"message": "too late", "type": "server_error"}})
+                    return
+                if path.endswith("/embeddings"):
+                    self._embeddings(payload, garbage=fault == "garbage")
+                else:
+                    self._chat(payload, garbage=fault == "garbage")
+
+            def _chat(self, payload: dict, garbage: bool) -> None:
+                if garbage:
+                    g = server._draw_garbage()
+                    if g == len(GARBAGE_ANSWERS):
+                        self._send(200, b"<html>502 Bad Gateway</html>", "application/json")
+                        return
+                    if g == len(GARBAGE_ANSWERS) + 1:
+                        self._json(200, {"id": "x", "object": "chat.completion", "nonsense": True})
+                        return
+                    content = GARBAGE_ANSWERS[g]
+                else:
+                    content = server.answer(payload.get("messages") or [])
+                self._json(200, {
+                    "id": "chatcmpl-loopback", "object": "chat.completion", "created": int(time.time()),
+                    "model": payload.get("model", "loopback"),
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": content}}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                })
+
+            def _embeddings(self, payload: dict, garbage: bool) -> None:
+                if garbage:
+                    self._send(200, b"not json at all", "application/json")
+                    return
+                inp = payload.get("input")
+                texts = [inp] if isinstance(inp, str) else list(inp or [])
+                data = []
+                for i, t in enumerate(texts):
+                    h = hashlib.sha256(str(t).encode()).digest()
+                    vec = [(h[j % len(h)] - 127.5) / 127.5 for j in range(server.embed_dim)]
+                    data.append({"object": "embedding", "index": i, "embedding": vec})
+                self._json(200, {"object": "list", "data": data, "model": payload.get("model", "loopback"),
+                                 "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._httpd.request_queue_size = 256
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="loopback-llm", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> "LoopbackServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve until killed; first line of stdout is ``PORT <n>``."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--latency", type=float, default=0.05)
+    p.add_argument("--fault-rate", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    srv = LoopbackServer(latency=a.latency, fault_rate=a.fault_rate, seed=a.seed).start()
+    sys.stdout.write(f"PORT {srv.port}\n")
+    sys.stdout.flush()
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        srv.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
