@@ -1,0 +1,200 @@
+"""Plots and reports of an unlearning sweep: what each method removed and what it cost.
+
+``plot_results`` draws one PNG per metric (metric vs k, one line per method, like the paper's Figure 2);
+``write_report`` writes ``report.md`` and ``report.html`` with the results table and, for each method, the
+pruned neurons with their explanations and the concept each matched.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+METRIC_LABELS = {
+    "top1": "top-1 next-token accuracy",
+    "top10": "top-10 next-token accuracy",
+    "loss": "next-token loss (nats)",
+}
+
+
+@dataclass
+class PrunedNeuron:
+    """One pruned neuron as the report shows it."""
+
+    neuron: str
+    """``L{layer}/N{index}``."""
+    score: float
+    """The method's score for it."""
+    explanation: str
+    """Its explanation in words ('' when none)."""
+    concept: str = ""
+    """The forget-set concept it matched (SNIP, hybrid), or the keyword (keyword method)."""
+
+
+@dataclass
+class MethodDetail:
+    """What one method pruned at the largest k of the sweep."""
+
+    method: str
+    k: int
+    neurons: list[PrunedNeuron] = field(default_factory=list)
+    layer_histogram: dict[int, int] = field(default_factory=dict)
+    """How many of its pruned neurons sit in each layer."""
+
+
+def _series(results: dict, method: str, side: str, metric: str) -> tuple[list[float], list[float]]:
+    base = results["baseline"][side].get(metric)
+    xs, ys = [0.0], [base]
+    runs = sorted((r for r in results["runs"] if r["method"] == method), key=lambda r: r["k"])
+    for r in runs:
+        if metric in r.get(side, {}):
+            xs.append(100.0 * r["k"] / results["n_neurons"])
+            ys.append(r[side][metric])
+    return xs, ys
+
+
+def plot_results(results: dict, out_dir: str | Path) -> list[Path]:
+    """One PNG per metric: forget and retain panels, metric vs % of neurons pruned, a line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = list(dict.fromkeys(r["method"] for r in results["runs"]))
+    written = []
+    metrics = [m for m in ("top1", "top10", "loss") if m in results["baseline"]["forget"]]
+    extra_metrics = sorted({key for r in results["runs"] for key, v in r.get("extra", {}).items()
+                            if isinstance(v, (int, float))})
+    for metric in metrics:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=metric != "loss")
+        for ax, side in zip(axes, ("forget", "retain")):
+            for m in methods:
+                xs, ys = _series(results, m, side, metric)
+                ax.plot(xs, ys, marker="o", label=m)
+            ax.set_title(f"{side} set")
+            ax.set_xlabel("% of MLP neurons pruned")
+            ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+            ax.grid(alpha=0.3)
+        axes[0].legend()
+        fig.suptitle(f"{results['model']}: {METRIC_LABELS.get(metric, metric)}")
+        fig.tight_layout()
+        path = out / f"{metric}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    for metric in extra_metrics:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for m in methods:
+            runs = sorted((r for r in results["runs"] if r["method"] == m and metric in r.get("extra", {})),
+                          key=lambda r: r["k"])
+            base = results.get("baseline", {}).get("extra", {}).get(metric)
+            xs = ([0.0] if base is not None else []) + [100.0 * r["k"] / results["n_neurons"] for r in runs]
+            ys = ([base] if base is not None else []) + [r["extra"][metric] for r in runs]
+            ax.plot(xs, ys, marker="o", label=m)
+        ax.set_xlabel("% of MLP neurons pruned")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out / f"{metric}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def results_table(results: dict) -> list[list[str]]:
+    """Rows of (method, k, % pruned, forget top-1, retain top-1, forget loss, retain loss) as strings."""
+    rows = [["method", "k", "% pruned", "forget top-1", "retain top-1", "forget loss", "retain loss"]]
+    b = results["baseline"]
+    rows.append(["(none)", "0", "0.00", f"{b['forget']['top1']:.3f}", f"{b['retain']['top1']:.3f}",
+                 f"{b['forget']['loss']:.3f}", f"{b['retain']['loss']:.3f}"])
+    for r in sorted(results["runs"], key=lambda r: (r["k"], r["method"])):
+        rows.append([r["method"], str(r["k"]), f"{100 * r['k'] / results['n_neurons']:.2f}",
+                     f"{r['forget']['top1']:.3f}", f"{r['retain']['top1']:.3f}",
+                     f"{r['forget']['loss']:.3f}", f"{r['retain']['loss']:.3f}"])
+    return rows
+
+
+def format_table(rows: list[list[str]]) -> str:
+    """A plain fixed-width table for the terminal."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def write_report(results: dict, details: list[MethodDetail], out_dir: str | Path, *,
+                 plots: list[Path] | None = None, concepts: list[str] | None = None,
+                 max_neurons: int = 40) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` into ``out_dir``; return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plots or []
+    rows = results_table(results)
+    md = [f"# Unlearning report: {results['model']}", "",
+          f"{results['n_neurons']} MLP neurons. Metrics on held-out forget and retain windows never used for "
+          "selection. Lower forget accuracy with unchanged retain accuracy is the goal.", ""]
+    md += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    md.append("")
+    for p in plots:
+        md += [f"![{p.stem}]({p.relative_to(out) if p.is_relative_to(out) else p})", ""]
+    if concepts:
+        md += ["## Forget-set concepts", ""] + [f"{i + 1}. {_md_escape(c)}" for i, c in enumerate(concepts)] + [""]
+    for d in details:
+        md += [f"## {d.method}: the {min(max_neurons, len(d.neurons))} highest-ranked of {d.k} pruned neurons", ""]
+        if d.layer_histogram:
+            md += ["Pruned neurons per layer: " + ", ".join(f"L{l}: {n}" for l, n in sorted(d.layer_histogram.items())),
+                   ""]
+        md += ["| neuron | score | explanation | matched concept |", "|---|---|---|---|"]
+        for n in d.neurons[:max_neurons]:
+            md.append(f"| {n.neuron} | {n.score:.3f} | {_md_escape(n.explanation)} | {_md_escape(n.concept)} |")
+        md.append("")
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(md), encoding="utf-8")
+
+    e = html.escape
+    parts = ["<!doctype html><html><head><meta charset='utf-8'>",
+             f"<title>Unlearning report: {e(results['model'])}</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+             "font-size:14px;text-align:left}th{background:#f3f3f3}img{max-width:100%}</style></head><body>",
+             f"<h1>Unlearning report: {e(results['model'])}</h1>",
+             f"<p>{results['n_neurons']} MLP neurons. Metrics on held-out forget and retain windows never used "
+             "for selection.</p><table>"]
+    parts.append("<tr>" + "".join(f"<th>{e(c)}</th>" for c in rows[0]) + "</tr>")
+    for r in rows[1:]:
+        parts.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>")
+    parts.append("</table>")
+    for p in plots:
+        src = p.relative_to(out) if p.is_relative_to(out) else p
+        parts.append(f"<h3>{e(p.stem)}</h3><img src='{e(str(src))}' alt='{e(p.stem)}'>")
+    if concepts:
+        parts.append("<h2>Forget-set concepts</h2><ol>" + "".join(f"<li>{e(c)}</li>" for c in concepts) + "</ol>")
+    for d in details:
+        parts.append(f"<h2>{e(d.method)}: the {min(max_neurons, len(d.neurons))} highest-ranked of {d.k} "
+                     "pruned neurons</h2>")
+        if d.layer_histogram:
+            parts.append("<p>Pruned neurons per layer: " + e(", ".join(
+                f"L{l}: {n}" for l, n in sorted(d.layer_histogram.items()))) + "</p>")
+        parts.append("<table><tr><th>neuron</th><th>score</th><th>explanation</th><th>matched concept</th></tr>")
+        for n in d.neurons[:max_neurons]:
+            parts.append(f"<tr><td>{e(n.neuron)}</td><td>{n.score:.3f}</td><td>{e(n.explanation)}</td>"
+                         f"<td>{e(n.concept)}</td></tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
+    html_path = out / "report.html"
+    html_path.write_text("\n".join(parts), encoding="utf-8")
+    return md_path, html_path

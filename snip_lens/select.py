@@ -1,0 +1,258 @@
+"""Neuron selection methods: rank every MLP neuron for pruning, then keep the top k (SNIP step 4).
+
+Every method returns a ``NeuronScores`` (higher = prune first); ``mask_from_scores`` turns the top k into a
+``NeuronMask``. Methods:
+
+- ``snip``: max cosine similarity between the neuron's explanation and any forget-set concept.
+- ``random``: a seeded random permutation (the floor any method must beat).
+- ``keyword``: neurons whose explanation contains one of the given keywords, ranked by explanation score.
+- ``llm-judge``: an LLM rates each neuron 0-10 from forget samples and the neuron's explanation.
+- ``activation``: Pochinkov & Schoots (2024) selective pruning, mean |act| on forget divided by mean |act|
+  on retain (+eps); ``activation-freq`` uses the frequency of act > 0 instead.
+- ``hybrid``: concept and activation evidence together, see ``hybrid_scores``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .score import NeuronScores
+from .types import NeuronExplanation, NeuronId
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("snip", "random", "keyword", "llm-judge", "activation", "activation-freq", "hybrid")
+
+
+def parse_k(k: int | float | str, n_total: int) -> int:
+    """A neuron count from ``k``: an int count, or a percentage such as ``"2%"`` / ``"2.5%"`` of all neurons."""
+    if isinstance(k, str):
+        text = k.strip()
+        if text.endswith("%"):
+            try:
+                pct = float(text[:-1])
+            except ValueError:
+                raise ValueError(f"cannot read k={k!r}: write a count like 500 or a percentage like '2%'") from None
+            if not 0 <= pct <= 100:
+                raise ValueError(f"k={k!r} is not a percentage between 0% and 100%")
+            return int(round(pct / 100 * n_total))
+        try:
+            k = int(text)
+        except ValueError:
+            raise ValueError(f"cannot read k={k!r}: write a count like 500 or a percentage like '2%'") from None
+    if isinstance(k, float):
+        if not k.is_integer():
+            raise ValueError(f"k={k!r} is fractional: give a whole count, or a percentage string like '2%'")
+        k = int(k)
+    if k < 0:
+        raise ValueError(f"k={k} is negative: give a count between 0 and {n_total}")
+    if k > n_total:
+        raise ValueError(f"k={k} is larger than the model's {n_total} MLP neurons: give at most {n_total}, "
+                         "or a percentage like '2%'")
+    return int(k)
+
+
+def _empty(n_layers: int, d_mlp: int) -> torch.Tensor:
+    return torch.full((n_layers, d_mlp), float("-inf"), dtype=torch.float64)
+
+
+def _explanation_grid(explanations: Iterable[NeuronExplanation], n_layers: int, d_mlp: int
+                      ) -> dict[NeuronId, NeuronExplanation]:
+    out: dict[NeuronId, NeuronExplanation] = {}
+    for e in explanations:
+        if not (0 <= e.neuron.layer < n_layers and 0 <= e.neuron.index < d_mlp):
+            raise ValueError(f"explanation for neuron {e.neuron} is outside the model's shape "
+                             f"({n_layers} layers x {d_mlp} neurons): were they made for another model?")
+        if e.ok:
+            out[e.neuron] = e
+    return out
+
+
+def random_scores(n_layers: int, d_mlp: int, *, seed: int = 0, model_name: str = "") -> NeuronScores:
+    """Uniform random scores from a seeded generator: the top k is a uniform random set of k neurons."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand((n_layers, d_mlp), generator=g, dtype=torch.float64)
+    return NeuronScores(scores=scores, method="random", labels={}, model_name=model_name)
+
+
+def keyword_scores(explanations: Iterable[NeuronExplanation], keywords: Sequence[str], *, n_layers: int,
+                   d_mlp: int, model_name: str = "") -> NeuronScores:
+    """Neurons whose explanation contains a keyword (whole word, case-insensitive), ranked by explanation score.
+
+    As in the paper's keyword baseline, selection is by keyword; the order among selected neurons follows the
+    explanation's own quality score (neurons without one rank after those with one). Unmatched neurons are
+    never chosen before matched ones.
+    """
+    kws = [k.strip() for k in keywords if k and k.strip()]
+    if not kws:
+        raise ValueError("keyword selection needs at least one non-empty keyword, e.g. --keywords python,code")
+    pattern = re.compile(r"\b(" + "|".join(re.escape(k) for k in kws) + r")\b", re.IGNORECASE)
+    grid = _explanation_grid(explanations, n_layers, d_mlp)
+    scores = _empty(n_layers, d_mlp)
+    labels: dict[NeuronId, str] = {}
+    for nid, e in grid.items():
+        m = pattern.search(e.explanation or "")
+        if m:
+            # Matched neurons sit in [1, 2]: above every unmatched one, ordered by explanation score.
+            quality = e.score if e.score is not None and math.isfinite(e.score) else 0.0
+            scores[nid.layer, nid.index] = 1.0 + max(0.0, min(1.0, quality))
+            labels[nid] = m.group(0).lower()
+    if not labels:
+        logger.warning("no explanation contains any of the keywords %s", kws)
+    return NeuronScores(scores=scores, method="keyword", labels=labels, model_name=model_name)
+
+
+def activation_scores(records: Any, *, forget: str = "forget", retain: str = "retain", eps: float = 1e-6,
+                      statistic: str = "mean_abs", model_name: str = "") -> NeuronScores:
+    """Pochinkov & Schoots (2024): importance on forget data relative to retain data, per neuron.
+
+    ``statistic="mean_abs"``: mean |activation| on forget / (mean |activation| on retain + eps).
+    ``statistic="freq_pos"``: the frequency of act > 0 instead (their frequency variant).
+    ``records`` is an ``ActivationRecords`` collected on both corpora under the names given.
+    """
+    stats = getattr(records, "stats", None) or {}
+    missing = [n for n in (forget, retain) if n not in stats]
+    if missing:
+        raise ValueError(f"activation selection needs statistics for corpora {forget!r} and {retain!r}; these "
+                         f"records have {sorted(stats)}: collect with corpus={{'{forget}': ..., '{retain}': ...}}")
+    if statistic not in ("mean_abs", "freq_pos"):
+        raise ValueError(f"unknown activation statistic {statistic!r}; use 'mean_abs' or 'freq_pos'")
+    f = getattr(stats[forget], statistic).double()
+    r = getattr(stats[retain], statistic).double()
+    ratio = f / (r + eps)
+    layers = list(records.layers)
+    n_layers = int(getattr(records, "n_layers", 0) or (max(layers) + 1))
+    scores = _empty(n_layers, f.shape[-1])
+    for i, layer in enumerate(layers):
+        scores[layer] = ratio[i]
+    method = "activation" if statistic == "mean_abs" else "activation-freq"
+    return NeuronScores(scores=scores, method=method, labels={}, model_name=model_name or records.model_name)
+
+
+def _rank_percentile(scores: torch.Tensor) -> torch.Tensor:
+    """Map finite scores to their percentile in (0, 1]; non-finite scores to 0."""
+    flat = scores.flatten()
+    finite = torch.isfinite(flat)
+    out = torch.zeros_like(flat, dtype=torch.float64)
+    idx = finite.nonzero().squeeze(1)
+    if len(idx):
+        order = torch.argsort(flat[idx], stable=True)
+        ranks = torch.empty_like(order, dtype=torch.float64)
+        ranks[order] = torch.arange(1, len(idx) + 1, dtype=torch.float64)
+        out[idx] = ranks / len(idx)
+    return out.view_as(scores)
+
+
+def hybrid_scores(snip: NeuronScores, activation: NeuronScores, *, weight: float = 0.5) -> NeuronScores:
+    """Concept and activation evidence combined by rank:
+
+        hybrid = (1 - weight) * pct(activation ratio) + weight * pct(concept similarity) * pct(activation ratio)
+
+    where ``pct`` is a neuron's percentile rank among all neurons (so the two scales need no calibration).
+    The activation ratio says the neuron fires for the forget data and not for the retain data; the concept
+    term promotes, among those, the neurons whose explanation names a concept of the forget set. Because the
+    concept term is multiplied by the activation percentile, a neuron that is inactive on the forget data
+    cannot be selected on its explanation alone (the failure mode of explanation-only selection when
+    explanations are noisy). ``weight`` in [0, 1]: 0 is the activation method, 1 the concept-gated ranking.
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"hybrid weight={weight} must lie in [0, 1]")
+    if snip.scores.shape != activation.scores.shape:
+        raise ValueError(f"cannot combine scores of shapes {tuple(snip.scores.shape)} and "
+                         f"{tuple(activation.scores.shape)}: they come from different models or layer sets")
+    a = _rank_percentile(activation.scores)
+    s = _rank_percentile(snip.scores)
+    combined = (1 - weight) * a + weight * s * a
+    combined[~torch.isfinite(activation.scores)] = float("-inf")
+    return NeuronScores(scores=combined, method="hybrid", labels=dict(snip.labels),
+                        model_name=snip.model_name or activation.model_name)
+
+
+JUDGE_PROMPT_VERSION = "judge-v1"
+
+
+def build_judge_prompt(explanation: str, samples: Sequence[str]) -> list[dict]:
+    """The LLM-judge baseline: rate 0-10 how important a neuron with this explanation is for the samples."""
+    shown = "\n\n".join(f"sample{i + 1}: {s}" for i, s in enumerate(samples))
+    user = (
+        "We're studying neurons in a neural network. Each neuron looks for some particular thing in a short "
+        "document. We want to remove the model's ability to process the text samples below by removing the "
+        "neurons most important for them.\n\n"
+        f"{shown}\n\n"
+        f"A neuron's behavior: the main thing this neuron does is find {explanation}\n\n"
+        "On a scale from 0 (irrelevant) to 10 (essential), how important is this neuron for a language model "
+        "to process the samples above? Answer with a single integer from 0 to 10."
+    )
+    return [{"role": "user", "content": user}]
+
+
+def parse_judge_score(text: str) -> float:
+    """The first integer 0-10 in the answer; anything else is a parse failure (ValueError)."""
+    m = re.search(r"\b(10|[0-9])\b", text or "")
+    if not m:
+        raise ValueError(f"judge answer has no score from 0 to 10: {text[:80]!r}")
+    return float(m.group(1))
+
+
+def llm_judge_scores(explanations: Iterable[NeuronExplanation], samples: Sequence[str], client: Any, *,
+                     n_layers: int, d_mlp: int, model_name: str = "", candidates: Iterable[NeuronId] | None = None,
+                     cache_dir: Any = None, progress: bool = True) -> NeuronScores:
+    """LLM-judge baseline: ask ``client`` (with ``async generate(messages)``) for a 0-10 rating per neuron.
+
+    Rating all neurons of a model costs one call per neuron; ``candidates`` limits the calls to a shortlist
+    (e.g. the top neurons of another method). Neurons not rated, or whose answer could not be parsed, get
+    -inf and are never pruned by this method. Answers are cached per neuron/explanation/samples.
+    """
+    from .llm import DiskCache, run_all
+
+    if not samples:
+        raise ValueError("the LLM judge needs forget samples to show the model; got none")
+    grid = _explanation_grid(explanations, n_layers, d_mlp)
+    todo = [n for n in (candidates if candidates is not None else grid) if n in grid]
+    cache = DiskCache(cache_dir) if cache_dir is not None else None
+    scores = _empty(n_layers, d_mlp)
+    samples = list(samples)
+
+    async def one(nid: NeuronId) -> tuple[NeuronId, float | None]:
+        messages = build_judge_prompt(grid[nid].explanation or "", samples)
+        key = None
+        if cache is not None:
+            key = cache.key(kind="judge", version=JUDGE_PROMPT_VERSION, model=getattr(client, "model", ""),
+                            messages=messages)
+            hit = cache.get(key)
+            if hit is not None:
+                return nid, float(hit["score"])
+        try:
+            value = parse_judge_score(await client.generate(messages))
+        except Exception as exc:  # noqa: BLE001 - a failed rating is recorded, never guessed
+            logger.warning("judge failed for %s: %s", nid, exc)
+            return nid, None
+        if cache is not None and key is not None:
+            cache.put(key, {"score": value})
+        return nid, value
+
+    results = run_all([one(n) for n in todo], desc="llm-judge", progress=progress)
+    for nid, value in results:
+        if value is not None:
+            scores[nid.layer, nid.index] = value
+    return NeuronScores(scores=scores, method="llm-judge", labels={}, model_name=model_name)
+
+
+def mask_from_scores(model: Any, scores: NeuronScores, k: int | str, *, mode: str = "zero",
+                     values: Any = None) -> Any:
+    """The ``NeuronMask`` of the top-k neurons of ``scores`` (k a count or a percentage like ``"2%"``)."""
+    from .mask import NeuronMask
+
+    n_total = int(scores.scores.numel())
+    count = parse_k(k, n_total)
+    n_finite = int(torch.isfinite(scores.scores).sum())
+    if count > n_finite:
+        raise ValueError(f"k={k} asks for {count} neurons but method {scores.method!r} ranked only {n_finite} "
+                         "(the rest have no score, e.g. no explanation or no keyword match); lower k")
+    return NeuronMask.from_neurons(model, scores.top_k(count), mode=mode, values=values)

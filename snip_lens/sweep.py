@@ -1,0 +1,473 @@
+"""Unlearning experiments end to end: collect -> explain -> concepts -> embed -> score -> prune -> evaluate.
+
+``run_sweep`` runs every selection method at every k on held-out forget and retain data and writes
+
+- ``results.json``: ``{"model", "n_neurons", "baseline": {"forget", "retain"}, "runs": [{"method", "k",
+  "forget": {"loss", "top1", "top10"}, "retain": {...}, "extra": {...}}]}`` (CBT / toxicity under ``extra``),
+- ``plots/*.png`` (metric vs k, one line per method), ``report.md`` / ``report.html`` (what was removed),
+- ``masks/<method>_k<k>.safetensors`` (each run's mask), ``config.json`` (the resolved config, no secrets),
+- the intermediate artifacts (activation records, explanations, concepts, scores) so a rerun reuses them.
+
+The data is split by document before anything is collected: selection never sees the evaluation windows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from . import models as M
+from .report import MethodDetail, PrunedNeuron, format_table, plot_results, results_table, write_report
+from .select import (
+    METHODS,
+    activation_scores,
+    hybrid_scores,
+    keyword_scores,
+    llm_judge_scores,
+    mask_from_scores,
+    parse_k,
+    random_scores,
+)
+from .types import NeuronId
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    """Where the forget and retain text comes from and how much of it each stage uses."""
+
+    forget: str = "code"
+    """Forget corpus: "code" (Python stdlib source), "prose" (pydoc topics), a file or directory, "hf:NAME",
+    "cbt:CONFIG[:PATH]" (Children's Book Test items as text) or "civil-toxic[:PATH]" (toxic comments)."""
+    retain: str = "prose"
+    """Retain corpus, same forms as ``forget``."""
+    n_ctx: int = 128
+    """Tokens per window."""
+    select_windows: int = 32
+    """Windows per side used for selection (activation statistics and records)."""
+    eval_windows: int = 16
+    """Held-out windows per side used for evaluation."""
+    eval_fraction: float = 0.3
+    """Fraction of each corpus's documents held out for evaluation."""
+    max_docs: int | None = None
+    """Cap on documents read per corpus (None: all)."""
+    text_field: str = "text"
+    """Field holding the text in JSONL files and HF datasets."""
+    seed: int = 0
+    """Seed of every random choice (document split, window order, random baseline, sampling)."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_ctx", "select_windows", "eval_windows"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"DataConfig.{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"DataConfig.eval_fraction must be in (0, 1), got {self.eval_fraction}")
+
+
+@dataclass
+class SweepConfig:
+    """One unlearning experiment: which model, data, explainer, methods and k values."""
+
+    model: str = "smollm2-135m"
+    """Model name or directory for ``load_model`` (ignored when a model object is passed)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Forget / retain data."""
+    methods: list[str] = field(default_factory=lambda: ["snip", "hybrid", "activation", "random"])
+    """Selection methods to compare, from ``snip_lens.select.METHODS``."""
+    ks: list[str] = field(default_factory=lambda: ["0.5%", "1%", "2%", "4%"])
+    """Neurons to prune: counts ("500") or percentages of all MLP neurons ("2%")."""
+    explainer: Literal["heuristic", "openai", "local"] = "heuristic"
+    """Who explains neurons (step 1)."""
+    import_explanations: str | None = None
+    """Use published explanations from this file instead of explaining (OpenAI/DeepDecipher/Neuronpedia)."""
+    min_explanation_score: float | None = None
+    """With imported explanations: drop those scoring below this."""
+    concepts: Literal["auto", "llm", "distinctive"] = "auto"
+    """Forget-set concepts (step 2): an LLM, or the offline distinctive-words fallback; "auto" uses the LLM
+    when ``llm_model`` is set."""
+    llm_model: str | None = None
+    """Chat model for the openai explainer, LLM concepts and the llm-judge baseline."""
+    base_url: str | None = None
+    """OpenAI-compatible server root (vLLM, Ollama, llama.cpp); None for OpenAI."""
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """Environment variable holding the API key (never written anywhere)."""
+    embedder: str = "local"
+    """Embedding model: "local" (offline MiniLM), "openai:text-embedding-3-small", or a local directory."""
+    keywords: list[str] = field(default_factory=list)
+    """Keywords for the keyword baseline."""
+    hybrid_weight: float = 0.5
+    """Weight of the concept term in the hybrid method (see ``select.hybrid_scores``)."""
+    judge_candidates: int = 2000
+    """The llm-judge rates this many neurons (the top of the snip ranking), not all of them."""
+    top_k_records: int = 20
+    """Top activating records kept per neuron for the explainer."""
+    batch_size: int = 8
+    """Windows per forward pass."""
+    cbt: list[str] = field(default_factory=list)
+    """CBT configs to evaluate ("P", "V", "NE", "CN"), from ``cbt_source``."""
+    cbt_source: str = "hf"
+    """"hf" (online), a JSONL file in the HF schema, or "prose" to build CBT-P/V-style items from prose."""
+    cbt_items: int = 200
+    """CBT items evaluated per config."""
+    toxicity: bool = False
+    """Also measure the toxicity rate (paper section 4)."""
+    toxicity_n: int = 1000
+    """Generations for the toxicity rate."""
+    toxicity_scorer: Literal["detoxify", "profanity"] = "detoxify"
+    """Toxicity scorer; detoxify offline needs ``detoxify_checkpoint``."""
+    detoxify_checkpoint: str | None = None
+    """Local detoxify checkpoint path for offline use."""
+    seed: int = 0
+    """Seed for the random baseline."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, dict):
+            self.data = DataConfig(**self.data)
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+        if not self.methods:
+            raise ValueError("SweepConfig.methods is empty; give at least one method, e.g. snip")
+        if not self.ks:
+            raise ValueError("SweepConfig.ks is empty; give at least one k, e.g. 1% or 500")
+        if "keyword" in self.methods and not self.keywords:
+            raise ValueError("the keyword method needs keywords: set keywords (CLI: --keywords python,code)")
+        if "llm-judge" in self.methods and not self.llm_model:
+            raise ValueError("the llm-judge method needs an LLM: set llm_model (CLI: --llm-model gpt-4o-mini)")
+        if self.explainer == "openai" and not self.llm_model:
+            raise ValueError("explainer 'openai' needs llm_model (CLI: --llm-model gpt-4o-mini)")
+        if self.concepts == "llm" and not self.llm_model:
+            raise ValueError("concepts 'llm' needs llm_model (CLI: --llm-model gpt-4o-mini)")
+        bad = [c for c in self.cbt if c not in ("P", "V", "NE", "CN")]
+        if bad:
+            raise ValueError(f"unknown CBT config(s) {bad}; choose from P, V, NE, CN")
+
+    def to_json(self) -> dict:
+        """The resolved config; holds the NAME of the key variable, never a key."""
+        return dataclasses.asdict(self)
+
+
+# ---- data ------------------------------------------------------------------------------------------
+
+
+def load_side_texts(spec: str, data: DataConfig) -> list[str]:
+    """Texts of one corpus spec, including the experiment-specific sources of the paper."""
+    from .corpus import load_texts
+
+    if spec.startswith("cbt:"):
+        from .evaluate import load_cbt
+
+        _, config, *rest = spec.split(":", 2)
+        source = rest[0] if rest else "hf"
+        items = load_cbt(source, config=config, split="train", max_items=data.max_docs)
+        return [cbt_item_text(it) for it in items]
+    if spec == "civil-toxic" or spec.startswith("civil-toxic:"):
+        path = spec.split(":", 1)[1] if ":" in spec else None
+        return toxic_comments(path, n=data.max_docs or 500, seed=data.seed)
+    return load_texts(spec, text_field=data.text_field, max_docs=data.max_docs, seed=data.seed)
+
+
+def cbt_item_text(item: Any) -> str:
+    """A CBT item as running text: its context sentences and the question with the answer filled in."""
+    return " ".join(list(item.context) + [item.question.replace("XXXXX", item.answer)])
+
+
+def toxic_comments(path: str | None, *, n: int = 500, threshold: float = 0.8, seed: int = 0) -> list[str]:
+    """``n`` random comments with toxicity > ``threshold`` from Civil Comments (the paper's forget set).
+
+    ``path`` None reads the HF dataset ``google/civil_comments`` (online); otherwise a JSONL file of the same
+    schema (``text``, ``toxicity``).
+    """
+    rows: list[dict]
+    if path is None:
+        try:
+            from datasets import load_dataset
+
+            ds = load_dataset("google/civil_comments", split="train")
+        except Exception as exc:  # noqa: BLE001 - reported with the offline alternative
+            raise FileNotFoundError(
+                "could not load the Civil Comments dataset from the Hugging Face hub "
+                f"({type(exc).__name__}: {exc}); offline, pass a local JSONL with fields 'text' and 'toxicity' "
+                "as civil-toxic:PATH") from exc
+        rows = [r for r in ds if r["toxicity"] > threshold]
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"Civil Comments file {path!r} does not exist")
+        rows = []
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{i} is not valid JSON ({exc.msg})") from None
+            for key in ("text", "toxicity"):
+                if key not in r:
+                    raise ValueError(f"{path}:{i} has no field {key!r}; Civil Comments rows need 'text' and 'toxicity'")
+            if float(r["toxicity"]) > threshold:
+                rows.append(r)
+    if not rows:
+        raise ValueError(f"no comment with toxicity > {threshold} in {path or 'google/civil_comments'}")
+    rng = random.Random(seed)
+    rng.shuffle(rows)
+    return [str(r["text"]) for r in rows[:n]]
+
+
+def split_documents(texts: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(selection docs, held-out evaluation docs): a seeded split by document, so no text is in both."""
+    if len(texts) < 2:
+        raise ValueError(f"need at least 2 documents to hold some out for evaluation, got {len(texts)}")
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(texts) - 1, max(1, round(fraction * len(texts))))
+    held = set(order[:n_eval])
+    return [t for i, t in enumerate(texts) if i not in held], [t for i, t in enumerate(texts) if i in held]
+
+
+# ---- the sweep -------------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _llm_config(cfg: SweepConfig) -> Any:
+    from .llm import LLMConfig
+
+    return LLMConfig(model=cfg.llm_model, base_url=cfg.base_url, api_key_env=cfg.api_key_env)
+
+
+def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, overwrite: bool = False,
+              progress: bool = True) -> dict:
+    """Run the whole experiment of ``config`` into ``out_dir`` and return the results dict.
+
+    Intermediate artifacts in ``out_dir`` from an earlier run with the same config are reused; a different
+    config in a non-empty ``out_dir`` is refused unless ``overwrite``.
+    """
+    from .collect import ActivationRecords, collect
+    from .concepts import extract_concepts
+    from .corpus import make_windows
+    from .embed import get_embedder
+    from .evaluate import lm_metrics
+    from .explain import ExplainConfig, explain, import_explanations, load_explanations, save_explanations
+    from .score import NeuronScores, score_neurons
+    from .types import DatasetConcepts
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "config.json"
+    cfg_json = config.to_json()
+    if cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        if old != json.loads(json.dumps(cfg_json, default=str)) and not overwrite:
+            raise FileExistsError(f"{out} holds results of a different configuration (see {cfg_path}); "
+                                  "choose another --out or pass --overwrite")
+        if old != json.loads(json.dumps(cfg_json, default=str)):
+            for stale in ("records", "explanations.jsonl", "concepts.json", "scores", "results.json"):
+                p = out / stale
+                if p.is_dir():
+                    import shutil
+
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+    _write_json(cfg_path, cfg_json)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    if model is None:
+        model = M.load_model(config.model)
+    n_layers, d_mlp = M.n_layers(model), M.d_mlp(model)
+    n_neurons = n_layers * d_mlp
+    name = M.model_name(model)
+    ks = sorted({parse_k(k, n_neurons) for k in config.ks})
+    timings["load_model"] = time.perf_counter() - t0
+
+    # -- data: split by document, then windows ----------------------------------------------------------
+    d = config.data
+    forget_texts = load_side_texts(d.forget, d)
+    retain_texts = load_side_texts(d.retain, d)
+    if d.forget == d.retain or forget_texts == retain_texts:
+        raise ValueError(f"forget ({d.forget!r}) and retain ({d.retain!r}) data are identical: unlearning needs "
+                         "a retain set that differs from what should be forgotten")
+    f_sel, f_eval = split_documents(forget_texts, d.eval_fraction, d.seed)
+    r_sel, r_eval = split_documents(retain_texts, d.eval_fraction, d.seed)
+    win = {
+        "forget_sel": make_windows(model, f_sel, n_ctx=d.n_ctx, max_windows=d.select_windows, seed=d.seed,
+                                   name="forget"),
+        "retain_sel": make_windows(model, r_sel, n_ctx=d.n_ctx, max_windows=d.select_windows, seed=d.seed,
+                                   name="retain"),
+        "forget_eval": make_windows(model, f_eval, n_ctx=d.n_ctx, max_windows=d.eval_windows, seed=d.seed + 1,
+                                    name="forget-eval"),
+        "retain_eval": make_windows(model, r_eval, n_ctx=d.n_ctx, max_windows=d.eval_windows, seed=d.seed + 1,
+                                    name="retain-eval"),
+    }
+
+    # -- step 1a: activation records and statistics ------------------------------------------------------
+    t = time.perf_counter()
+    records = collect(model, {"forget": win["forget_sel"], "retain": win["retain_sel"]},
+                      top_k=config.top_k_records, batch_size=config.batch_size, out_dir=out / "records",
+                      progress=progress)
+    timings["collect"] = time.perf_counter() - t
+
+    needs_expl = any(m in config.methods for m in ("snip", "hybrid", "keyword", "llm-judge"))
+    explanations: list = []
+    concepts: DatasetConcepts | None = None
+    scores: dict[str, NeuronScores] = {}
+    if needs_expl:
+        # -- step 1b: explanations ---------------------------------------------------------------------
+        t = time.perf_counter()
+        expl_path = out / "explanations.jsonl"
+        if config.import_explanations:
+            explanations = import_explanations(config.import_explanations, min_score=config.min_explanation_score,
+                                               n_layers=n_layers, d_mlp=d_mlp)
+        elif expl_path.exists():
+            explanations = load_explanations(expl_path)
+        else:
+            ecfg = ExplainConfig(kind=config.explainer,
+                                 llm=_llm_config(config) if config.explainer == "openai" else None)
+            explanations = explain(records, ecfg, cache_dir=out / "cache" / "explain", progress=progress)
+        save_explanations(expl_path, explanations)
+        timings["explain"] = time.perf_counter() - t
+
+        # -- step 2: forget-set concepts ---------------------------------------------------------------
+        t = time.perf_counter()
+        concepts_path = out / "concepts.json"
+        use_llm = config.concepts == "llm" or (config.concepts == "auto" and config.llm_model)
+        if concepts_path.exists():
+            cj = json.loads(concepts_path.read_text())
+            concepts = DatasetConcepts(cj["concepts"], cj.get("source", ""))
+        else:
+            concepts = extract_concepts(f_sel, client=_llm_config(config) if use_llm else None,
+                                        reference_texts=r_sel, seed=d.seed, cache_dir=out / "cache" / "concepts")
+            _write_json(concepts_path, {"concepts": concepts.concepts, "source": concepts.source})
+        timings["concepts"] = time.perf_counter() - t
+
+        # -- step 3: embed and score -------------------------------------------------------------------
+        t = time.perf_counter()
+        embedder = get_embedder(config.embedder, cache_dir=out / "cache" / "embed")
+        scores["snip"] = score_neurons(explanations, concepts, embedder, n_layers=n_layers, d_mlp=d_mlp)
+        timings["score"] = time.perf_counter() - t
+
+    if any(m in config.methods for m in ("activation", "hybrid")):
+        scores["activation"] = activation_scores(records, model_name=name)
+    if "activation-freq" in config.methods:
+        scores["activation-freq"] = activation_scores(records, statistic="freq_pos", model_name=name)
+    if "hybrid" in config.methods:
+        scores["hybrid"] = hybrid_scores(scores["snip"], scores["activation"], weight=config.hybrid_weight)
+    if "random" in config.methods:
+        scores["random"] = random_scores(n_layers, d_mlp, seed=config.seed, model_name=name)
+    if "keyword" in config.methods:
+        scores["keyword"] = keyword_scores(explanations, config.keywords, n_layers=n_layers, d_mlp=d_mlp,
+                                           model_name=name)
+    if "llm-judge" in config.methods:
+        from .llm import OpenAIChatClient
+
+        samples = random.Random(d.seed).sample(f_sel, min(5, len(f_sel)))
+        shortlist = scores["snip"].top_k(min(config.judge_candidates, n_neurons))
+        scores["llm-judge"] = llm_judge_scores(
+            explanations, [s[:400] for s in samples], OpenAIChatClient(_llm_config(config)), n_layers=n_layers,
+            d_mlp=d_mlp, model_name=name, candidates=shortlist, cache_dir=out / "cache" / "judge",
+            progress=progress)
+    (out / "scores").mkdir(exist_ok=True)
+    for method, s in scores.items():
+        s.save(out / "scores" / f"{method}.safetensors")
+
+    # -- evaluation ----------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    evaluator = _Evaluator(model, win["forget_eval"].tokens, win["retain_eval"].tokens, config, progress)
+    results: dict[str, Any] = {"model": name, "n_neurons": n_neurons,
+                               "baseline": evaluator.run(None), "runs": []}
+    (out / "masks").mkdir(exist_ok=True)
+    details: list[MethodDetail] = []
+    expl_by_id = {e.neuron: e for e in explanations}
+    for method in config.methods:
+        s = scores[method]
+        for k in ks:
+            mask = mask_from_scores(model, s, k)
+            mask.save(out / "masks" / f"{method}_k{k}.safetensors")
+            r = evaluator.run(mask)
+            results["runs"].append({"method": method, "k": k, "k_percent": 100.0 * k / n_neurons, **r})
+            logger.info("%s k=%d forget top1 %.3f retain top1 %.3f", method, k, r["forget"]["top1"],
+                        r["retain"]["top1"])
+        top = s.top_k(max(ks))
+        hist: dict[int, int] = {}
+        for nid in top:
+            hist[nid.layer] = hist.get(nid.layer, 0) + 1
+        details.append(MethodDetail(method=method, k=max(ks), layer_histogram=hist, neurons=[
+            PrunedNeuron(str(nid), float(s.scores[nid.layer, nid.index]),
+                         (expl_by_id[nid].explanation or "") if nid in expl_by_id else "",
+                         s.labels.get(nid, "") or scores.get("snip", s).labels.get(nid, ""))
+            for nid in top[:200]]))
+    timings["evaluate"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    results["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
+    _write_json(out / "results.json", results)
+    plots = plot_results(results, out / "plots")
+    write_report(results, details, out, plots=plots, concepts=concepts.concepts if concepts else None)
+    return results
+
+
+class _Evaluator:
+    """Forget/retain metrics (plus CBT and toxicity when configured) for one mask, reusing shared work."""
+
+    def __init__(self, model: Any, forget_tokens: torch.Tensor, retain_tokens: torch.Tensor, config: SweepConfig,
+                 progress: bool) -> None:
+        self.model, self.config, self.progress = model, config, progress
+        self.tokens = {"forget": forget_tokens, "retain": retain_tokens}
+        self.cbt_items: dict[str, list] = {}
+        if config.cbt:
+            from .evaluate import build_cloze_items, load_cbt
+
+            for c in config.cbt:
+                if config.cbt_source == "prose":
+                    if c not in ("P", "V"):
+                        raise ValueError(f"CBT items can be built from prose only for P and V, not {c!r}")
+                    from .corpus import load_texts
+
+                    self.cbt_items[c] = build_cloze_items(load_texts("prose"), kind=c, n_items=config.cbt_items,
+                                                          seed=config.data.seed)
+                else:
+                    self.cbt_items[c] = load_cbt(config.cbt_source, config=c, split="test",
+                                                 max_items=config.cbt_items)
+
+    def run(self, mask: Any) -> dict:
+        from .evaluate import lm_metrics
+
+        out: dict[str, Any] = {}
+        for side, toks in self.tokens.items():
+            out[side] = lm_metrics(self.model, toks, batch_size=self.config.batch_size, mask=mask)
+        extra: dict[str, Any] = {}
+        if self.cbt_items:
+            from .evaluate import cbt_accuracy
+
+            for c, items in self.cbt_items.items():
+                extra[f"cbt_{c}_accuracy"] = cbt_accuracy(self.model, items, mask=mask)["accuracy"]
+        if self.config.toxicity:
+            from .evaluate import ToxicityConfig, toxicity_rate
+
+            tcfg = ToxicityConfig(n=self.config.toxicity_n, scorer=self.config.toxicity_scorer,
+                                  detoxify_checkpoint=self.config.detoxify_checkpoint, seed=self.config.data.seed)
+            tox = toxicity_rate(self.model, tcfg, mask=mask, progress=self.progress)
+            extra["pct_toxic"] = tox["pct_toxic"]
+            extra["mean_toxicity"] = tox["mean_toxicity"]
+        out["extra"] = extra
+        return out
+
+
+def summary_table(results: dict) -> str:
+    """The short table the CLI prints at the end of a sweep."""
+    return format_table(results_table(results))
