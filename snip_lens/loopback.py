@@ -42,12 +42,19 @@ GARBAGE_ANSWERS = (
 
 
 def default_answer(messages: list[dict]) -> str:
-    """A plausible explanation derived from the last user message (deterministic, for tests)."""
+    """A plausible explanation naming the strongest token of the last neuron in the prompt (deterministic).
+
+    Reads the ``token<tab>activation`` lines of the last message and answers
+    ``" the token '<strongest token>' in text."`` (first of the highest); used to check that answers
+    reach the right neuron.
+    """
     text = str(messages[-1].get("content", "")) if messages else ""
-    # The neuron-explainer prompt names the neuron being explained: echo it so answers are distinguishable.
-    m = re.findall(r"Neuron (\d+)", text)
-    tag = m[-1] if m else hashlib.sha256(text.encode()).hexdigest()[:6]
-    return f" words related to topic {tag} in sentences."
+    pairs = re.findall(r"^(.*)\t(\d+)$", text, flags=re.M)
+    if not pairs:
+        return " words in sentences."
+    best = max(int(a) for _, a in pairs)
+    tok = next(t for t, a in pairs if int(a) == best)
+    return f" the token '{tok.strip()}' in text."
 
 
 @dataclass
@@ -64,6 +71,10 @@ class LoopbackStats:
     """Inputs of every embedding request."""
     auth_headers: set[str] = field(default_factory=set)
     """Distinct Authorization headers seen."""
+    in_flight: int = 0
+    """Requests being handled right now."""
+    max_in_flight: int = 0
+    """Most requests handled at once so far."""
 
 
 class LoopbackServer:
@@ -74,7 +85,12 @@ class LoopbackServer:
 
     def __init__(self, *, latency: float = 0.0, fault_rate: float = 0.0, seed: int = 0,
                  hang_seconds: float = 2.0, answer: Callable[[list[dict]], str] = default_answer,
-                 embed_dim: int = 16, api_key: str | None = None) -> None:
+                 embed_dim: int = 16, api_key: str | None = None,
+                 fault_kinds: tuple[str, ...] = FAULT_KINDS) -> None:
+        bad = [k for k in fault_kinds if k not in FAULT_KINDS]
+        if bad or not fault_kinds:
+            raise ValueError(f"fault_kinds must be a non-empty subset of {FAULT_KINDS}, got {fault_kinds!r}")
+        self.fault_kinds = tuple(fault_kinds)
         if not 0.0 <= fault_rate <= 1.0:
             raise ValueError(f"fault_rate must be in [0, 1], got {fault_rate}")
         if latency < 0:
@@ -103,7 +119,7 @@ class LoopbackServer:
     def _draw_fault(self) -> str | None:
         with self._lock:
             if self._rng.random() < self.fault_rate:
-                kind = self._rng.choice(FAULT_KINDS)
+                kind = self._rng.choice(self.fault_kinds)
                 self.stats.faults[kind] = self.stats.faults.get(kind, 0) + 1
                 return kind
             return None
@@ -135,6 +151,16 @@ class LoopbackServer:
                 self._send(status, json.dumps(obj).encode())
 
             def do_POST(self) -> None:  # noqa: N802 - stdlib name
+                with server._lock:
+                    server.stats.in_flight += 1
+                    server.stats.max_in_flight = max(server.stats.max_in_flight, server.stats.in_flight)
+                try:
+                    self._post()
+                finally:
+                    with server._lock:
+                        server.stats.in_flight -= 1
+
+            def _post(self) -> None:
                 n = int(self.headers.get("Content-Length") or 0)
                 try:
                     payload = json.loads(self.rfile.read(n) or b"{}")
