@@ -94,8 +94,9 @@ class LLMConfig:
 
     @property
     def sampling(self) -> dict[str, Any]:
-        """Everything about the request that determines the answer (goes into cache keys)."""
-        return {"model": self.model, "base_url": self.base_url, "temperature": self.temperature,
+        """Everything about the request that determines the answer (goes into cache keys; the server URL
+        does not: the same model behind another port gives the same answers)."""
+        return {"model": self.model, "temperature": self.temperature,
                 "top_p": self.top_p, "max_tokens": self.max_tokens}
 
     def to_json(self) -> dict[str, Any]:
