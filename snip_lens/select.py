@@ -14,7 +14,6 @@ Every method returns a ``NeuronScores`` (higher = prune first); ``mask_from_scor
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import re
