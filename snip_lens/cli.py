@@ -14,6 +14,10 @@ def build_parser() -> argparse.ArgumentParser:
     # Each stage registers its subcommand here; the functions they call live in the library.
     _add_demo(sub)
     _add_run(sub)
+    _add_concepts(sub)
+    _add_score(sub)
+    _add_search(sub)
+    _add_explain(sub)
     return p
 
 
@@ -100,6 +104,226 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--text-field", default="text", help="text field of JSONL files / HF datasets")
     _sweep_args(sp, demo=False)
     sp.set_defaults(func=_run_sweep_cmd)
+
+
+def _concepts_cmd(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .concepts import extract_concepts
+    from .corpus import load_texts
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} already exists; pass --overwrite or choose another --out")
+    forget = load_texts(args.forget, max_docs=args.max_docs, seed=args.seed)
+    reference = load_texts(args.reference, max_docs=args.max_docs, seed=args.seed) if args.reference else None
+    client = None
+    if args.llm_model:
+        from .llm import LLMConfig, LLMError
+
+        client = LLMConfig(model=args.llm_model, base_url=args.base_url,
+                           api_key_env=None if args.api_key_env.lower() == "none" else args.api_key_env)
+    try:
+        concepts = extract_concepts(forget, client=client, n_samples=args.n_samples, seed=args.seed,
+                                    reference_texts=reference, n_concepts=args.n_concepts, cache_dir=args.cache_dir)
+    except Exception as exc:
+        if type(exc).__name__ == "LLMError":
+            raise ValueError(f"the LLM request failed: {exc}") from exc
+        raise
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps({"concepts": concepts.concepts, "source": concepts.source}, indent=1,
+                              ensure_ascii=False))
+    tmp.replace(out)
+    for i, c in enumerate(concepts.concepts, 1):
+        print(f"{i}. {c}")
+    print(f"\n{len(concepts.concepts)} concepts ({concepts.source}) -> {out}")
+    return 0
+
+
+def _add_concepts(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("concepts", help="SNIP step 2: the concepts of a forget set (LLM, or offline distinctive words)")
+    sp.add_argument("--forget", required=True, help="code | prose | FILE | DIR | hf:NAME")
+    sp.add_argument("--reference", help="reference corpus for the offline fallback (default: English pydoc topics)")
+    sp.add_argument("--max-docs", type=int, help="cap on documents read per corpus")
+    sp.add_argument("--llm-model", help="chat model (e.g. gpt-4o-mini); without it the offline fallback is used")
+    sp.add_argument("--base-url", help="OpenAI-compatible server root, e.g. http://localhost:8000/v1")
+    sp.add_argument("--api-key-env", default="OPENAI_API_KEY", help="variable holding the API key, or 'none'")
+    sp.add_argument("--n-samples", type=int, default=10, help="distinct forget documents shown to the LLM")
+    sp.add_argument("--n-concepts", type=int, default=30, help="concepts kept by the offline fallback")
+    sp.add_argument("--cache-dir", help="cache of LLM answers")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", default="concepts.json", help="output JSON file")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    sp.set_defaults(func=_concepts_cmd)
+
+
+def _read_explanations(path: str) -> list:
+    from .explain import load_explanations
+
+    return load_explanations(path)
+
+
+def _embedder_from_args(args: argparse.Namespace):  # noqa: ANN202 - an Embedder
+    from pathlib import Path
+
+    from .embed import get_embedder
+    from .models import cache_dir
+
+    cache = None if args.no_cache else (args.cache_dir or Path(cache_dir()) / "embeddings")
+    return get_embedder(args.embedder, cache_dir=cache, base_url=args.base_url,
+                        api_key_env=None if args.api_key_env.lower() == "none" else args.api_key_env)
+
+
+def _embedder_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--embedder", default="local", help="local | openai:text-embedding-3-small | a directory")
+    sp.add_argument("--base-url", help="OpenAI-compatible server root for openai:* embedders")
+    sp.add_argument("--api-key-env", default="OPENAI_API_KEY", help="variable holding the API key, or 'none'")
+    sp.add_argument("--cache-dir", help="embedding cache (default: the snip_lens cache directory)")
+    sp.add_argument("--no-cache", action="store_true", help="do not cache embeddings")
+
+
+def _score_cmd(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .score import score_neurons
+    from .types import DatasetConcepts
+
+    out = Path(args.out if args.out.endswith(".safetensors") else args.out + ".safetensors")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} already exists; pass --overwrite or choose another --out")
+    explanations = _read_explanations(args.explanations)
+    cpath = Path(args.concepts)
+    if not cpath.is_file():
+        raise FileNotFoundError(f"concepts file {cpath} does not exist; create it with `snip concepts --out {cpath}`")
+    try:
+        cj = json.loads(cpath.read_text(encoding="utf-8"))
+        concepts = DatasetConcepts(list(cj["concepts"]), cj.get("source", ""))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{cpath} is not a concepts file ({exc}); expected JSON with a 'concepts' list") from None
+    name = args.model or ""
+    if args.model:
+        from . import models as M
+
+        model = M.load_model(args.model)
+        n_layers, d_mlp = M.n_layers(model), M.d_mlp(model)
+    elif args.shape:
+        try:
+            n_layers, d_mlp = (int(x) for x in args.shape.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--shape {args.shape!r} is not LAYERSxNEURONS, e.g. 30x1536") from None
+    else:
+        n_layers = 1 + max(e.neuron.layer for e in explanations)
+        d_mlp = 1 + max(e.neuron.index for e in explanations)
+        logging.getLogger(__name__).warning("model shape inferred from the explanations: %dx%d (give --shape or "
+                                            "--model to be sure)", n_layers, d_mlp)
+    scores = score_neurons(explanations, concepts, _embedder_from_args(args), n_layers=n_layers, d_mlp=d_mlp,
+                           model_name=name)
+    path = scores.save(out)
+    for nid in scores.top_k(min(args.show, int(scores.scores.isfinite().sum()))):
+        print(f"{nid}\t{scores.scores[nid.layer, nid.index]:.3f}\t{scores.labels.get(nid, '')}")
+    print(f"\nscores of {n_layers}x{d_mlp} neurons -> {path} (+ {path.with_suffix('.json').name})")
+    return 0
+
+
+def _add_score(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("score", help="SNIP step 3: score neurons by max cosine between explanation and concepts")
+    sp.add_argument("--explanations", required=True, help="explanations JSONL (snip explain)")
+    sp.add_argument("--concepts", required=True, help="concepts JSON (snip concepts)")
+    sp.add_argument("--model", help="model whose shape to use (loaded), e.g. smollm2-135m")
+    sp.add_argument("--shape", help="model shape LAYERSxNEURONS instead of --model, e.g. 30x1536")
+    sp.add_argument("--out", default="scores", help="output (.safetensors and .json)")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    sp.add_argument("--show", type=int, default=10, help="top neurons printed")
+    _embedder_args(sp)
+    sp.set_defaults(func=_score_cmd)
+
+
+def _search_cmd(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .score import NeuronIndex
+
+    embedder = _embedder_from_args(args)
+    if args.index and (Path(args.index) / "index.faiss").exists():
+        index = NeuronIndex.load(args.index, embedder)
+    else:
+        if not args.explanations:
+            raise ValueError("give --explanations FILE (or --index DIR of a saved index)")
+        index = NeuronIndex.build(_read_explanations(args.explanations), embedder, kind=args.kind)
+        if args.index:
+            index.save(args.index)
+    for nid, sim, text in index.search(args.query, args.k):
+        print(f"{nid}\t{sim:.3f}\t{text}")
+    return 0
+
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("search", help="find the neurons whose explanations best match a free-text query")
+    sp.add_argument("query", help='what to look for, e.g. "function definitions in Python"')
+    sp.add_argument("--explanations", help="explanations JSONL (snip explain)")
+    sp.add_argument("--index", help="directory of a saved neuron index: loaded if present, else built and saved")
+    sp.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf"], help="FAISS index type")
+    sp.add_argument("-k", type=int, default=10, help="neurons to show")
+    _embedder_args(sp)
+    sp.set_defaults(func=_search_cmd)
+
+
+def _explain_cmd(args: argparse.Namespace) -> int:
+    from .explain import ExplainConfig, explain_to_file
+    from .llm import LLMConfig
+    from .types import NeuronId
+
+    records = None
+    if args.records:
+        from .collect import ActivationRecords
+
+        records = ActivationRecords.load(args.records)
+    llm = None
+    if args.explainer == "openai":
+        key_env = None if (args.api_key_env or "").lower() in ("", "none") else args.api_key_env
+        llm = LLMConfig(model=args.model, base_url=args.base_url, api_key_env=key_env,
+                        concurrency=args.concurrency, temperature=args.temperature, max_retries=args.max_retries)
+    config = ExplainConfig(kind=args.explainer, llm=llm, local_model=args.local_model,
+                           max_records=args.max_records, few_shot=not args.no_few_shot)
+    neurons = [NeuronId.parse(t) for t in args.neurons.split(",") if t.strip()] if args.neurons else None
+    try:
+        result = explain_to_file(args.out, records=records, config=config, import_path=args.import_file,
+                                 min_score=args.min_score, neurons=neurons, cache_dir=args.cache_dir,
+                                 n_layers=args.n_layers, d_mlp=args.d_mlp, overwrite=args.overwrite)
+    except FileExistsError as exc:
+        raise ValueError(str(exc)) from None
+    n_ok = sum(e.ok for e in result)
+    print(f"{n_ok} of {len(result)} neurons explained -> {args.out}")
+    return 0 if n_ok or not result else 1
+
+
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("explain", help="SNIP step 1: explain MLP neurons in words (or import published ones)")
+    sp.add_argument("--records", help="directory of collected activation records (snip collect)")
+    sp.add_argument("--explainer", default="heuristic", choices=["heuristic", "openai", "local"])
+    sp.add_argument("--model", default="gpt-4o-mini", help="chat model name for --explainer openai")
+    sp.add_argument("--base-url", help="OpenAI-compatible server root, e.g. http://localhost:8000/v1")
+    sp.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                    help="variable holding the API key ('none' for local servers that need no key)")
+    sp.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
+    sp.add_argument("--temperature", type=float, default=1.0)
+    sp.add_argument("--max-retries", type=int, default=5)
+    sp.add_argument("--local-model", default="smollm2-135m", help="chat model for --explainer local")
+    sp.add_argument("--max-records", type=int, default=10, help="top-activating windows shown per neuron")
+    sp.add_argument("--no-few-shot", action="store_true", help="omit the three few-shot example neurons")
+    sp.add_argument("--neurons", help="only these neurons, e.g. 'L3/N17,3:18'")
+    sp.add_argument("--cache-dir", help="per-neuron answer cache (default: <out>.cache)")
+    sp.add_argument("--out", required=True, help="explanations JSONL to write")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    sp.add_argument("--import", dest="import_file",
+                    help="import published explanations instead (OpenAI JSONL, DeepDecipher, Neuronpedia)")
+    sp.add_argument("--min-score", type=float, help="drop imported explanations scored below this")
+    sp.add_argument("--n-layers", type=int, help="model layers, to check imported indices (default: from --records)")
+    sp.add_argument("--d-mlp", type=int, help="neurons per layer, to check imported indices")
+    sp.set_defaults(func=_explain_cmd)
 
 
 def main(argv: list[str] | None = None) -> int:

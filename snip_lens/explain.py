@@ -641,8 +641,11 @@ def explain(records: Any, config: ExplainConfig, *, neurons: Sequence[NeuronId] 
 # --------------------------------------------------------------------------------------------------
 
 def save_explanations(path: str | os.PathLike[str], explanations: Iterable[NeuronExplanation], *,
-                      overwrite: bool = False) -> Path:
-    """Write one JSON object per line, atomically; refuses to replace an existing file unless ``overwrite``."""
+                      overwrite: bool = True) -> Path:
+    """Write one JSON object per line, atomically (temp file + ``os.replace``).
+
+    With ``overwrite=False`` an existing file is refused (the CLI passes that unless ``--overwrite``).
+    """
     p = Path(path)
     if p.exists() and not overwrite:
         raise FileExistsError(f"{p} already exists; pass overwrite=True (CLI: --overwrite) or choose another path")
@@ -676,6 +679,42 @@ def load_explanations(path: str | os.PathLike[str]) -> list[NeuronExplanation]:
                 raise ValueError(f"{p}:{i}: not a saved explanation ({exc}); expected keys layer, index, "
                                  "explanation, score, source, error") from None
     return out
+
+
+def explain_to_file(out: str | os.PathLike[str], *, records: Any = None, config: ExplainConfig | None = None,
+                    import_path: str | os.PathLike[str] | None = None, min_score: float | None = None,
+                    neurons: Sequence[NeuronId] | None = None, cache_dir: str | os.PathLike[str] | None = None,
+                    n_layers: int | None = None, d_mlp: int | None = None, overwrite: bool = False,
+                    progress: bool = True) -> list[NeuronExplanation]:
+    """Explain (or import) and write ``out`` (JSONL) plus ``<out>.config.json`` (the resolved config, no secrets).
+
+    With ``import_path`` the published explanations are read instead, checked against the model shape of
+    ``n_layers``/``d_mlp`` (default: taken from ``records`` when it has ``layers``/``d_mlp``).
+    ``cache_dir`` defaults to ``<out>.cache/``.
+    """
+    outp = Path(out)
+    if outp.exists() and not overwrite:
+        raise FileExistsError(f"{outp} already exists; pass --overwrite to replace it or choose another --out")
+    if import_path is not None:
+        if records is not None and hasattr(records, "layers") and hasattr(records, "d_mlp"):
+            n_layers = n_layers if n_layers is not None else max(records.layers) + 1
+            d_mlp = d_mlp if d_mlp is not None else int(records.d_mlp)
+        result = import_explanations(import_path, min_score=min_score, n_layers=n_layers, d_mlp=d_mlp)
+        meta: dict[str, Any] = {"import": str(import_path), "min_score": min_score}
+    else:
+        if records is None:
+            raise ValueError("nothing to explain: pass records (CLI: --records DIR) or an import file (--import FILE)")
+        config = config or ExplainConfig()
+        root = Path(cache_dir) if cache_dir is not None else outp.with_name(outp.name + ".cache")
+        result = explain(records, config, neurons=neurons, cache_dir=root, progress=progress)
+        meta = {"explain": config.to_json(), "prompt_version": PROMPT_VERSION}
+    save_explanations(outp, result, overwrite=True)
+    cfg_path = outp.with_name(outp.name + ".config.json")
+    fd, tmp = tempfile.mkstemp(dir=cfg_path.parent, prefix=f".{cfg_path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump({**meta, "n_explanations": len(result), "n_failed": sum(not e.ok for e in result)}, f, indent=2)
+    os.replace(tmp, cfg_path)
+    return result
 
 
 ImportFormat = Literal["openai", "deepdecipher", "neuronpedia"]
@@ -876,6 +915,6 @@ __all__ = [
     "PROMPT_VERSION", "EXPLANATION_PREFIX", "SYSTEM_PROMPT", "FEW_SHOT_EXAMPLES", "ExplainConfig",
     "HeuristicExplainer", "LocalChatClient", "build_explanation_prompt", "parse_explanation",
     "format_activation_records", "scale_activations", "non_zero_proportion", "max_activation_of",
-    "explain", "make_client", "records_digest", "save_explanations", "load_explanations",
+    "explain", "explain_to_file", "make_client", "records_digest", "save_explanations", "load_explanations",
     "import_explanations",
 ]

@@ -209,8 +209,8 @@ def test_faulty_server_run_finishes_then_rerun_asks_only_failures(tmp_path, monk
     monkeypatch.setenv("SNIP_EXPLAIN_KEY", KEY)
     recs = unique_records(60)
     cache = tmp_path / "cache"
-    with LoopbackServer(latency=0.01, fault_rate=0.3, seed=7, hang_seconds=0.6, api_key=KEY) as srv:
-        cfg = ExplainConfig(kind="openai", llm=llm_config(srv))
+    with LoopbackServer(latency=0.01, fault_rate=0.3, seed=7, hang_seconds=1.0, api_key=KEY) as srv:
+        cfg = ExplainConfig(kind="openai", llm=llm_config(srv, timeout=0.4))
         first = explain(recs, cfg, cache_dir=cache, progress=False)
         assert [e.neuron for e in first] == [r.neuron for r in recs]
         assert sum(srv.stats.faults.values()) > 0 and set(srv.stats.faults) >= {"429", "500", "timeout", "garbage"}
@@ -231,7 +231,9 @@ def test_faulty_server_run_finishes_then_rerun_asks_only_failures(tmp_path, monk
 
         srv.fault_rate = 0.0
         n_prompts = len(srv.stats.chat_prompts)
-        second = explain(recs, cfg, cache_dir=cache, progress=False)
+        # More retries do not change what determines an answer, so the cache still applies.
+        cfg_retry = ExplainConfig(kind="openai", llm=dataclasses.replace(cfg.llm, max_retries=4, timeout=5.0))
+        second = explain(recs, cfg_retry, cache_dir=cache, progress=False)
         asked = srv.stats.chat_prompts[n_prompts:]
         asked_tokens = {m for p in asked for m in re.findall(r"^ (tok\d+x\d+)\t10$", p, flags=re.M)}
         assert asked_tokens == {f"tok{n.layer}x{n.index}" for n in failed}
@@ -249,15 +251,16 @@ def test_cache_hit_skips_the_client(tmp_path, monkeypatch):
     monkeypatch.setenv("SNIP_EXPLAIN_KEY", KEY)
     recs = unique_records(5)
     with LoopbackServer() as srv:
-        cfg = ExplainConfig(kind="openai", llm=llm_config(srv, max_retries=0))
+        cfg = ExplainConfig(kind="openai", llm=llm_config(srv, timeout=10.0))
         first = explain(recs, cfg, cache_dir=tmp_path, progress=False)
 
     class Exploding:
         async def generate(self, messages):
             raise AssertionError("cache should have answered")
 
+    assert all(e.ok for e in first)
     again = explain(recs, cfg, cache_dir=tmp_path, progress=False, client=Exploding())
-    assert again == first and all(e.ok for e in again)
+    assert again == first
     # Changing what determines the output (sampling, records) misses the cache.
     class Fixed:
         calls = 0
@@ -390,3 +393,68 @@ def test_import_bad_inputs(tmp_path):
     broken.write_text(good + "\n{not json\n")
     with pytest.raises(ValueError, match="broken.jsonl:2"):
         import_explanations(broken)
+
+
+# -- CLI ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def records_dir(tmp_path_factory):
+    import pydoc_data.topics
+
+    from snip_lens.collect import collect
+    from snip_lens.corpus import make_windows
+    from snip_lens.testing import tiny_model
+
+    model = tiny_model("llama", n_layers=2, d_mlp=16)
+    texts = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[:6]]
+    windows = make_windows(model, texts, n_ctx=24, max_windows=8, seed=0, name="probe")
+    d = tmp_path_factory.mktemp("records")
+    collect(model, windows, top_k=4, context=(6, 2), n_random=2, batch_size=4, out_dir=d, progress=False)
+    return d
+
+
+def test_cli_heuristic_equals_library(records_dir, tmp_path, capsys):
+    from snip_lens.cli import main
+    from snip_lens.collect import ActivationRecords
+
+    out = tmp_path / "e.jsonl"
+    assert main(["explain", "--records", str(records_dir), "--out", str(out)]) == 0
+    got = load_explanations(out)
+    want = explain(ActivationRecords.load(records_dir), ExplainConfig(), progress=False)
+    assert got == want and len(got) == 2 * 16
+    assert json.loads((tmp_path / "e.jsonl.config.json").read_text())["explain"]["kind"] == "heuristic"
+    assert main(["explain", "--records", str(records_dir), "--out", str(out)]) == 2  # no silent overwrite
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_cli_openai_against_loopback_and_import(records_dir, tmp_path, capsys):
+    from snip_lens.cli import main
+
+    out = tmp_path / "o.jsonl"
+    with LoopbackServer() as srv:
+        rc = main(["explain", "--records", str(records_dir), "--explainer", "openai", "--model", "m",
+                   "--base-url", srv.base_url, "--api-key-env", "none", "--neurons", "L1/N3,0:5",
+                   "--out", str(out)])
+    assert rc == 0
+    got = load_explanations(out)
+    assert [e.neuron for e in got] == [NeuronId(1, 3), NeuronId(0, 5)]
+    assert all(e.ok and e.source == "openai:m" and e.explanation.startswith("the token") for e in got)
+    assert len(srv.stats.chat_prompts) == 2 and list((tmp_path / "o.jsonl.cache").rglob("*.json"))
+
+    imp = tmp_path / "i.jsonl"
+    fixture = str(FIXTURES / "explanations_openai.jsonl")
+    assert main(["explain", "--import", fixture, "--min-score", "0.3", "--out", str(imp)]) == 0
+    assert [e.neuron for e in load_explanations(imp)] == [NeuronId(0, 7), NeuronId(1, 3)]
+    # the records' model has 16 neurons per layer: neuron 0:7 fits, 2:60 does not
+    rc = main(["explain", "--records", str(records_dir), "--import", fixture, "--out", str(tmp_path / "j.jsonl")])
+    assert rc == 2
+    assert "layer 2, index 60" in capsys.readouterr().err
+
+
+def test_cli_missing_key_names_the_variable(records_dir, tmp_path, capsys, monkeypatch):
+    from snip_lens.cli import main
+
+    monkeypatch.delenv("SNIP_UNSET_KEY_VAR", raising=False)
+    rc = main(["explain", "--records", str(records_dir), "--explainer", "openai", "--api-key-env",
+               "SNIP_UNSET_KEY_VAR", "--out", str(tmp_path / "x.jsonl")])
+    assert rc == 2 and "SNIP_UNSET_KEY_VAR" in capsys.readouterr().err
