@@ -1,0 +1,679 @@
+"""Collect MLP neuron activations: top-activating records and activation statistics (SNIP step 1 input).
+
+SNIP step 1 explains each MLP neuron from the text windows that activate it most (plus a few random
+windows, as OpenAI's neuron explainer shows); the selective-pruning baseline of Pochinkov & Schoots (2024)
+needs per-neuron activation statistics on a forget and a retain corpus. ``collect`` computes both in one
+streaming pass over the corpus with forward hooks on ``blocks.{l}.mlp.hook_post``:
+
+- per neuron, the ``top_k`` largest activations of the *records corpus* with where they occurred
+  (window, position) and the neuron's activations on the tokens around each (``context``);
+- per neuron, ``n_random`` records around uniformly sampled tokens that are not among its top-k: every
+  window contributes two seeded random positions, and each neuron keeps the candidates with the largest
+  seeded random keys (a bottom-k sample, which does not depend on the batch size);
+- per neuron and per named corpus: token count, mean, mean |act|, std, max, and frequency of act > 0
+  (batch moments merged in float64 with Chan's formula).
+
+Memory is O(layers x neurons x (top_k + n_random) x context) whatever the number of tokens: each batch is
+reduced inside the hook and then dropped. The forward pass is stopped by an exception right after the
+last requested layer's hook, so later layers and the unembedding never run.
+
+With ``out_dir`` the run is resumable: after every shard of windows the whole running state is written
+atomically (temp file + ``os.replace``) to ``checkpoint.safetensors``; a run killed at any point and
+started again resumes from the last shard and gives the same records as an uninterrupted run (ties are
+broken by token order and shards always start a new batch, so the arithmetic is identical).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import models
+from .corpus import TokenWindows
+from .kernels.topk import NO_INDEX, merge_topk, topk_desc
+from .types import ActivationRecord, NeuronId, NeuronRecords
+
+logger = logging.getLogger(__name__)
+
+RECORDS_CORPUS = "records"
+"""Name of the corpus that provides the top-k and random records when several corpora are given."""
+SAMPLES_PER_WINDOW = 2
+"""Random token positions each window offers as candidates for every neuron's random records."""
+RANDOM_MARGIN = 2
+"""Extra random candidates kept per neuron, so that a few that turn out to be top-k can be dropped."""
+CHECKPOINT = "checkpoint.safetensors"
+TENSORS_FILE = "activations.safetensors"
+META_FILE = "records.json"
+FORMAT_VERSION = 1
+
+
+# ---- config -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """Everything besides the model and the tokens that determines what ``collect`` produces."""
+
+    layers: tuple[int, ...]
+    """Layers whose ``mlp.hook_post`` neurons are collected, ascending, no repeats."""
+    top_k: int = 20
+    """Top-activating records kept per neuron."""
+    context: tuple[int, int] = (32, 8)
+    """Tokens kept (before, after) the activating token in every record (clipped at window edges)."""
+    n_random: int = 5
+    """Random non-top records kept per neuron (0 for none)."""
+    seed: int = 0
+    """Seed of the random records."""
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("layers is empty; give at least one layer index (or None for all layers)")
+        if list(self.layers) != sorted(set(self.layers)):
+            raise ValueError(f"layers must be ascending without repeats; got {list(self.layers)}")
+        if self.layers[0] < 0:
+            raise ValueError(f"layer indices must be >= 0; got {list(self.layers)}")
+        if not isinstance(self.top_k, int) or self.top_k <= 0:
+            raise ValueError(f"top_k must be a positive integer; got {self.top_k!r}")
+        if len(self.context) != 2 or min(self.context) < 0:
+            raise ValueError(f"context must be (tokens before, tokens after), both >= 0; got {self.context!r}")
+        if self.n_random < 0:
+            raise ValueError(f"n_random must be >= 0; got {self.n_random}")
+
+    @property
+    def context_len(self) -> int:
+        """Tokens in one record: before + the activating token + after."""
+        return self.context[0] + 1 + self.context[1]
+
+    @property
+    def n_candidates(self) -> int:
+        """Random candidates kept per neuron during collection."""
+        return self.n_random + RANDOM_MARGIN if self.n_random else 0
+
+
+def parse_layers(spec: str) -> list[int]:
+    """Parse a layer list such as ``"0-14"``, ``"3"``, ``"0,2,5-7"`` into sorted layer indices."""
+    out: set[int] = set()
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-"))
+                if hi < lo:
+                    raise ValueError
+                out.update(range(lo, hi + 1))
+            else:
+                out.add(int(part))
+    except ValueError:
+        raise ValueError(f"cannot parse layers {spec!r}: write e.g. '0-14', '5' or '0,2,5-7'") from None
+    return sorted(out)
+
+
+# ---- artifact ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class NeuronStats:
+    """Activation statistics of every collected neuron over all tokens of one corpus."""
+
+    count: Float[Tensor, "layer neuron"]
+    """Number of tokens the statistics are over (the same for every neuron)."""
+    mean: Float[Tensor, "layer neuron"]
+    """Mean activation."""
+    mean_abs: Float[Tensor, "layer neuron"]
+    """Mean absolute activation (the importance measure of selective pruning)."""
+    std: Float[Tensor, "layer neuron"]
+    """Population standard deviation of the activation."""
+    max: Float[Tensor, "layer neuron"]
+    """Largest activation."""
+    freq_pos: Float[Tensor, "layer neuron"]
+    """Fraction of tokens on which the activation is > 0."""
+
+    FIELDS = ("count", "mean", "mean_abs", "std", "max", "freq_pos")
+
+
+@dataclass
+class ActivationRecords:
+    """Top-activating records, random records and activation statistics of a model's MLP neurons."""
+
+    model_name: str
+    """Name of the model the activations come from."""
+    layers: list[int]
+    """Collected layers; row ``i`` of every tensor is layer ``layers[i]``."""
+    d_mlp: int
+    """Neurons per layer."""
+    top_k: int
+    """Top records per neuron."""
+    context: tuple[int, int]
+    """Tokens (before, after) the activating token stored in each record."""
+    records_corpus: str
+    """Name of the corpus the records come from."""
+    top_values: Float[Tensor, "layer neuron k"]
+    """The ``top_k`` largest activations of each neuron, descending (ties: earlier token first)."""
+    top_window: Int[Tensor, "layer neuron k"]
+    """Window (index into ``windows``) of each top activation."""
+    top_pos: Int[Tensor, "layer neuron k"]
+    """Position inside its window of each top activation."""
+    top_context: Float[Tensor, "layer neuron k ctx"]
+    """Activations on the ``context[0]`` tokens before through ``context[1]`` after; NaN beyond the window."""
+    random_values: Float[Tensor, "layer neuron r"]
+    """Activations at random non-top tokens."""
+    random_window: Int[Tensor, "layer neuron r"]
+    """Window of each random record; -1 where fewer random records exist."""
+    random_pos: Int[Tensor, "layer neuron r"]
+    """Position inside its window of each random record; -1 where none."""
+    random_context: Float[Tensor, "layer neuron r ctx"]
+    """Activations around each random token; NaN beyond the window or for missing records."""
+    windows: Int[Tensor, "window pos"]
+    """Token ids of every window of the records corpus."""
+    vocab: dict[int, str]
+    """Decoded string of every token id that occurs in ``windows`` (records need no tokenizer)."""
+    stats: dict[str, NeuronStats]
+    """Activation statistics per corpus name."""
+    config_hash: str = ""
+    """sha256 of the collection config, model and tokens (what a resumed run must match)."""
+
+    # -- derived views --
+
+    @property
+    def mean_abs(self) -> Float[Tensor, "layer neuron"]:
+        """Mean |activation| on the first corpus."""
+        return next(iter(self.stats.values())).mean_abs
+
+    @property
+    def n_neurons(self) -> int:
+        """Neurons over all collected layers."""
+        return len(self.layers) * self.d_mlp
+
+    def neurons(self) -> Iterator[NeuronId]:
+        """Every collected neuron, layer by layer."""
+        for layer in self.layers:
+            for i in range(self.d_mlp):
+                yield NeuronId(layer, i)
+
+    def _row(self, neuron: NeuronId) -> int:
+        if neuron.layer not in self.layers:
+            raise ValueError(f"neuron {neuron} is in layer {neuron.layer}, which was not collected "
+                             f"(collected layers: {self.layers}); collect that layer first")
+        if not 0 <= neuron.index < self.d_mlp:
+            raise ValueError(f"neuron {neuron} has index {neuron.index}, outside 0..{self.d_mlp - 1}")
+        return self.layers.index(neuron.layer)
+
+    def _record(self, window: int, pos: int, ctx: Tensor) -> ActivationRecord:
+        before = self.context[0]
+        tokens: list[str] = []
+        acts: list[float] = []
+        for j, a in enumerate(ctx.tolist()):
+            if math.isnan(a):
+                continue
+            tokens.append(self.vocab[int(self.windows[window, pos - before + j])])
+            acts.append(float(a))
+        return ActivationRecord(tokens, acts, document=window, position=pos)
+
+    def neuron_records(self, neuron: NeuronId) -> NeuronRecords:
+        """The neuron's top records (strongest first) and random records.
+
+        In each record, ``document`` is the window index in the records corpus and ``position`` the
+        activating token's position inside that window.
+        """
+        li = self._row(neuron)
+        n = neuron.index
+        top = [self._record(int(self.top_window[li, n, j]), int(self.top_pos[li, n, j]), self.top_context[li, n, j])
+               for j in range(self.top_values.shape[-1]) if int(self.top_window[li, n, j]) >= 0]
+        rnd = [self._record(int(self.random_window[li, n, j]), int(self.random_pos[li, n, j]),
+                            self.random_context[li, n, j])
+               for j in range(self.random_values.shape[-1]) if int(self.random_window[li, n, j]) >= 0]
+        return NeuronRecords(neuron, top, rnd)
+
+    def openai_format(self, neuron: NeuronId) -> dict:
+        """One neuron's records in the shape of OpenAI neuron-explainer's ``NeuronRecord``.
+
+        Activations are scaled to integers 0-10 relative to the neuron's largest top activation, as
+        ``calculate_max_activation`` + ``relu_and_normalize_activations`` do (negative -> 0, floor).
+        """
+        recs = self.neuron_records(neuron)
+        max_act = recs.max_activation
+
+        def scale(a: float) -> int:
+            if a <= 0 or max_act <= 0:
+                return 0
+            return min(10, math.floor(10 * a / max_act))
+
+        def fmt(rs: list[ActivationRecord]) -> list[dict]:
+            return [{"tokens": r.tokens, "activations": [scale(a) for a in r.activations]} for r in rs]
+
+        return {"neuron_id": {"layer_index": neuron.layer, "neuron_index": neuron.index},
+                "max_activation": max_act,
+                "most_positive_activation_records": fmt(recs.top),
+                "random_sample": fmt(recs.random)}
+
+    # -- persistence --
+
+    _TENSORS = ("top_values", "top_window", "top_pos", "top_context", "random_values", "random_window",
+                "random_pos", "random_context", "windows")
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``activations.safetensors`` and ``records.json`` into ``directory`` (atomically each)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {name: getattr(self, name).contiguous() for name in self._TENSORS}
+        for ci, st in enumerate(self.stats.values()):
+            for f in NeuronStats.FIELDS:
+                tensors[f"stats.{ci}.{f}"] = getattr(st, f).contiguous()
+        _atomic_save_tensors(tensors, d / TENSORS_FILE)
+        meta = {"format_version": FORMAT_VERSION, "model_name": self.model_name, "layers": self.layers,
+                "d_mlp": self.d_mlp, "top_k": self.top_k, "context": list(self.context),
+                "records_corpus": self.records_corpus, "corpora": list(self.stats),
+                "config_hash": self.config_hash,
+                "vocab": {str(k): v for k, v in sorted(self.vocab.items())}}
+        _atomic_write_text(d / META_FILE, json.dumps(meta, ensure_ascii=False))
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "ActivationRecords":
+        """Read what ``save`` wrote."""
+        d = Path(directory)
+        if not (d / META_FILE).exists() or not (d / TENSORS_FILE).exists():
+            raise FileNotFoundError(f"{str(d)!r} holds no saved ActivationRecords ({META_FILE} and "
+                                    f"{TENSORS_FILE}); run `snip collect --out {d}` first")
+        meta = json.loads((d / META_FILE).read_text(encoding="utf-8"))
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{str(d)!r} was written in format {meta.get('format_version')!r}; this version "
+                             f"reads format {FORMAT_VERSION}. Collect again.")
+        t = load_file(str(d / TENSORS_FILE))
+        stats = {name: NeuronStats(**{f: t[f"stats.{ci}.{f}"] for f in NeuronStats.FIELDS})
+                 for ci, name in enumerate(meta["corpora"])}
+        return cls(model_name=meta["model_name"], layers=list(meta["layers"]), d_mlp=int(meta["d_mlp"]),
+                   top_k=int(meta["top_k"]), context=tuple(meta["context"]),
+                   records_corpus=meta["records_corpus"], **{n: t[n] for n in cls._TENSORS},
+                   vocab={int(k): v for k, v in meta["vocab"].items()}, stats=stats,
+                   config_hash=meta.get("config_hash", ""))
+
+
+# ---- atomic files -----------------------------------------------------------------------------------
+
+
+def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---- running state ----------------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised by the last requested layer's hook: nothing after it needs computing."""
+
+
+class _State:
+    """Running top-k, random candidates and moments; every tensor is O(layers x neurons x k x context)."""
+
+    def __init__(self, cfg: CollectConfig, d_mlp: int, corpora: list[str]):
+        L, N, k, C, R = len(cfg.layers), d_mlp, cfg.top_k, cfg.context_len, cfg.n_candidates
+        self.cfg, self.N = cfg, N
+        self.t: dict[str, Tensor] = {
+            "top_v": torch.full((L, k, N), -math.inf), "top_i": torch.full((L, k, N), NO_INDEX),
+            "top_ctx": torch.full((L, k, C, N), math.nan),
+            "rnd_key": torch.full((L, R, N), -math.inf), "rnd_i": torch.full((L, R, N), NO_INDEX),
+            "rnd_v": torch.full((L, R, N), math.nan), "rnd_ctx": torch.full((L, R, C, N), math.nan),
+        }
+        for ci in range(len(corpora)):
+            self.t.update({
+                f"s{ci}.n": torch.zeros(L, dtype=torch.float64),
+                f"s{ci}.mean": torch.zeros(L, N, dtype=torch.float64),
+                f"s{ci}.m2": torch.zeros(L, N, dtype=torch.float64),
+                f"s{ci}.sum_abs": torch.zeros(L, N, dtype=torch.float64),
+                f"s{ci}.n_pos": torch.zeros(L, N, dtype=torch.float64),
+                f"s{ci}.max": torch.full((L, N), -math.inf, dtype=torch.float64),
+            })
+
+    # -- per-batch work, called from the hook of layer row `li` --
+
+    def update_stats(self, ci: int, li: int, x: Float[Tensor, "tok neuron"]) -> None:
+        t, m = self.t, x.shape[0]
+        var_b, mean_b = torch.var_mean(x, dim=0, correction=0)
+        mean_b, var_b = mean_b.double(), var_b.double()
+        n_a = float(t[f"s{ci}.n"][li])
+        n_t = n_a + m
+        delta = mean_b - t[f"s{ci}.mean"][li]
+        t[f"s{ci}.mean"][li] += delta * (m / n_t)
+        t[f"s{ci}.m2"][li] += var_b * m + delta.square() * (n_a * m / n_t)
+        t[f"s{ci}.n"][li] = n_t
+        t[f"s{ci}.sum_abs"][li] += x.abs().sum(0, dtype=torch.float64)
+        t[f"s{ci}.n_pos"][li] += (x > 0).sum(0).double()
+        torch.maximum(t[f"s{ci}.max"][li], x.amax(0).double(), out=t[f"s{ci}.max"][li])
+
+    def _context(self, x: Tensor, rows: Tensor, cols: Tensor, n_pos: int) -> Tensor:
+        """Activations around token ``rows`` of neurons ``cols``: (slot, ctx, col), NaN outside the window."""
+        before, after = self.cfg.context
+        rows = rows.clamp(0, x.shape[0] - 1)
+        b, p = rows // n_pos, rows % n_pos  # (slot, col)
+        q = p.unsqueeze(1) + torch.arange(-before, after + 1).view(1, -1, 1)  # (slot, ctx, col)
+        valid = (q >= 0) & (q < n_pos)
+        flat = (b.unsqueeze(1) * n_pos + q.clamp(0, n_pos - 1)) * self.N + cols.view(1, 1, -1)
+        return torch.where(valid, torch.take(x, flat), math.nan)
+
+    def _merge(self, li: int, names: tuple[str, str, str | None, str], x: Tensor, new_key: Tensor,
+               new_idx: Tensor, new_val: Tensor | None, base: int, n_pos: int, size: int) -> None:
+        key_n, idx_n, val_n, ctx_n = names
+        t = self.t
+        key, idx, src = merge_topk(t[key_n][li], t[idx_n][li], new_key, new_idx, size)
+        if val_n is not None:
+            t[val_n][li] = torch.gather(torch.cat([t[val_n][li], new_val], 0), 0, src)
+        from_batch = src >= size  # (slot, neuron)
+        cols = from_batch.any(0).nonzero().squeeze(1)
+        if cols.numel():
+            fb = from_batch[:, cols]
+            old = t[ctx_n][li][:, :, cols]  # (slot, ctx, col)
+            kept = torch.gather(old, 0, src[:, cols].clamp(max=size - 1).unsqueeze(1).expand_as(old))
+            fresh = self._context(x, idx[:, cols] - base, cols, n_pos)
+            t[ctx_n][li][:, :, cols] = torch.where(fb.unsqueeze(1), fresh, kept)
+        t[key_n][li] = key
+        t[idx_n][li] = idx
+
+    def update_records(self, li: int, x: Float[Tensor, "tok neuron"], base: int, n_pos: int,
+                       rand_rows: Tensor | None, rand_keys: Tensor | None) -> None:
+        k = self.cfg.top_k
+        bv, bi = topk_desc(x, k)
+        self._merge(li, ("top_v", "top_i", None, "top_ctx"), x, bv, bi + base, None, base, n_pos, k)
+        if rand_rows is not None and rand_keys is not None:
+            cand_v = x[rand_rows]  # (cand, neuron)
+            cand_i = (rand_rows + base).unsqueeze(1).expand_as(cand_v)
+            self._merge(li, ("rnd_key", "rnd_i", "rnd_v", "rnd_ctx"), x, rand_keys[li], cand_i, cand_v,
+                        base, n_pos, self.cfg.n_candidates)
+
+    # -- results --
+
+    def stats(self, ci: int) -> NeuronStats:
+        t = self.t
+        n = t[f"s{ci}.n"].unsqueeze(1).expand(-1, self.N)
+        safe = n.clamp(min=1)
+        return NeuronStats(count=n.clone(), mean=t[f"s{ci}.mean"].clone(),
+                           mean_abs=t[f"s{ci}.sum_abs"] / safe,
+                           std=(t[f"s{ci}.m2"] / safe).clamp(min=0).sqrt(),
+                           max=t[f"s{ci}.max"].clone(), freq_pos=t[f"s{ci}.n_pos"] / safe)
+
+
+def _random_candidates(cfg: CollectConfig, first_window: int, n_windows: int, n_pos: int, n_layers: int,
+                       d_mlp: int) -> tuple[Tensor, Tensor]:
+    """Seeded candidate rows and keys for windows ``first_window ..``: the same whatever the batching."""
+    rows, keys = [], []
+    s = min(SAMPLES_PER_WINDOW, n_pos)
+    for b in range(n_windows):
+        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + first_window + b) % (2**63))
+        rows.append(torch.randperm(n_pos, generator=g)[:s] + b * n_pos)
+        keys.append(torch.rand(n_layers, s, d_mlp, generator=g))
+    return torch.cat(rows), torch.cat(keys, dim=1)  # (cand,), (layer, cand, neuron)
+
+
+# ---- the collection run -----------------------------------------------------------------------------
+
+
+def _config_hash(cfg: CollectConfig, model_name: str, d_mlp: int, corpora: dict[str, TokenWindows]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"format": FORMAT_VERSION, "config": asdict(cfg), "model": model_name, "d_mlp": d_mlp},
+                        sort_keys=True).encode())
+    for name, tw in corpora.items():
+        h.update(json.dumps([name, list(tw.tokens.shape)]).encode())
+        h.update(tw.tokens.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _normalise_corpus(corpus: Any) -> dict[str, TokenWindows]:
+    if isinstance(corpus, TokenWindows):
+        corpora = {corpus.name or RECORDS_CORPUS: corpus}
+    elif isinstance(corpus, dict) and corpus:
+        corpora = dict(corpus)
+        for name, tw in corpora.items():
+            if not isinstance(tw, TokenWindows):
+                raise ValueError(f"corpus {name!r} is a {type(tw).__name__}, not TokenWindows; "
+                                 "build it with snip_lens.corpus.load_corpus or make_windows")
+    else:
+        raise ValueError(f"corpus must be TokenWindows or a non-empty dict of name -> TokenWindows; got "
+                         f"{type(corpus).__name__ if not isinstance(corpus, dict) else 'an empty dict'}")
+    for name, tw in corpora.items():
+        if len(tw) == 0 or tw.n_ctx == 0:
+            raise ValueError(f"corpus {name!r} is empty (0 windows); give it at least one window of text")
+    return corpora
+
+
+def _token_vocab(model: Any, windows: Tensor) -> dict[int, str]:
+    ids = torch.unique(windows).tolist()
+    return {int(i): model.tokenizer.decode([int(i)]) for i in ids}
+
+
+def collect(model: Any, corpus: TokenWindows | dict[str, TokenWindows], *, layers: list[int] | None = None,
+            top_k: int = 20, context: tuple[int, int] = (32, 8), n_random: int = 5, batch_size: int = 8,
+            out_dir: str | os.PathLike | None = None, progress: bool = True, seed: int = 0,
+            shard_windows: int = 256, overwrite: bool = False,
+            on_shard: Callable[[int], None] | None = None) -> ActivationRecords:
+    """Stream ``corpus`` through ``model`` and collect neuron records and statistics (see module docstring).
+
+    ``corpus``: one ``TokenWindows``, or a dict name -> ``TokenWindows`` whose statistics are kept per
+    name; the records (top-k and random) come from the corpus named ``"records"`` if there is one, else
+    from the first. ``layers``: layer indices (default all). ``out_dir``: directory for resumable
+    checkpoints (one per ``shard_windows`` windows) and the final ``ActivationRecords``; a directory that
+    holds results of a different config or corpus is refused unless ``overwrite``. ``on_shard`` is called
+    with the number of windows done after each checkpoint.
+    """
+    n_model_layers, d_mlp = models.n_layers(model), models.d_mlp(model)
+    if layers is None:
+        layers = list(range(n_model_layers))
+    bad = [layer for layer in layers if not 0 <= int(layer) < n_model_layers]
+    if bad:
+        raise ValueError(f"layers {bad} are out of range: the model has {n_model_layers} layers "
+                         f"(0..{n_model_layers - 1})")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive number of windows; got {batch_size}")
+    if shard_windows <= 0:
+        raise ValueError(f"shard_windows must be a positive number of windows; got {shard_windows}")
+    cfg = CollectConfig(layers=tuple(sorted(set(int(x) for x in layers))), top_k=top_k,
+                        context=(int(context[0]), int(context[1])), n_random=n_random, seed=seed)
+    corpora = _normalise_corpus(corpus)
+    names = list(corpora)
+    rec_name = RECORDS_CORPUS if RECORDS_CORPUS in corpora else names[0]
+    rec_ci = names.index(rec_name)
+    vocab_size = int(model.cfg.d_vocab)
+    for name, tw in corpora.items():
+        lo, hi = int(tw.tokens.min()), int(tw.tokens.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"corpus {name!r} holds token ids {lo}..{hi}, outside the model's vocabulary "
+                             f"0..{vocab_size - 1}; tokenise it with this model's tokenizer")
+    if corpora[rec_name].n_tokens < top_k:
+        raise ValueError(f"records corpus {rec_name!r} has {corpora[rec_name].n_tokens} tokens, fewer than "
+                         f"top_k={top_k}; use more text or a smaller top_k")
+    mname = models.model_name(model)
+    chash = _config_hash(cfg, mname, d_mlp, corpora)
+
+    state = _State(cfg, d_mlp, names)
+    start_ci, start_w = 0, 0
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        done = _prepare_out_dir(out, chash, overwrite)
+        if done is not None:
+            return done
+        ck = out / CHECKPOINT
+        if ck.exists():
+            start_ci, start_w = _load_checkpoint(ck, chash, state)
+            logger.info("resuming collection in %s at corpus %r window %d", out, names[start_ci], start_w)
+
+    L = len(cfg.layers)
+    row_of = {layer: i for i, layer in enumerate(cfg.layers)}
+    last = cfg.layers[-1]
+    total = sum(tw.n_tokens for tw in corpora.values())
+    done_tokens = sum(corpora[n].n_tokens for n in names[:start_ci]) + start_w * corpora[names[start_ci]].n_ctx
+    bar = tqdm(total=total, initial=done_tokens, unit="tok", unit_scale=True, desc="collect",
+               disable=not progress, dynamic_ncols=True)
+    batch_ctx: dict[str, Any] = {}
+
+    def make_hook(layer: int) -> Callable:
+        li = row_of[layer]
+
+        def hook(act: Tensor, hook: Any) -> None:
+            x = act.detach().reshape(-1, d_mlp).float().contiguous()  # (batch*pos, neuron)
+            ci = batch_ctx["ci"]
+            state.update_stats(ci, li, x)
+            if ci == rec_ci:
+                state.update_records(li, x, batch_ctx["base"], batch_ctx["n_pos"], batch_ctx["rand_rows"],
+                                     batch_ctx["rand_keys"])
+            if layer == last:
+                raise _StopForward
+            return None
+
+        return hook
+
+    fwd_hooks = [(models.hook_name(layer), make_hook(layer)) for layer in cfg.layers]
+    try:
+        with torch.inference_mode():
+            for ci in range(start_ci, len(names)):
+                tw = corpora[names[ci]]
+                n_pos = tw.n_ctx
+                w0 = start_w if ci == start_ci else 0
+                for shard_start in range((w0 // shard_windows) * shard_windows, len(tw), shard_windows):
+                    shard_end = min(shard_start + shard_windows, len(tw))
+                    for b0 in range(max(shard_start, w0), shard_end, batch_size):
+                        b1 = min(b0 + batch_size, shard_end)
+                        batch_ctx.update(ci=ci, base=b0 * n_pos, n_pos=n_pos, rand_rows=None, rand_keys=None)
+                        if ci == rec_ci and cfg.n_random:
+                            rows, keys = _random_candidates(cfg, b0, b1 - b0, n_pos, L, d_mlp)
+                            batch_ctx.update(rand_rows=rows, rand_keys=keys)
+                        _forward(model, tw.tokens[b0:b1], fwd_hooks)
+                        bar.update((b1 - b0) * n_pos)
+                    if out is not None:
+                        _save_checkpoint(out / CHECKPOINT, chash, state, ci, shard_end)
+                    if on_shard is not None:
+                        on_shard(shard_end)
+    finally:
+        bar.close()
+
+    result = _finalise(state, cfg, mname, d_mlp, names, rec_ci, corpora[rec_name], chash, model)
+    if out is not None:
+        result.save(out)
+        (out / CHECKPOINT).unlink(missing_ok=True)
+        _atomic_write_text(out / "config.json", json.dumps(
+            {"config": asdict(cfg), "model": mname, "corpora": {n: list(corpora[n].tokens.shape) for n in names},
+             "records_corpus": rec_name, "config_hash": chash}, indent=2))
+    return result
+
+
+def _forward(model: Any, tokens: Tensor, fwd_hooks: list) -> None:
+    """Run the model until the last hooked layer raises ``_StopForward``; hooks are removed after."""
+    with model.hooks(fwd_hooks=fwd_hooks):
+        try:
+            model(tokens, return_type=None)
+        except _StopForward:
+            pass
+
+
+def _prepare_out_dir(out: Path, chash: str, overwrite: bool) -> ActivationRecords | None:
+    """Return finished results of this very config; refuse foreign results; clean stale temp files."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+    meta_path, ck = out / META_FILE, out / CHECKPOINT
+    if meta_path.exists():
+        try:
+            found = json.loads(meta_path.read_text(encoding="utf-8")).get("config_hash")
+        except (OSError, json.JSONDecodeError):
+            found = None
+        if found == chash and not overwrite:
+            logger.info("%s already holds these results; loading them", out)
+            return ActivationRecords.load(out)
+        if not overwrite:
+            raise ValueError(f"{str(out)!r} already holds activation records of a different model, config or "
+                             "corpus; choose another output directory or pass overwrite=True (--overwrite)")
+        for f in (meta_path, out / TENSORS_FILE, out / "config.json"):
+            f.unlink(missing_ok=True)
+    if ck.exists():
+        with safe_open(str(ck), framework="pt") as fh:
+            found = (fh.metadata() or {}).get("config_hash")
+        if found != chash:
+            if not overwrite:
+                raise ValueError(f"{str(out)!r} holds a checkpoint of a different model, config or corpus; "
+                                 "choose another output directory or pass overwrite=True (--overwrite)")
+            ck.unlink()
+    return None
+
+
+def _save_checkpoint(path: Path, chash: str, state: _State, ci: int, next_window: int) -> None:
+    meta = {"config_hash": chash, "corpus": str(ci), "next_window": str(next_window)}
+    _atomic_save_tensors({k: v.contiguous() for k, v in state.t.items()}, path, metadata=meta)
+
+
+def _load_checkpoint(path: Path, chash: str, state: _State) -> tuple[int, int]:
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        if meta.get("config_hash") != chash:
+            raise ValueError(f"checkpoint {str(path)!r} belongs to a different collection; delete it or use "
+                             "another output directory")
+        for k in state.t:
+            state.t[k] = fh.get_tensor(k)
+    return int(meta["corpus"]), int(meta["next_window"])
+
+
+def _finalise(state: _State, cfg: CollectConfig, mname: str, d_mlp: int, names: list[str], rec_ci: int,
+              rec: TokenWindows, chash: str, model: Any) -> ActivationRecords:
+    t, n_pos = state.t, rec.n_ctx
+    top_i = t["top_i"]  # (layer, k, neuron)
+    top_window = (top_i // n_pos).permute(0, 2, 1).contiguous()
+    top_pos = (top_i % n_pos).permute(0, 2, 1).contiguous()
+    L, R = len(cfg.layers), cfg.n_random
+    C = cfg.context_len
+    if R:
+        ri = t["rnd_i"]  # (layer, cand, neuron), ordered by key
+        excluded = (ri.unsqueeze(2) == top_i.unsqueeze(1)).any(2) | (ri == NO_INDEX)  # (layer, cand, neuron)
+        order = torch.sort(excluded.to(torch.int8), dim=1, stable=True).indices[:, :R]  # usable first
+        keep = ~torch.gather(excluded, 1, order)
+        sel_i = torch.gather(ri, 1, order)
+        r_val = torch.where(keep, torch.gather(t["rnd_v"], 1, order), math.nan)
+        r_ctx = torch.gather(t["rnd_ctx"], 1, order.unsqueeze(2).expand(-1, -1, C, -1))
+        r_ctx = torch.where(keep.unsqueeze(2), r_ctx, math.nan)
+        r_win = torch.where(keep, sel_i // n_pos, -1)
+        r_pos = torch.where(keep, sel_i % n_pos, -1)
+    else:
+        r_val = torch.zeros(L, 0, d_mlp)
+        r_ctx = torch.zeros(L, 0, C, d_mlp)
+        r_win = r_pos = torch.zeros(L, 0, d_mlp, dtype=torch.long)
+    windows = rec.tokens.to(torch.int32).contiguous()
+    return ActivationRecords(
+        model_name=mname, layers=list(cfg.layers), d_mlp=d_mlp, top_k=cfg.top_k, context=cfg.context,
+        records_corpus=names[rec_ci],
+        top_values=t["top_v"].permute(0, 2, 1).contiguous(), top_window=top_window, top_pos=top_pos,
+        top_context=t["top_ctx"].permute(0, 3, 1, 2).contiguous(),
+        random_values=r_val.permute(0, 2, 1).contiguous(), random_window=r_win.permute(0, 2, 1).contiguous(),
+        random_pos=r_pos.permute(0, 2, 1).contiguous(), random_context=r_ctx.permute(0, 3, 1, 2).contiguous(),
+        windows=windows, vocab=_token_vocab(model, windows), stats={n: state.stats(i) for i, n in enumerate(names)},
+        config_hash=chash)

@@ -1,0 +1,327 @@
+"""collect(): records and statistics equal a brute-force reference from run_with_cache; resume; errors."""
+
+import importlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from snip_lens.collect import ActivationRecords, collect, parse_layers
+from snip_lens.corpus import TokenWindows, make_windows
+from snip_lens.models import hook_name
+from snip_lens.testing import tiny_model
+from snip_lens.types import NeuronId
+
+# `snip_lens.collect` is the function; the module is reached through importlib.
+collect_mod = importlib.import_module("snip_lens.collect")
+TOP_K, CONTEXT = 4, (3, 2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matmuls are slower on two contended threads than on one.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", n_layers=3, d_model=32, d_mlp=64, seed=0)
+
+
+def _texts():
+    import pydoc_data.topics
+
+    t = pydoc_data.topics.topics
+    return [t[k] for k in sorted(t)[:12]]
+
+
+@pytest.fixture(scope="module")
+def windows(model):
+    return make_windows(model, _texts(), n_ctx=24, max_windows=11, seed=0, name="probe")
+
+
+def _acts(model, tw, layer):
+    """Brute force: every activation of `layer`, (window*pos, neuron), from one plain run_with_cache."""
+    _, cache = model.run_with_cache(tw.tokens, names_filter=hook_name(layer))
+    return cache[hook_name(layer)].reshape(-1, cache[hook_name(layer)].shape[-1]).float()
+
+
+def _reference(model, tw, layers, k=TOP_K, context=CONTEXT):
+    before, after = context
+    P = tw.n_ctx
+    out = {}
+    for li, layer in enumerate(layers):
+        x = _acts(model, tw, layer)
+        N = x.shape[1]
+        top_w = torch.empty(N, k, dtype=torch.long)
+        top_p = torch.empty(N, k, dtype=torch.long)
+        top_v = torch.empty(N, k)
+        top_c = torch.full((N, k, before + 1 + after), math.nan)
+        for n in range(N):
+            col = x[:, n].tolist()
+            order = sorted(range(len(col)), key=lambda r: (-col[r], r))[:k]
+            for j, r in enumerate(order):
+                w, p = divmod(r, P)
+                top_w[n, j], top_p[n, j], top_v[n, j] = w, p, col[r]
+                for c, q in enumerate(range(p - before, p + after + 1)):
+                    if 0 <= q < P:
+                        top_c[n, j, c] = col[w * P + q]
+        xd = x.double()
+        out[layer] = dict(top_w=top_w, top_p=top_p, top_v=top_v, top_c=top_c, x=x,
+                          count=float(x.shape[0]), mean=xd.mean(0), mean_abs=xd.abs().mean(0),
+                          std=xd.std(0, correction=0), max=xd.max(0).values, freq_pos=(xd > 0).double().mean(0))
+    return out
+
+
+def _check_stats(st, ref, layers):
+    for li, layer in enumerate(layers):
+        r = ref[layer]
+        assert torch.all(st.count[li] == r["count"])
+        for f in ("mean", "mean_abs", "std", "max", "freq_pos"):
+            torch.testing.assert_close(getattr(st, f)[li].double(), r[f], atol=1e-5, rtol=1e-5, msg=f)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_records_and_stats_equal_run_with_cache_reference(model, windows, batch_size):
+    layers = [0, 1, 2]
+    rec = collect(model, windows, top_k=TOP_K, context=CONTEXT, n_random=3, batch_size=batch_size,
+                  progress=False)
+    ref = _reference(model, windows, layers)
+    assert rec.layers == layers and rec.d_mlp == 64 and rec.records_corpus == "probe"
+    for li, layer in enumerate(layers):
+        r = ref[layer]
+        assert torch.equal(rec.top_window[li], r["top_w"])
+        assert torch.equal(rec.top_pos[li], r["top_p"])
+        torch.testing.assert_close(rec.top_values[li], r["top_v"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(rec.top_context[li], r["top_c"], atol=1e-5, rtol=0, equal_nan=True)
+        assert torch.all(rec.top_values[li][:, :-1] >= rec.top_values[li][:, 1:])
+    _check_stats(rec.stats["probe"], ref, layers)
+    torch.testing.assert_close(rec.mean_abs.double(), torch.stack([ref[l]["mean_abs"] for l in layers]),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_random_records_are_seeded_non_top_and_batch_independent(model, windows):
+    a = collect(model, windows, top_k=TOP_K, context=CONTEXT, n_random=3, batch_size=2, progress=False)
+    b = collect(model, windows, top_k=TOP_K, context=CONTEXT, n_random=3, batch_size=5, progress=False)
+    c = collect(model, windows, top_k=TOP_K, context=CONTEXT, n_random=3, batch_size=5, progress=False, seed=1)
+    assert torch.equal(a.random_window, b.random_window) and torch.equal(a.random_pos, b.random_pos)
+    assert not torch.equal(a.random_window, c.random_window)
+    ref = _reference(model, windows, [0, 1, 2])
+    P = windows.n_ctx
+    assert (a.random_window >= 0).all()  # 11 windows x 2 candidates is plenty for 3 records
+    for li in range(3):
+        x = ref[li]["x"]
+        for n in range(0, 64, 7):
+            top = {(int(w), int(p)) for w, p in zip(a.top_window[li, n], a.top_pos[li, n])}
+            seen = set()
+            for j in range(3):
+                w, p = int(a.random_window[li, n, j]), int(a.random_pos[li, n, j])
+                assert (w, p) not in top and (w, p) not in seen
+                seen.add((w, p))
+                assert abs(float(a.random_values[li, n, j]) - float(x[w * P + p, n])) < 1e-5
+                assert abs(float(a.random_context[li, n, j, CONTEXT[0]]) - float(x[w * P + p, n])) < 1e-5
+
+
+def test_several_corpora_keep_stats_per_name_and_records_from_the_records_corpus(model, windows):
+    forget, retain = windows.split(0.5, seed=3)
+    probe = make_windows(model, _texts()[::-1], n_ctx=16, max_windows=9, seed=5, name="probe")
+    rec = collect(model, {"forget": forget, "retain": retain, "records": probe}, layers=[1],
+                  top_k=TOP_K, context=CONTEXT, n_random=2, batch_size=4, progress=False)
+    assert list(rec.stats) == ["forget", "retain", "records"] and rec.records_corpus == "records"
+    assert torch.equal(rec.windows, probe.tokens.to(torch.int32))
+    for name, tw in (("forget", forget), ("retain", retain), ("records", probe)):
+        _check_stats(rec.stats[name], _reference(model, tw, [1]), [1])
+    r = _reference(model, probe, [1])[1]
+    assert torch.equal(rec.top_window[0], r["top_w"]) and torch.equal(rec.top_pos[0], r["top_p"])
+    # Without a "records" entry the first corpus provides the records.
+    rec2 = collect(model, {"forget": forget, "retain": retain}, layers=[1], top_k=TOP_K, context=CONTEXT,
+                   n_random=0, progress=False)
+    assert rec2.records_corpus == "forget" and rec2.random_values.shape[-1] == 0
+
+
+def test_stops_after_last_requested_layer_and_leaves_user_hooks(model, windows):
+    calls = []
+    handle_fn = lambda act, hook: calls.append(hook.name)  # noqa: E731
+    model.add_hook(hook_name(2), handle_fn)
+    try:
+        rec = collect(model, windows.take(3), layers=[0], top_k=2, progress=False)
+        assert calls == []  # layer 2 never ran
+        assert rec.top_values.shape == (1, 64, 2)
+        model(windows.tokens[:1], return_type=None)
+        assert len(calls) == 1  # the user's hook is still attached; ours are gone
+    finally:
+        model.reset_hooks()
+    assert not any(hp.fwd_hooks for hp in model.hook_dict.values())
+
+
+def test_gpt2_architecture_matches_reference():
+    m = tiny_model("gpt2", n_layers=2, d_mlp=48)
+    tw = make_windows(m, _texts(), n_ctx=20, max_windows=6, name="p")
+    rec = collect(m, tw, top_k=3, context=CONTEXT, batch_size=4, progress=False)
+    ref = _reference(m, tw, [0, 1], k=3)
+    for li in range(2):
+        assert torch.equal(rec.top_window[li], ref[li]["top_w"]) and torch.equal(rec.top_pos[li], ref[li]["top_p"])
+    _check_stats(rec.stats["p"], ref, [0, 1])
+
+
+def test_save_load_roundtrip_records_and_openai_format(model, windows, tmp_path):
+    rec = collect(model, windows, top_k=TOP_K, context=CONTEXT, n_random=2, progress=False)
+    rec.save(tmp_path / "r")
+    back = ActivationRecords.load(tmp_path / "r")
+    for name in ActivationRecords._TENSORS:
+        assert torch.equal(getattr(back, name), getattr(rec, name)) or torch.allclose(
+            getattr(back, name), getattr(rec, name), equal_nan=True), name
+    for f in ("mean", "std", "max", "freq_pos", "count", "mean_abs"):
+        assert torch.equal(getattr(back.stats["probe"], f), getattr(rec.stats["probe"], f))
+    nid = NeuronId(2, 17)
+    assert back.neuron_records(nid) == rec.neuron_records(nid)
+    nr = back.neuron_records(nid)
+    assert len(nr.top) == TOP_K and len(nr.random) == 2
+    # The record's tokens are the decoded window tokens around the activating position.
+    first = nr.top[0]
+    w, p = first.document, first.position
+    ids = windows.tokens[w, max(0, p - CONTEXT[0]): p + CONTEXT[1] + 1].tolist()
+    assert first.tokens == [model.tokenizer.decode([i]) for i in ids]
+    assert max(first.activations) == pytest.approx(float(rec.top_values[2, 17, 0]))
+    assert len(list(back.neurons())) == 3 * 64
+    of = back.openai_format(nid)
+    acts = of["most_positive_activation_records"][0]["activations"]
+    assert all(isinstance(a, int) and 0 <= a <= 10 for a in acts) and 10 in acts
+    mx = nr.max_activation
+    expect = [0 if a <= 0 else min(10, math.floor(10 * a / mx)) for a in nr.top[1].activations]
+    assert of["most_positive_activation_records"][1]["activations"] == expect
+    with pytest.raises(ValueError, match="not collected"):
+        back.neuron_records(NeuronId(7, 0))
+    with pytest.raises(ValueError, match="outside"):
+        back.neuron_records(NeuronId(0, 64))
+
+
+def test_bad_inputs_raise_clearly(model, windows, tmp_path):
+    with pytest.raises(ValueError, match=r"layers \[3\] are out of range"):
+        collect(model, windows, layers=[0, 3], progress=False)
+    with pytest.raises(ValueError, match="top_k must be a positive"):
+        collect(model, windows, top_k=0, progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        collect(model, TokenWindows(torch.zeros(0, 8, dtype=torch.long), [], "void"), progress=False)
+    with pytest.raises(ValueError, match="empty dict"):
+        collect(model, {}, progress=False)
+    with pytest.raises(ValueError, match="fewer than top_k"):
+        collect(model, windows.take(1), top_k=1000, progress=False)
+    with pytest.raises(ValueError, match="vocabulary"):
+        collect(model, TokenWindows(torch.full((1, 8), 10**6), [0], "big"), progress=False)
+    assert parse_layers("0-2,5") == [0, 1, 2, 5]
+    with pytest.raises(ValueError, match="cannot parse layers"):
+        parse_layers("3-1")
+    # An output directory with other results is refused and left untouched.
+    out = tmp_path / "o"
+    collect(model, windows.take(4), layers=[0], top_k=2, out_dir=out, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ValueError, match="different model, config or corpus"):
+        collect(model, windows.take(4), layers=[0], top_k=3, out_dir=out, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # The same config again loads the finished results instead of recomputing them.
+    again = collect(model, windows.take(4), layers=[0], top_k=2, out_dir=out, progress=False)
+    assert torch.equal(again.top_pos, ActivationRecords.load(out).top_pos)
+    redo = collect(model, windows.take(4), layers=[0], top_k=3, out_dir=out, progress=False, overwrite=True)
+    assert redo.top_k == 3 and ActivationRecords.load(out).top_k == 3
+
+
+def _assert_same(a: ActivationRecords, b: ActivationRecords):
+    for name in ActivationRecords._TENSORS:
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.shape == y.shape and torch.equal(torch.nan_to_num(x, nan=-7.0), torch.nan_to_num(y, nan=-7.0)), name
+    for name in a.stats:
+        for f in ("count", "mean", "mean_abs", "std", "max", "freq_pos"):
+            assert torch.equal(getattr(a.stats[name], f), getattr(b.stats[name], f)), (name, f)
+
+
+def test_checkpoint_write_failure_keeps_previous_shard_and_resume_is_exact(model, windows, tmp_path, monkeypatch):
+    corpora = {"records": windows, "retain": windows.take(5)}
+    kwargs = dict(layers=[0, 2], top_k=TOP_K, context=CONTEXT, n_random=2, batch_size=2, shard_windows=3,
+                  progress=False)
+    full = collect(model, corpora, **kwargs)
+    out = tmp_path / "ck"
+    real_save = collect_mod.save_file
+    writes = []
+
+    def flaky_save(tensors, path, metadata=None):
+        writes.append(metadata)
+        if len(writes) == 3:  # die in the middle of writing the third checkpoint
+            Path(path).write_bytes(b"half a file")
+            raise OSError("disk full")
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(collect_mod, "save_file", flaky_save)
+    with pytest.raises(OSError, match="disk full"):
+        collect(model, corpora, out_dir=out, **kwargs)
+    monkeypatch.setattr(collect_mod, "save_file", real_save)
+    # The second checkpoint survived intact; no temp file remains.
+    assert sorted(p.name for p in out.iterdir()) == [collect_mod.CHECKPOINT]
+    from safetensors import safe_open
+
+    with safe_open(str(out / collect_mod.CHECKPOINT), framework="pt") as fh:
+        assert fh.metadata()["next_window"] == "6"
+    resumed_from = []
+    resumed = collect(model, corpora, out_dir=out, on_shard=resumed_from.append, **kwargs)
+    assert resumed_from[0] == 9  # it did not redo the first two shards
+    _assert_same(resumed, full)
+    _assert_same(ActivationRecords.load(out), full)
+    assert not (out / collect_mod.CHECKPOINT).exists()
+
+
+_CHILD = textwrap.dedent("""
+    import sys, time
+    import torch
+    torch.set_num_threads(1)
+    from snip_lens.collect import collect
+    from snip_lens.corpus import make_windows
+    from snip_lens.testing import tiny_model
+    import pydoc_data.topics as t
+    model = tiny_model("llama", n_layers=3, d_model=32, d_mlp=64, seed=0)
+    texts = [t.topics[k] for k in sorted(t.topics)[:30]]
+    tw = make_windows(model, texts, n_ctx=24, max_windows=40, seed=0, name="probe")
+    delay = float(sys.argv[2])
+    collect(model, tw, **KWARGS, out_dir=sys.argv[1], progress=False, on_shard=lambda n: time.sleep(delay))
+""")
+
+
+_KILL_KWARGS = dict(top_k=4, context=(3, 2), n_random=2, batch_size=3, shard_windows=4)
+
+
+def test_kill_9_and_rerun_gives_the_same_records(model, tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(f"KWARGS = {_KILL_KWARGS!r}\n" + _CHILD)
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    out = tmp_path / "killed"
+    import pydoc_data.topics as t
+
+    texts = [t.topics[k] for k in sorted(t.topics)[:30]]
+    tw = make_windows(model, texts, n_ctx=24, max_windows=40, seed=0, name="probe")
+    uninterrupted = collect(model, tw, **_KILL_KWARGS, progress=False)
+    proc = subprocess.Popen([sys.executable, str(script), str(out), "0.3"], env=env)
+    try:
+        deadline = time.time() + 240
+        while not (out / collect_mod.CHECKPOINT).exists():
+            assert proc.poll() is None, "the run ended before writing its first shard"
+            assert time.time() < deadline
+            time.sleep(0.02)
+        time.sleep(0.4)  # somewhere inside a later shard
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / collect_mod.META_FILE).exists()
+    subprocess.run([sys.executable, str(script), str(out), "0"], check=True, env=env, timeout=300)
+    _assert_same(ActivationRecords.load(out), uninterrupted)
+    assert json.loads((out / collect_mod.META_FILE).read_text())["config_hash"]
