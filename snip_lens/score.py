@@ -1,0 +1,356 @@
+"""Importance of each neuron for the forget set, and free-text search over neurons (SNIP step 3).
+
+SNIP scores neuron ``n_ij`` by ``s(n_ij) = max_{e' in E'} cos(e_ij, e')``: the largest cosine similarity
+between the embedding of its explanation and the embedding of any forget-set concept. With unit vectors
+that is a maximum inner product, which FAISS answers exactly with an ``IndexFlatIP`` over the concept
+vectors (k=1 per neuron gives the maximum and the concept that attains it).
+
+Neurons without a usable explanation get ``-inf``: they rank after every scored neuron and are never
+picked by ``top_k`` (NaN is not used, so comparisons and sorting stay well defined).
+
+:class:`NeuronIndex` is the other direction: an index over the neurons' explanation vectors (flat by
+default, HNSW or IVF for millions of neurons) that answers "which neurons are about QUERY?".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .types import DatasetConcepts, NeuronExplanation, NeuronId
+
+logger = logging.getLogger(__name__)
+
+MISSING_SCORE = float("-inf")
+"""Score of a neuron without an explanation."""
+
+
+@dataclass
+class NeuronScores:
+    """A score per MLP neuron (higher = more important for the forget set = pruned first)."""
+
+    scores: Float[Tensor, "layer neuron"]
+    """Score of neuron ``(layer, index)``; ``-inf`` for neurons the method could not score."""
+    method: str
+    """Which method produced them (``"snip"``, ``"random"``, ``"activation"``, ...)."""
+    labels: dict[NeuronId, str] = field(default_factory=dict)
+    """Why a neuron scored: for SNIP the concept that matched its explanation best."""
+    model_name: str = ""
+    """Name of the model the neurons belong to."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.scores, Tensor):
+            self.scores = torch.as_tensor(np.asarray(self.scores))
+        if self.scores.ndim != 2:
+            raise ValueError(f"NeuronScores.scores must be [layer, neuron], got shape {tuple(self.scores.shape)}")
+        if not self.scores.is_floating_point():
+            self.scores = self.scores.double()
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.scores.shape[0])
+
+    @property
+    def d_mlp(self) -> int:
+        return int(self.scores.shape[1])
+
+    def _order(self) -> np.ndarray:
+        """Flat indices, best first; ties broken by (layer, index); non-finite scores last."""
+        flat = self.scores.detach().double().flatten().cpu().numpy()
+        finite = np.isfinite(flat)
+        key = np.where(finite, -flat, np.inf)
+        # lexsort: last key is primary; flat index (= layer-major (layer, index) order) breaks ties.
+        return np.lexsort((np.arange(flat.size), key, ~finite))
+
+    def rank(self) -> Int[Tensor, "layer neuron"]:
+        """Rank of every neuron: 0 for the one pruned first; unscored neurons after all scored ones."""
+        order = self._order()
+        ranks = np.empty(order.size, dtype=np.int64)
+        ranks[order] = np.arange(order.size)
+        return torch.from_numpy(ranks).view(self.n_layers, self.d_mlp)
+
+    def top_k(self, k: int) -> list[NeuronId]:
+        """The ``k`` best-scored neurons, best first (ties by (layer, index)); only neurons with a score."""
+        n_scored = int(torch.isfinite(self.scores).sum())
+        if not isinstance(k, int | np.integer) or k < 0:
+            raise ValueError(f"k must be a non-negative number of neurons, got {k!r}")
+        if k > n_scored:
+            raise ValueError(f"k={k} but method {self.method!r} scored only {n_scored} of "
+                             f"{self.scores.numel()} neurons (the rest have no explanation); lower k")
+        order = self._order()[:k]
+        return [NeuronId(int(i) // self.d_mlp, int(i) % self.d_mlp) for i in order]
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``path`` (safetensors, the scores) and ``path`` with suffix ``.json`` (method, labels).
+
+        A path without the ``.safetensors`` suffix gets it. Both writes are atomic. Returns the path.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path.with_name(path.name + ".safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"method": self.method, "model_name": self.model_name,
+                "shape": [self.n_layers, self.d_mlp], "missing_score": "-inf",
+                "labels": [{"layer": n.layer, "index": n.index, "label": lab}
+                           for n, lab in sorted(self.labels.items())]}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({"scores": self.scores.detach().cpu().contiguous()}, tmp,
+                      metadata={"method": self.method, "model_name": self.model_name})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1, ensure_ascii=False))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, n_layers: int | None = None,
+             d_mlp: int | None = None) -> "NeuronScores":
+        """Read what :meth:`save` wrote; with ``n_layers``/``d_mlp``, check they fit that model."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if path.suffix != ".safetensors" and not path.exists():
+            path = path.with_name(path.name + ".safetensors")
+        if not path.is_file():
+            raise FileNotFoundError(f"no scores file {path}; write one with `snip score --out {path}`")
+        with safe_open(str(path), framework="pt") as f:
+            if "scores" not in f.keys():
+                raise ValueError(f"{path} holds no 'scores' tensor (keys: {list(f.keys())}); not a NeuronScores file")
+            scores = f.get_tensor("scores")
+            st_meta = f.metadata() or {}
+        meta_path = path.with_suffix(".json")
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        out = cls(scores=scores, method=meta.get("method", st_meta.get("method", "")),
+                  labels={NeuronId(int(d["layer"]), int(d["index"])): d["label"] for d in meta.get("labels", [])},
+                  model_name=meta.get("model_name", st_meta.get("model_name", "")))
+        want = (n_layers if n_layers is not None else out.n_layers, d_mlp if d_mlp is not None else out.d_mlp)
+        if (out.n_layers, out.d_mlp) != want:
+            raise ValueError(f"{path} scores a model of {out.n_layers} layers x {out.d_mlp} neurons "
+                             f"({out.model_name or 'unknown model'}), not {want[0]} x {want[1]}: "
+                             "it was made for another model; recompute the scores for this one")
+        return out
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def max_cosine_reference(neuron_vecs: Float[np.ndarray, "n d"], concept_vecs: Float[np.ndarray, "c d"]
+                         ) -> tuple[Float[np.ndarray, " n"], Int[np.ndarray, " n"]]:
+    """Brute force: for each row of ``neuron_vecs`` the max cosine to any concept, and which concept."""
+    a = np.asarray(neuron_vecs, dtype=np.float64)
+    b = np.asarray(concept_vecs, dtype=np.float64)
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-300)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-300)
+    sims = a @ b.T  # (n, c)
+    idx = sims.argmax(axis=1)
+    return sims[np.arange(len(a)), idx], idx
+
+
+def max_cosine(neuron_vecs: Float[np.ndarray, "n d"], concept_vecs: Float[np.ndarray, "c d"], *,
+               chunk: int = 262_144) -> tuple[Float[np.ndarray, " n"], Int[np.ndarray, " n"]]:
+    """For each neuron vector the max cosine to any concept and its index: FAISS ``IndexFlatIP``, k=1.
+
+    Both inputs are L2-normalised here (float32), so inner products are cosines. Neurons are searched in
+    chunks to bound the ``[chunk, n_concepts]`` similarity block FAISS computes.
+    """
+    import faiss
+
+    from .embed import normalize_rows
+
+    q = normalize_rows(neuron_vecs)
+    c = normalize_rows(concept_vecs)
+    if q.shape[1] != c.shape[1]:
+        raise ValueError(f"neuron vectors have width {q.shape[1]} but concept vectors {c.shape[1]}: "
+                         "embed both with the same embedder")
+    if len(c) == 0:
+        raise ValueError("no concept vectors to compare with; give at least one concept")
+    index = faiss.IndexFlatIP(c.shape[1])
+    index.add(np.ascontiguousarray(c))
+    sims = np.empty(len(q), dtype=np.float32)
+    idx = np.empty(len(q), dtype=np.int64)
+    for s in range(0, len(q), chunk):
+        d, i = index.search(np.ascontiguousarray(q[s:s + chunk]), 1)
+        sims[s:s + chunk], idx[s:s + chunk] = d[:, 0], i[:, 0]
+    return sims, idx
+
+
+def _usable(explanations: list[NeuronExplanation], n_layers: int, d_mlp: int) -> list[NeuronExplanation]:
+    """The explanations that can be scored, checked against the model's shape (last one wins per neuron)."""
+    if n_layers < 1 or d_mlp < 1:
+        raise ValueError(f"n_layers and d_mlp must be >= 1, got {n_layers} and {d_mlp}")
+    by_neuron: dict[NeuronId, NeuronExplanation] = {}
+    n_dup = 0
+    for e in explanations:
+        if not isinstance(e, NeuronExplanation):
+            raise ValueError(f"expected NeuronExplanation items, got {type(e).__name__}: {e!r:.80}")
+        if not (0 <= e.neuron.layer < n_layers and 0 <= e.neuron.index < d_mlp):
+            raise ValueError(f"explanation for neuron {e.neuron} is outside the model's shape ({n_layers} layers "
+                             f"x {d_mlp} neurons): were the explanations made for another model?")
+        if e.ok:
+            n_dup += e.neuron in by_neuron
+            by_neuron[e.neuron] = e
+    if n_dup:
+        logger.warning("%d neurons have more than one explanation; the last one of each is used", n_dup)
+    return [by_neuron[n] for n in sorted(by_neuron)]
+
+
+def score_neurons(explanations: list[NeuronExplanation], concepts: DatasetConcepts, embedder: Any, *,
+                  n_layers: int, d_mlp: int, model_name: str = "") -> NeuronScores:
+    """SNIP importance: per neuron the max cosine between its explanation and any concept (step 3).
+
+    Neurons without a usable explanation (failed, empty) score ``-inf``. ``labels`` holds, per scored
+    neuron, the concept that gave its score.
+    """
+    usable = _usable(list(explanations), n_layers, d_mlp)
+    if not usable:
+        raise ValueError(f"none of the {len(list(explanations))} explanations is usable (all failed or empty); "
+                         "explain the neurons first (snip explain) or import explanations")
+    if not concepts.concepts:
+        raise ValueError("no concepts to score against; extract them first (snip concepts)")
+    concept_vecs = embedder.embed(list(concepts.concepts))
+    neuron_vecs = embedder.embed([e.explanation for e in usable])
+    sims, idx = max_cosine(neuron_vecs, concept_vecs)
+    scores = torch.full((n_layers, d_mlp), MISSING_SCORE, dtype=torch.float64)
+    layers = torch.tensor([e.neuron.layer for e in usable])
+    index = torch.tensor([e.neuron.index for e in usable])
+    scores[layers, index] = torch.from_numpy(sims.astype(np.float64))
+    labels = {e.neuron: concepts.concepts[int(i)] for e, i in zip(usable, idx)}
+    logger.info("scored %d of %d neurons against %d concepts (max %.3f)", len(usable), n_layers * d_mlp,
+                len(concepts.concepts), float(sims.max()))
+    return NeuronScores(scores=scores, method="snip", labels=labels, model_name=model_name)
+
+
+IndexKind = Literal["auto", "flat", "hnsw", "ivf"]
+
+
+class NeuronIndex:
+    """Neurons searchable by what their explanations say: a FAISS inner-product index over their vectors."""
+
+    def __init__(self, index: Any, neurons: list[NeuronId], explanations: list[str], embedder: Any = None, *,
+                 embedder_name: str = "", kind: str = "flat") -> None:
+        if index.ntotal != len(neurons) or len(neurons) != len(explanations):
+            raise ValueError(f"index holds {index.ntotal} vectors for {len(neurons)} neurons and "
+                             f"{len(explanations)} explanations; they must match")
+        self.index = index
+        self.neurons = neurons
+        self.explanations = explanations
+        self.embedder = embedder
+        self.embedder_name = embedder_name or getattr(embedder, "name", "")
+        self.kind = kind
+
+    def __len__(self) -> int:
+        return len(self.neurons)
+
+    @classmethod
+    def build(cls, explanations: list[NeuronExplanation], embedder: Any, *, kind: IndexKind = "auto",
+              approximate_above: int = 1_000_000, hnsw_m: int = 32, ivf_lists: int | None = None) -> "NeuronIndex":
+        """Embed the usable explanations and index them.
+
+        ``kind="auto"`` is an exact flat index up to ``approximate_above`` neurons, HNSW beyond.
+        """
+        import faiss
+
+        from .embed import normalize_rows
+
+        if kind not in ("auto", "flat", "hnsw", "ivf"):
+            raise ValueError(f"index kind must be 'auto', 'flat', 'hnsw' or 'ivf', got {kind!r}")
+        usable = [e for e in explanations if e.ok]
+        if not usable:
+            raise ValueError(f"none of the {len(explanations)} explanations is usable; nothing to search")
+        by_neuron = {e.neuron: e for e in usable}
+        neurons = sorted(by_neuron)
+        texts = [by_neuron[n].explanation for n in neurons]
+        vecs = normalize_rows(embedder.embed(texts))
+        d = vecs.shape[1]
+        if kind == "auto":
+            kind = "flat" if len(neurons) <= approximate_above else "hnsw"
+        if kind == "flat":
+            index = faiss.IndexFlatIP(d)
+        elif kind == "hnsw":
+            index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efSearch = 64
+        else:
+            nlist = ivf_lists or max(1, min(4096, int(4 * np.sqrt(len(neurons)))))
+            nlist = min(nlist, len(neurons))
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.train(vecs)
+            index.nprobe = min(nlist, 16)
+        index.add(vecs)
+        logger.info("indexed %d neurons (%s, dim %d)", len(neurons), kind, d)
+        return cls(index, neurons, texts, embedder, kind=kind)
+
+    def search(self, query: str, k: int = 10) -> list[tuple[NeuronId, float, str]]:
+        """The ``k`` neurons whose explanations are most similar to ``query``: (neuron, cosine, explanation)."""
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError(f"search query must be non-empty text, got {query!r}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if self.embedder is None:
+            raise ValueError("this index has no embedder to embed the query; load it with NeuronIndex.load(path, "
+                             "embedder)")
+        q = self.embedder.embed([query])
+        if q.shape[1] != self.index.d:
+            raise ValueError(f"query vector has width {q.shape[1]} but the index holds width {self.index.d}: "
+                             f"use the embedder the index was built with ({self.embedder_name!r})")
+        sims, ids = self.index.search(np.ascontiguousarray(q, dtype=np.float32), min(k, len(self.neurons)))
+        return [(self.neurons[int(i)], float(s), self.explanations[int(i)])
+                for s, i in zip(sims[0], ids[0]) if i >= 0]
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``index.faiss`` and ``neurons.json`` (neurons, explanations, embedder name) atomically."""
+        import faiss
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".index.", suffix=".tmp")
+        os.close(fd)
+        try:
+            faiss.write_index(self.index, tmp)
+            os.replace(tmp, directory / "index.faiss")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        meta = {"embedder": self.embedder_name, "kind": self.kind, "dim": int(self.index.d),
+                "neurons": [[n.layer, n.index] for n in self.neurons], "explanations": self.explanations}
+        _atomic_write_text(directory / "neurons.json", json.dumps(meta, ensure_ascii=False))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], embedder: Any = None) -> "NeuronIndex":
+        """Read what :meth:`save` wrote; ``embedder`` must be the one it was built with (checked by name)."""
+        import faiss
+
+        directory = Path(directory)
+        if not (directory / "index.faiss").is_file() or not (directory / "neurons.json").is_file():
+            raise FileNotFoundError(f"{directory} holds no neuron index (index.faiss + neurons.json); build one "
+                                    "with NeuronIndex.build(...).save(dir) or `snip search --index DIR`")
+        meta = json.loads((directory / "neurons.json").read_text(encoding="utf-8"))
+        if embedder is not None and meta.get("embedder") and embedder.name != meta["embedder"]:
+            raise ValueError(f"index {directory} was built with embedder {meta['embedder']!r}, not {embedder.name!r}; "
+                             "use the same embedder or rebuild the index")
+        index = faiss.read_index(str(directory / "index.faiss"))
+        return cls(index, [NeuronId(int(a), int(b)) for a, b in meta["neurons"]], meta["explanations"], embedder,
+                   embedder_name=meta.get("embedder", ""), kind=meta.get("kind", "flat"))

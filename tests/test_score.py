@@ -1,0 +1,196 @@
+"""Tests of SNIP step 3: max-cosine scoring against a numpy brute force, NeuronScores, neuron search, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from snip_lens.cli import main
+from snip_lens.embed import normalize_rows
+from snip_lens.score import NeuronIndex, NeuronScores, max_cosine, max_cosine_reference, score_neurons
+from snip_lens.types import DatasetConcepts, NeuronExplanation, NeuronId
+
+WORDS = ["python", "code", "def", "function", "english", "prose", "word", "the", "number", "digits", "self",
+         "class", "import", "loop", "string", "comment"]
+
+
+class BagOfWordsEmbedder:
+    """Count vectors over a tiny vocabulary plus a hashed remainder: similar words -> similar vectors."""
+
+    name = "bow-test"
+    dim = len(WORDS) + 4
+
+    def __init__(self) -> None:
+        self.n_texts = 0
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        self.n_texts += len(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for w in t.lower().replace("'", " ").split():
+                if w in WORDS:
+                    out[i, WORDS.index(w)] += 1
+                else:
+                    out[i, len(WORDS) + sum(map(ord, w)) % 4] += 0.25
+        return normalize_rows(out)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_max_cosine_equals_bruteforce(seed):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(3000, 48)) * rng.uniform(0.1, 10, size=(3000, 1))  # unnormalised on purpose
+    b = rng.normal(size=(37, 48))
+    s, i = max_cosine(a, b, chunk=1000)
+    s_ref, i_ref = max_cosine_reference(a, b)
+    np.testing.assert_allclose(s, s_ref, atol=1e-5)
+    # indices agree except where two concepts tie within float32 precision
+    sims = normalize_rows(a).astype(np.float64) @ normalize_rows(b).T.astype(np.float64)
+    top2 = np.sort(sims, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-5
+    assert clear.mean() > 0.99 and np.array_equal(i[clear], i_ref[clear])
+
+
+def test_max_cosine_width_mismatch():
+    with pytest.raises(ValueError, match="width 4 but concept vectors 5"):
+        max_cosine(np.ones((2, 4)), np.ones((3, 5)))
+
+
+def _explanations():
+    texts = {
+        (0, 0): "the python keyword def and function definitions in python code",
+        (0, 3): "the word the in english prose",
+        (1, 1): "numbers and digits",
+        (1, 2): "the python name self in python code",
+        (2, 5): "the word the in english prose",  # duplicate text: embedded once
+    }
+    out = [NeuronExplanation(NeuronId(*k), v, source="t") for k, v in texts.items()]
+    out.append(NeuronExplanation(NeuronId(2, 0), None, source="t", error="API failure"))
+    out.append(NeuronExplanation(NeuronId(2, 1), "", source="t"))
+    return out
+
+
+CONCEPTS = DatasetConcepts(["python code", "function definitions", "class import"], "test")
+
+
+def test_score_neurons_equals_bruteforce():
+    emb = BagOfWordsEmbedder()
+    expl = _explanations()
+    s = score_neurons(expl, CONCEPTS, emb, n_layers=3, d_mlp=6, model_name="tiny")
+    assert s.scores.shape == (3, 6) and s.method == "snip" and s.model_name == "tiny"
+    ok = [e for e in expl if e.ok]
+    ref, idx = max_cosine_reference(emb.embed([e.explanation for e in ok]), emb.embed(CONCEPTS.concepts))
+    for e, r, i in zip(ok, ref, idx):
+        assert s.scores[e.neuron.layer, e.neuron.index].item() == pytest.approx(r, abs=1e-5)
+        assert s.labels[e.neuron] == CONCEPTS.concepts[i]
+    finite = torch.isfinite(s.scores)
+    assert int(finite.sum()) == len(ok)  # failed / empty / unexplained neurons are -inf
+    assert s.scores[2, 0] == -math.inf and s.scores[2, 1] == -math.inf and s.scores[0, 1] == -math.inf
+    want = sorted(zip(ok, ref), key=lambda p: (-p[1], p[0].neuron))
+    assert s.top_k(len(ok)) == [e.neuron for e, _ in want]
+
+
+def test_score_neurons_bad_inputs():
+    emb = BagOfWordsEmbedder()
+    with pytest.raises(ValueError, match=r"L5/N0 is outside the model's shape \(3 layers x 6 neurons\)"):
+        score_neurons([NeuronExplanation(NeuronId(5, 0), "x")], CONCEPTS, emb, n_layers=3, d_mlp=6)
+    with pytest.raises(ValueError, match="none of the 1 explanations is usable"):
+        score_neurons([NeuronExplanation(NeuronId(0, 0), None, error="boom")], CONCEPTS, emb, n_layers=3, d_mlp=6)
+
+
+def test_top_k_and_rank_tie_break():
+    scores = torch.tensor([[0.5, 0.9, -math.inf], [0.9, 0.5, 0.1]], dtype=torch.float64)
+    s = NeuronScores(scores, "t")
+    assert s.top_k(5) == [NeuronId(0, 1), NeuronId(1, 0), NeuronId(0, 0), NeuronId(1, 1), NeuronId(1, 2)]
+    assert s.rank().tolist() == [[2, 0, 5], [1, 3, 4]]
+    with pytest.raises(ValueError, match="k=6 but method 't' scored only 5"):
+        s.top_k(6)
+    # brute force on random scores with many ties
+    g = torch.Generator().manual_seed(0)
+    r = torch.randint(0, 5, (4, 7), generator=g).double()
+    got = NeuronScores(r, "r").top_k(28)
+    want = sorted((NeuronId(a, b) for a in range(4) for b in range(7)), key=lambda n: (-r[n.layer, n.index], n))
+    assert got == want
+
+
+def test_scores_save_load_roundtrip_and_shape_check(tmp_path):
+    s = score_neurons(_explanations(), CONCEPTS, BagOfWordsEmbedder(), n_layers=3, d_mlp=6, model_name="tiny")
+    path = s.save(tmp_path / "snip")
+    assert path.name == "snip.safetensors" and (tmp_path / "snip.json").exists()
+    back = NeuronScores.load(path, n_layers=3, d_mlp=6)
+    assert torch.equal(back.scores, s.scores) and back.labels == s.labels
+    assert back.method == "snip" and back.model_name == "tiny"
+    with pytest.raises(ValueError, match=r"3 layers x 6 neurons \(tiny\), not 30 x 1536"):
+        NeuronScores.load(path, n_layers=30, d_mlp=1536)
+    with pytest.raises(FileNotFoundError, match="no scores file"):
+        NeuronScores.load(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_neuron_index_search(kind, tmp_path):
+    emb = BagOfWordsEmbedder()
+    expl = _explanations()
+    index = NeuronIndex.build(expl, emb, kind=kind, ivf_lists=2)
+    assert len(index) == 5 and index.kind == kind
+    hits = index.search("python function definitions", k=3)
+    ok = {e.neuron: e.explanation for e in expl if e.ok}
+    neurons = sorted(ok)
+    sims = emb.embed([ok[n] for n in neurons]) @ emb.embed(["python function definitions"])[0]
+    want = [neurons[i] for i in np.argsort(-sims, kind="stable")[:3]]
+    if kind == "flat":
+        assert [h[0] for h in hits] == want
+        np.testing.assert_allclose([h[1] for h in hits], np.sort(sims)[::-1][:3], atol=1e-5)
+    assert hits[0][0] == NeuronId(0, 0) and hits[0][2] == ok[NeuronId(0, 0)]
+    index.save(tmp_path / "idx")
+    back = NeuronIndex.load(tmp_path / "idx", emb)
+    assert back.search("python function definitions", k=3) == hits
+    other = BagOfWordsEmbedder()
+    other.name = "something-else"
+    with pytest.raises(ValueError, match="built with embedder 'bow-test'"):
+        NeuronIndex.load(tmp_path / "idx", other)
+
+
+def test_neuron_index_bad_query():
+    index = NeuronIndex.build(_explanations(), BagOfWordsEmbedder())
+    with pytest.raises(ValueError, match="non-empty"):
+        index.search("  ")
+    assert len(index.search("prose", k=100)) == 5
+
+
+def _write_inputs(tmp_path):
+    ex = tmp_path / "expl.jsonl"
+    ex.write_text("".join(json.dumps(e.to_json()) + "\n" for e in _explanations()))
+    co = tmp_path / "concepts.json"
+    co.write_text(json.dumps({"concepts": ["Python function definitions", "Python source code"], "source": "t"}))
+    return ex, co
+
+
+def test_cli_concepts_score_search(tmp_path, capsys):
+    forget = tmp_path / "forget.txt"
+    forget.write_text("\n\n".join(
+        f"def f{i}(self_value):\n    return self_value + {i}\n\nclass C{i}:\n    def run(self):\n        pass"
+        for i in range(6)))
+    out = tmp_path / "c.json"
+    assert main(["concepts", "--forget", str(forget), "--reference", "prose", "--out", str(out)]) == 0
+    c = json.loads(out.read_text())
+    assert c["concepts"][0] == "Python source code" and c["source"].startswith("distinctive")
+    assert main(["concepts", "--forget", str(forget), "--out", str(out)]) == 2  # refuses to overwrite
+    assert "already exists" in capsys.readouterr().err
+
+    ex, co = _write_inputs(tmp_path)
+    cache = tmp_path / "cache"
+    assert main(["score", "--explanations", str(ex), "--concepts", str(co), "--shape", "3x6", "--embedder", "local",
+                 "--cache-dir", str(cache), "--out", str(tmp_path / "scores")]) == 0
+    s = NeuronScores.load(tmp_path / "scores.safetensors", n_layers=3, d_mlp=6)
+    assert s.top_k(1) == [NeuronId(0, 0)] and s.labels[NeuronId(0, 0)] == "Python function definitions"
+    assert main(["score", "--explanations", str(ex), "--concepts", str(co), "--shape", "2x6",
+                 "--cache-dir", str(cache), "--out", str(tmp_path / "s2")]) == 2
+    assert "outside the model's shape" in capsys.readouterr().err
+
+    capsys.readouterr()
+    assert main(["search", "numbers", "--explanations", str(ex), "--cache-dir", str(cache), "-k", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("L1/N1\t") and lines[0].endswith("numbers and digits")
