@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score(sub)
     _add_search(sub)
     _add_explain(sub)
+    _add_collect(sub)
     return p
 
 
@@ -324,6 +325,60 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--n-layers", type=int, help="model layers, to check imported indices (default: from --records)")
     sp.add_argument("--d-mlp", type=int, help="neurons per layer, to check imported indices")
     sp.set_defaults(func=_explain_cmd)
+
+
+def _collect_cmd(args: argparse.Namespace) -> int:
+    from . import models as M
+    from .collect import collect, parse_layers
+    from .corpus import load_corpus
+
+    try:
+        before, after = (int(x) for x in args.context.split(","))
+    except ValueError:
+        raise ValueError(f"--context {args.context!r} is not BEFORE,AFTER, e.g. 32,8") from None
+    specs = args.corpus or ["code"]
+    named = [s.split("=", 1) if "=" in s else [s, s] for s in specs]
+    if len({n for n, _ in named}) != len(named):
+        raise ValueError(f"--corpus names repeat in {specs}; name them, e.g. --corpus forget=code --corpus retain=prose")
+    model = M.load_model(args.model)
+    corpora = {name: load_corpus(model, source, n_ctx=args.n_ctx, max_windows=args.windows, seed=args.seed,
+                                 split=args.split, text_field=args.text_field, max_docs=args.max_docs, name=name)
+               for name, source in named}
+    layers = parse_layers(args.layers) if args.layers else None
+    rec = collect(model, corpora, layers=layers, top_k=args.top_k, context=(before, after), n_random=args.n_random,
+                  batch_size=args.batch_size, out_dir=args.out, progress=not args.no_progress, seed=args.seed,
+                  shard_windows=args.shard_windows, overwrite=args.overwrite)
+    n_tok = {name: int(st.count[0, 0]) for name, st in rec.stats.items()}
+    print(f"{rec.n_neurons} neurons (layers {rec.layers[0]}..{rec.layers[-1]}) of {rec.model_name}; tokens per corpus "
+          f"{n_tok}; top {rec.top_k} records from {rec.records_corpus!r} -> {args.out}")
+    return 0
+
+
+def _add_collect(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("collect", help="SNIP step 1 input: top-activating records and activation statistics",
+                        description="Stream corpora through the model and keep, for every MLP neuron, its top-k "
+                        "activating windows, a few random windows, and activation statistics per corpus. "
+                        "Resumable: rerun the same command after an interruption.")
+    sp.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, a HF name or a directory")
+    sp.add_argument("--corpus", action="append",
+                    help="SOURCE or NAME=SOURCE (repeatable); SOURCE is code | prose | FILE | DIR | hf:NAME[:CONFIG]. "
+                    "Records come from the corpus named 'records', else the first. Default: code")
+    sp.add_argument("--windows", type=int, help="windows per corpus (default: all)")
+    sp.add_argument("--n-ctx", type=int, default=128, help="tokens per window")
+    sp.add_argument("--top-k", type=int, default=20, help="top-activating records per neuron")
+    sp.add_argument("--layers", help="layers, e.g. 0-14 or 0,3,5-7 (default: all)")
+    sp.add_argument("--context", default="32,8", help="tokens kept BEFORE,AFTER the activating token")
+    sp.add_argument("--n-random", type=int, default=5, help="random non-top records per neuron")
+    sp.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    sp.add_argument("--shard-windows", type=int, default=256, help="windows between checkpoints")
+    sp.add_argument("--max-docs", type=int, help="cap on documents read per corpus")
+    sp.add_argument("--split", default="train", help="split of hf: datasets")
+    sp.add_argument("--text-field", default="text", help="text field of JSONL files / HF datasets")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", required=True, help="output directory (activations.safetensors + records.json)")
+    sp.add_argument("--overwrite", action="store_true", help="replace results of a different config in --out")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sp.set_defaults(func=_collect_cmd)
 
 
 def main(argv: list[str] | None = None) -> int:

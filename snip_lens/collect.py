@@ -186,6 +186,8 @@ class ActivationRecords:
     """Activation statistics per corpus name."""
     config_hash: str = ""
     """sha256 of the collection config, model and tokens (what a resumed run must match)."""
+    n_layers: int = 0
+    """Layers of the whole model (collected or not); 0 when unknown."""
 
     # -- derived views --
 
@@ -278,7 +280,7 @@ class ActivationRecords:
         meta = {"format_version": FORMAT_VERSION, "model_name": self.model_name, "layers": self.layers,
                 "d_mlp": self.d_mlp, "top_k": self.top_k, "context": list(self.context),
                 "records_corpus": self.records_corpus, "corpora": list(self.stats),
-                "config_hash": self.config_hash,
+                "config_hash": self.config_hash, "n_layers": self.n_layers,
                 "vocab": {str(k): v for k, v in sorted(self.vocab.items())}}
         _atomic_write_text(d / META_FILE, json.dumps(meta, ensure_ascii=False))
         return d
@@ -301,7 +303,7 @@ class ActivationRecords:
                    top_k=int(meta["top_k"]), context=tuple(meta["context"]),
                    records_corpus=meta["records_corpus"], **{n: t[n] for n in cls._TENSORS},
                    vocab={int(k): v for k, v in meta["vocab"].items()}, stats=stats,
-                   config_hash=meta.get("config_hash", ""))
+                   config_hash=meta.get("config_hash", ""), n_layers=int(meta.get("n_layers", 0)))
 
 
 # ---- atomic files -----------------------------------------------------------------------------------
@@ -676,4 +678,4 @@ def _finalise(state: _State, cfg: CollectConfig, mname: str, d_mlp: int, names: 
         random_values=r_val.permute(0, 2, 1).contiguous(), random_window=r_win.permute(0, 2, 1).contiguous(),
         random_pos=r_pos.permute(0, 2, 1).contiguous(), random_context=r_ctx.permute(0, 3, 1, 2).contiguous(),
         windows=windows, vocab=_token_vocab(model, windows), stats={n: state.stats(i) for i, n in enumerate(names)},
-        config_hash=chash)
+        config_hash=chash, n_layers=models.n_layers(model))

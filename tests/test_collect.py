@@ -325,3 +325,32 @@ def test_kill_9_and_rerun_gives_the_same_records(model, tmp_path):
     subprocess.run([sys.executable, str(script), str(out), "0"], check=True, env=env, timeout=300)
     _assert_same(ActivationRecords.load(out), uninterrupted)
     assert json.loads((out / collect_mod.META_FILE).read_text())["config_hash"]
+
+
+def test_cli_collect_equals_the_library_call(tmp_path, capsys):
+    from snip_lens.cli import main
+    from snip_lens.corpus import load_corpus
+    from snip_lens.models import load_model
+    from snip_lens.testing import tiny_hf_model, tiny_tokenizer
+
+    mdir = tmp_path / "tiny"
+    tiny_hf_model("llama", n_layers=2, d_mlp=32).save_pretrained(mdir)
+    tiny_tokenizer().save_pretrained(mdir)
+    (tmp_path / "f.txt").write_text("def f(x):\n    return x + 1\n\nclass A:\n    pass\n" * 5)
+    out = tmp_path / "out"
+    argv = ["collect", "--model", str(mdir), "--corpus", "records=prose", "--corpus", f"forget={tmp_path / 'f.txt'}",
+            "--windows", "5", "--n-ctx", "16", "--top-k", "3", "--layers", "1", "--context", "2,1",
+            "--n-random", "1", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    assert "32 neurons" in capsys.readouterr().out
+    got = ActivationRecords.load(out)
+    model = load_model(str(mdir))
+    corpora = {"records": load_corpus(model, "prose", n_ctx=16, max_windows=5, name="records"),
+               "forget": load_corpus(model, str(tmp_path / "f.txt"), n_ctx=16, max_windows=5, name="forget")}
+    ref = collect(model, corpora, layers=[1], top_k=3, context=(2, 1), n_random=1, progress=False)
+    _assert_same(got, ref)
+    assert got.n_layers == 2 and list(got.stats) == ["records", "forget"]
+    assert main(argv[:-3] + ["--top-k", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "top_k must be a positive integer" in capsys.readouterr().err
+    assert main(argv[:-3] + ["--layers", "0-5", "--out", str(tmp_path / "bad")]) == 2
+    assert "out of range" in capsys.readouterr().err
