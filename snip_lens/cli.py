@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search(sub)
     _add_explain(sub)
     _add_collect(sub)
+    _add_evaluate(sub)
     return p
 
 
@@ -380,6 +381,111 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp.set_defaults(func=_collect_cmd)
 
+def _eval_load(args: argparse.Namespace) -> tuple:
+    from . import models as M
+
+    model = M.load_model(args.model)
+    mask = None
+    if args.mask:
+        from .mask import NeuronMask
+
+        mask = NeuronMask.load(args.mask, model)
+    return model, mask
+
+
+def _eval_report(args: argparse.Namespace, result: dict) -> int:
+    import json
+
+    text = json.dumps(result, indent=2, default=str)
+    if args.out:
+        from pathlib import Path
+
+        from .evaluate._common import write_json_atomic
+
+        write_json_atomic(Path(args.out), result)
+    print(text)
+    return 0
+
+
+def _evaluate_lm_cmd(args: argparse.Namespace) -> int:
+    from .corpus import load_corpus
+    from .evaluate import lm_metrics
+
+    model, mask = _eval_load(args)
+    windows = load_corpus(model, args.corpus, n_ctx=args.n_ctx, max_windows=args.windows, seed=args.seed,
+                          split=args.split, text_field=args.text_field)
+    res = lm_metrics(model, windows.tokens, batch_size=args.batch_size, mask=mask, progress=True)
+    return _eval_report(args, {"corpus": args.corpus, "mask": args.mask, **res})
+
+
+def _evaluate_cbt_cmd(args: argparse.Namespace) -> int:
+    from .evaluate import build_cloze_items, cbt_accuracy, load_cbt
+
+    model, mask = _eval_load(args)
+    if args.source == "prose":
+        import pydoc_data.topics
+
+        if args.config not in ("P", "V"):
+            raise ValueError(f"--source prose builds CBT-P or CBT-V items only, not --config {args.config}")
+        texts = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
+        items = build_cloze_items(texts, args.config, n_items=args.max_items or 100, seed=args.seed)
+    else:
+        items = load_cbt(args.source, args.config, split=args.split, max_items=args.max_items)
+    res = cbt_accuracy(model, items, mask=mask, use_kv_cache=not args.no_kv_cache, progress=True)
+    return _eval_report(args, {"source": args.source, "config": args.config, "mask": args.mask, **res})
+
+
+def _evaluate_toxicity_cmd(args: argparse.Namespace) -> int:
+    from .evaluate import ToxicityConfig, toxicity_rate
+
+    model, mask = _eval_load(args)
+    cfg = ToxicityConfig(n=args.n, max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
+                         scorer=args.scorer, detoxify_checkpoint=args.detoxify_checkpoint,
+                         detoxify_config=args.detoxify_config)
+    res = toxicity_rate(model, cfg, mask=mask, progress=True)
+    return _eval_report(args, {"config": cfg.to_json(), "mask": args.mask, **res})
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("evaluate", help="evaluate a model, optionally with a neuron mask: lm | cbt | toxicity",
+                        description="Held-out evaluations of a model, optionally pruned by a saved neuron mask.")
+    ev = sp.add_subparsers(dest="evaluation", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, a HF name or a directory")
+        p.add_argument("--mask", help="a neuron mask file (safetensors) to apply during the evaluation")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--out", help="also write the result to this JSON file")
+
+    p = ev.add_parser("lm", help="next-token loss, top-1 and top-10 accuracy on a corpus")
+    common(p)
+    p.add_argument("--corpus", required=True, help="code | prose | FILE | DIR | hf:NAME[:CONFIG]")
+    p.add_argument("--windows", type=int, default=32, help="windows evaluated")
+    p.add_argument("--n-ctx", type=int, default=128, help="tokens per window")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--split", default="test", help="split of hf: datasets")
+    p.add_argument("--text-field", default="text", help="text field of JSONL files / HF datasets")
+    p.set_defaults(func=_evaluate_lm_cmd)
+
+    p = ev.add_parser("cbt", help="Children's Book Test cloze accuracy")
+    common(p)
+    p.add_argument("--source", default="hf", help="hf | a JSONL file in the HF cbt schema | prose (built items)")
+    p.add_argument("--config", default="P", choices=["P", "V", "NE", "CN"])
+    p.add_argument("--split", default="test")
+    p.add_argument("--max-items", type=int, help="items evaluated (default: all; 100 for prose)")
+    p.add_argument("--no-kv-cache", action="store_true", help="score each option with a full forward (slow)")
+    p.set_defaults(func=_evaluate_cbt_cmd)
+
+    p = ev.add_parser("toxicity", help="percentage of toxic generations from the paper's prompt")
+    common(p)
+    p.add_argument("--n", type=int, default=1000, help="generations")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--scorer", default="detoxify", choices=["detoxify", "profanity"])
+    p.add_argument("--detoxify-checkpoint", help="local Detoxify .ckpt file (offline)")
+    p.add_argument("--detoxify-config", help="local directory with bert-base-uncased config/tokenizer (offline)")
+    p.set_defaults(func=_evaluate_toxicity_cmd)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -388,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, OSError, KeyError) as exc:  # OSError: missing files, unreachable hub
         print(f"snip {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -301,7 +301,7 @@ def test_load_cbt_hub_failure_explains_offline_options(monkeypatch):
         raise ConnectionError("Couldn't reach 'cam-cst/cbt' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(RuntimeError, match="could not load CBT config 'V'.*local JSONL.*build_cloze_items"):
+    with pytest.raises(ConnectionError, match="could not load CBT config 'V'.*local JSONL.*build_cloze_items"):
         load_cbt("hf", "V")
 
 
@@ -386,7 +386,7 @@ def test_detoxify_scorer_errors_offline(tmp_path, monkeypatch):
         DetoxifyScorer(tmp_path / "missing.ckpt")
     monkeypatch.setattr(toxicity_mod, "_reachable", lambda host, timeout=3.0: False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(RuntimeError, match="github.com cannot be reached.*checkpoint=.*config_dir=.*profanity"):
+    with pytest.raises(ConnectionError, match="github.com cannot be reached.*checkpoint=.*config_dir=.*profanity"):
         toxicity_rate(tiny_model("gpt2"), ToxicityConfig(n=1, scorer="detoxify"))
 
 
@@ -440,3 +440,39 @@ def test_smollm2_metrics_prefix_reuse_and_cbt():
     kv = cbt_accuracy(model, items)
     naive = cbt_accuracy(model, items, use_kv_cache=False)
     assert kv["predictions"] == naive["predictions"]
+
+
+# ---- command line ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from snip_lens.testing import tiny_hf_model, tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_hf_model("llama").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+def test_cli_evaluate_cbt_lm_and_toxicity(model_dir, tmp_path, capsys):
+    from snip_lens.cli import main
+
+    out = tmp_path / "cbt.json"
+    assert main(["evaluate", "cbt", "--model", str(model_dir), "--source", str(FIXTURES / "cbt_sample.jsonl"),
+                 "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["n_items"] == 3 and len(res["predictions"]) == 3 and 0 <= res["accuracy"] <= 1
+    text = tmp_path / "doc.txt"
+    text.write_text(" ".join(TEXTS[:3]))
+    assert main(["evaluate", "lm", "--model", str(model_dir), "--corpus", str(text), "--windows", "2",
+                 "--n-ctx", "16", "--out", str(tmp_path / "lm.json")]) == 0
+    assert json.loads((tmp_path / "lm.json").read_text())["n_tokens"] == 2 * 15
+    assert main(["evaluate", "toxicity", "--model", str(model_dir), "--n", "2", "--max-new-tokens", "3",
+                 "--scorer", "profanity", "--out", str(tmp_path / "tox.json")]) == 0
+    assert json.loads((tmp_path / "tox.json").read_text())["n"] == 2
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    capsys.readouterr()
+    assert main(["evaluate", "cbt", "--model", str(model_dir), "--source", str(empty)]) == 2
+    assert "holds no items" in capsys.readouterr().err

@@ -1,9 +1,14 @@
-"""Small helpers shared by the evaluations: the optional mask context and hook checks."""
+"""Small helpers shared by the evaluations: the optional mask context, hook checks, the KV-cache shim and
+atomic JSON writes."""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import json
+import os
+import tempfile
+from pathlib import Path
 from typing import Any, Iterator
 
 
@@ -72,3 +77,17 @@ def output_cache(output: Any) -> Any:
     """The KV cache of an HF model output, whichever attribute name this transformers version uses."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON through a temporary file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -185,7 +185,7 @@ def load_cbt(source: str | Path = "hf", config: Literal["P", "V", "NE", "CN"] = 
         sel = split if max_items is None else f"{split}[:{max_items}]"
         ds = datasets.load_dataset(HF_DATASET, config, split=sel)
     except Exception as exc:  # noqa: BLE001 - offline, unknown split, hub errors: one clear message
-        raise RuntimeError(
+        raise ConnectionError(
             f"could not load CBT config {config!r} split {split!r} from the Hugging Face hub "
             f"({HF_DATASET}): {type(exc).__name__}: {exc}. Offline, pass a local JSONL file in the same "
             "schema as source=..., or build CBT-P/CBT-V style items from any prose with build_cloze_items"

@@ -159,7 +159,7 @@ class DetoxifyScorer:
         else:
             cached = Path(torch.hub.get_dir()) / "checkpoints" / DETOXIFY_ORIGINAL_URL.rsplit("/", 1)[-1]
             if not cached.is_file() and not _reachable("github.com"):
-                raise RuntimeError(
+                raise ConnectionError(
                     "Detoxify's checkpoint is not in torch's hub cache and github.com cannot be reached from "
                     f"here; {how}"
                 )
@@ -171,7 +171,7 @@ class DetoxifyScorer:
                 huggingface_config_path=None if config_dir is None else str(Path(config_dir).expanduser()),
             )
         except OSError as exc:  # transformers' "can't load config/tokenizer" offline
-            raise RuntimeError(f"Detoxify could not load its transformer config or tokenizer ({exc}); {how}") from exc
+            raise ConnectionError(f"Detoxify could not load its transformer config or tokenizer ({exc}); {how}") from exc
         self.batch_size = batch_size
 
     def __call__(self, texts: list[str]) -> list[float]:
