@@ -476,3 +476,31 @@ def test_cli_evaluate_cbt_lm_and_toxicity(model_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", "cbt", "--model", str(model_dir), "--source", str(empty)]) == 2
     assert "holds no items" in capsys.readouterr().err
+
+
+def test_real_neuron_mask_matches_the_hook_double(llama, prose_items):
+    from snip_lens.mask import NeuronMask
+
+    neurons = [(1, i) for i in range(0, 64, 3)] + [(2, 5), (2, 40)]
+    mask = NeuronMask.from_neurons(llama, neurons)
+
+    class Double:
+        def applied(self, model):
+            def fn(layer):
+                idx = [i for l, i in neurons if l == layer]
+
+                def hook(act, hook):
+                    act = act.clone()
+                    act[..., idx] = 0.0
+                    return act
+                return hook
+            return model.hooks(fwd_hooks=[(hook_name(1), fn(1)), (hook_name(2), fn(2))])
+
+    tokens = random_tokens(n=3)
+    got = lm_metrics(llama, tokens, mask=mask)
+    assert got == lm_metrics(llama, tokens, mask=Double())
+    cache = prefix_cache(llama, tokens, min(mask.layers))
+    assert lm_metrics(llama, tokens, mask=mask, start_cache=cache)["loss"] == pytest.approx(got["loss"], rel=1e-6)
+    assert cbt_scores(llama, prose_items[:1], mask=mask) == cbt_scores(llama, prose_items[:1], mask=Double())
+    cfg = ToxicityConfig(n=2, max_new_tokens=4)
+    assert generate_samples(llama, cfg, mask=mask) == generate_samples(llama, cfg, mask=Double())

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -308,7 +309,7 @@ def _encode_item(model: Any, item: CBTItem, n_ctx: int) -> _Encoded:
     return _Encoded(prefix=bos + context + stem, n_stem=len(stem), completions=completions)
 
 
-def _stem_loss(logits: Tensor, prefix: list[int], n_stem: int) -> float:
+def _stem_loss(logits: Float[Tensor, "1 pos vocab"], prefix: list[int], n_stem: int) -> float:
     """Summed loss of the last ``n_stem`` prefix tokens, from the prefix's logits (1, P, vocab)."""
     if n_stem == 0:
         return 0.0
@@ -318,7 +319,8 @@ def _stem_loss(logits: Tensor, prefix: list[int], n_stem: int) -> float:
     return float(-logprobs.gather(-1, target[:, None]).sum())
 
 
-def _completion_losses(logits: Tensor, first_logits: Tensor, completions: list[list[int]]) -> list[float]:
+def _completion_losses(logits: Float[Tensor, "n comp vocab"], first_logits: Float[Tensor, " vocab"],
+                       completions: list[list[int]]) -> list[float]:
     """Summed loss of each completion.
 
     ``logits`` (n, C, vocab): logits at the completion positions (padded on the right); ``first_logits``
@@ -333,7 +335,7 @@ def _completion_losses(logits: Tensor, first_logits: Tensor, completions: list[l
     return out
 
 
-def _pad(seqs: list[list[int]], pad: int) -> Tensor:
+def _pad(seqs: list[list[int]], pad: int) -> Int[Tensor, "n width"]:
     width = max(len(s) for s in seqs)
     return torch.tensor([s + [pad] * (width - len(s)) for s in seqs], dtype=torch.long)
 
