@@ -281,6 +281,10 @@ class _Encoded:
     n_stem: int  # how many of the prefix's last tokens belong to the question (scored)
     completions: list[list[int]]  # one per option
 
+    @property
+    def stem(self) -> list[int]:
+        return self.prefix[len(self.prefix) - self.n_stem:]
+
 
 def _encode_item(model: Any, item: CBTItem, n_ctx: int) -> _Encoded:
     before, after = item.question.split(BLANK)
@@ -309,13 +313,12 @@ def _encode_item(model: Any, item: CBTItem, n_ctx: int) -> _Encoded:
     return _Encoded(prefix=bos + context + stem, n_stem=len(stem), completions=completions)
 
 
-def _stem_loss(logits: Float[Tensor, "1 pos vocab"], prefix: list[int], n_stem: int) -> float:
-    """Summed loss of the last ``n_stem`` prefix tokens, from the prefix's logits (1, P, vocab)."""
-    if n_stem == 0:
+def _stem_loss(preds: Float[Tensor, "n_stem vocab"], stem: list[int]) -> float:
+    """Summed loss of the ``stem`` tokens given the logits that predict them (one row per token)."""
+    if not stem:
         return 0.0
-    p = len(prefix)
-    target = torch.tensor(prefix[p - n_stem:], device=logits.device)
-    logprobs = torch.log_softmax(logits[0, p - n_stem - 1:p - 1].float(), dim=-1)
+    target = torch.tensor(stem, device=preds.device)
+    logprobs = torch.log_softmax(preds.float(), dim=-1)
     return float(-logprobs.gather(-1, target[:, None]).sum())
 
 
@@ -342,12 +345,15 @@ def _pad(seqs: list[list[int]], pad: int) -> Int[Tensor, "n width"]:
 
 def _scores_kv(hf: Any, enc: _Encoded, pad: int, batch_size: int, device: Any) -> list[float]:
     prefix = torch.tensor([enc.prefix], device=device)
-    out = hf(input_ids=prefix, use_cache=True)
+    # Only the logits predicting the stem tokens and the first completion token are needed.
+    keep = {"logits_to_keep": enc.n_stem + 1} if _accepts(hf, "logits_to_keep") else {}
+    out = hf(input_ids=prefix, use_cache=True, **keep)
     prefix_cache = output_cache(out)
     assert prefix_cache is not None and prefix_cache.get_seq_length() == len(enc.prefix), "KV cache not filled"
     kw = cache_kwarg(hf)
-    stem_loss = _stem_loss(out.logits, enc.prefix, enc.n_stem)
-    first = out.logits[0, -1]
+    kept = out.logits[0, -(enc.n_stem + 1):]  # (n_stem + 1, vocab)
+    stem_loss = _stem_loss(kept[:-1], enc.stem)
+    first = kept[-1]
     losses: list[float] = []
     for start in range(0, len(enc.completions), batch_size):
         comps = enc.completions[start:start + batch_size]
@@ -356,6 +362,12 @@ def _scores_kv(hf: Any, enc: _Encoded, pad: int, batch_size: int, device: Any) -
         logits = hf(input_ids=ids, use_cache=True, **{kw: cache}).logits  # (n, C, vocab)
         losses += _completion_losses(logits, first, comps)
     return [math.exp(-(stem_loss + l) / (enc.n_stem + len(c))) for l, c in zip(losses, enc.completions)]
+
+
+def _accepts(fn_owner: Any, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(fn_owner.forward).parameters
 
 
 def _repeat_cache(cache: Any, n: int) -> Any:
@@ -373,10 +385,14 @@ def _scores_naive(hf: Any, enc: _Encoded, pad: int, batch_size: int, device: Any
     for start in range(0, len(enc.completions), batch_size):
         comps = enc.completions[start:start + batch_size]
         ids = _pad([enc.prefix + c for c in comps], pad).to(device)  # (n, P + C)
-        logits = hf(input_ids=ids, use_cache=False).logits
+        # Logits only from the position predicting the first stem token on (as the KV path).
+        n_keep = ids.shape[1] - (p - enc.n_stem - 1)
+        keep = {"logits_to_keep": n_keep} if _accepts(hf, "logits_to_keep") else {}
+        logits = hf(input_ids=ids, use_cache=False, **keep).logits
+        off = ids.shape[1] - logits.shape[1]  # position j of ids is row j - off of logits
         for i, comp in enumerate(comps):
-            stem_loss = _stem_loss(logits[i:i + 1], enc.prefix, enc.n_stem)
-            comp_loss = _completion_losses(logits[i:i + 1, p:], logits[i, p - 1], [comp])[0]
+            stem_loss = _stem_loss(logits[i, p - enc.n_stem - 1 - off:p - 1 - off], enc.stem)
+            comp_loss = _completion_losses(logits[i:i + 1, p - off:], logits[i, p - 1 - off], [comp])[0]
             scores.append(math.exp(-(stem_loss + comp_loss) / (enc.n_stem + len(comp))))
     return scores
 
