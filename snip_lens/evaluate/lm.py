@@ -43,7 +43,7 @@ class ResidualCache:
     tokens: Int[Tensor, "window pos"]
     """The evaluation windows this residual was computed from (the targets of the metrics)."""
     residual: Float[Tensor, "window pos d_model"]
-    """Residual stream entering block ``layer`` (``blocks.{layer}.hook_in``), float32 on the CPU."""
+    """Residual stream entering block ``layer`` (``blocks.{layer}.hook_in``), in the model's dtype, on the CPU."""
     model: str = ""
     """Name of the model it was computed with (checked when the cache is used)."""
 
@@ -129,7 +129,7 @@ def prefix_cache(model: Any, tokens: Int[Tensor, "window pos"], layer: int, *, b
                           disable=not progress):
             batch = tokens[start:start + batch_size].to(model.cfg.device)
             resid = model(batch, stop_at_layer=layer)  # (B, pos, d_model)
-            parts.append(resid.detach().float().cpu())
+            parts.append(resid.detach().cpu())
     return ResidualCache(layer=layer, tokens=tokens.cpu(), residual=torch.cat(parts), model=model_name(model))
 
 

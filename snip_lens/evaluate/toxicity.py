@@ -32,6 +32,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 from ..models import encode, prepends_bos
 from ._common import kv_cache_fix, masked
@@ -199,17 +200,17 @@ def generate_samples(model: Any, config: ToxicityConfig, *, mask: Any | None = N
     device = model.cfg.device
     texts: list[str] = []
     n_batches = -(-config.n // config.batch_size)
+    # A complete generation config, so that nothing is inherited from the model's own defaults.
+    gen = GenerationConfig(do_sample=True, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                           max_new_tokens=config.max_new_tokens, repetition_penalty=1.0, num_beams=1,
+                           pad_token_id=pad, eos_token_id=tok.eos_token_id, use_cache=True)
     with masked(model, mask), kv_cache_fix(model), torch.no_grad():
         for b in tqdm(range(n_batches), desc="toxicity generations", disable=not progress):
             size = min(config.batch_size, config.n - b * config.batch_size)
             prompt = torch.tensor([ids] * size, device=device)  # (size, P): identical rows, no padding
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed + b)
-                out = hf.generate(
-                    input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
-                    temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                    max_new_tokens=config.max_new_tokens, pad_token_id=pad, use_cache=True,
-                )
+                out = hf.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=gen)
             texts += tok.batch_decode(out[:, len(ids):], skip_special_tokens=True)
     return texts
 
