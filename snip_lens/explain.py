@@ -19,6 +19,7 @@ neuron-explainer JSONL, DeepDecipher's ``neuron_explainer`` pages, and Neuronped
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import keyword
@@ -107,49 +108,69 @@ FEW_SHOT_EXAMPLES: list[tuple[list[ActivationRecord], str]] = [
 
 def max_activation_of(records: Sequence[ActivationRecord]) -> float:
     """Largest ReLU'd activation over ``records`` (negative values count as resting, as in OpenAI's code)."""
-    return max((max(max(a, 0.0) for a in r.activations) for r in records if r.activations), default=0.0)
+    return max(0.0, max((max(r.activations) for r in records if r.activations), default=0.0))
 
 
 def scale_activations(activations: Sequence[float], max_activation: float) -> list[int]:
     """Raw activations to integers in [0, 10]: ``min(10, floor(10 * relu(a) / max_activation))``."""
     if max_activation <= 0:
         return [0 for _ in activations]
-    return [min(10, math.floor(10 * max(a, 0.0) / max_activation)) for a in activations]
+    # int() is floor for the positive values; the arithmetic is OpenAI's, so boundaries round alike.
+    return [min(10, int(10 * a / max_activation)) if a > 0 else 0 for a in activations]
 
 
 def _token_text(token: str) -> str:
     # A raw newline or tab inside a token would break the token<tab>activation line format.
-    return token.replace("\n", "\\n").replace("\t", "\\t")
+    if "\n" in token or "\t" in token:
+        return token.replace("\n", "\\n").replace("\t", "\\t")
+    return token
+
+
+def _format_scaled(records: Sequence[ActivationRecord], scaled: Sequence[list[int]], omit_zeros: bool) -> str:
+    blocks = []
+    for r, sc in zip(records, scaled):
+        if omit_zeros:
+            blocks.append("\n".join([f"{_token_text(t)}\t{a}" for t, a in zip(r.tokens, sc) if a]))
+        else:
+            blocks.append("\n".join([f"{_token_text(t)}\t{a}" for t, a in zip(r.tokens, sc)]))
+    return "\n<start>\n" + "\n<end>\n<start>\n".join(blocks) + "\n<end>\n"
 
 
 def format_activation_records(records: Sequence[ActivationRecord], max_activation: float, *,
                               omit_zeros: bool = False) -> str:
     """``<start>``/``<end>`` blocks of ``token<tab>activation`` lines (OpenAI ``format_activation_records``)."""
-    blocks = []
-    for r in records:
-        scaled = scale_activations(r.activations, max_activation)
-        pairs = [(t, a) for t, a in zip(r.tokens, scaled) if a > 0 or not omit_zeros]
-        blocks.append("\n".join(f"{_token_text(t)}\t{a}" for t, a in pairs))
-    return "\n<start>\n" + "\n<end>\n<start>\n".join(blocks) + "\n<end>\n"
+    return _format_scaled(records, [scale_activations(r.activations, max_activation) for r in records],
+                          omit_zeros)
+
+
+def _nonzero_share(scaled: Sequence[list[int]]) -> float:
+    total = sum(len(sc) for sc in scaled)
+    return sum(len(sc) - sc.count(0) for sc in scaled) / total if total else 0.0
 
 
 def non_zero_proportion(records: Sequence[ActivationRecord], max_activation: float) -> float:
     """Share of tokens whose scaled activation is non-zero."""
-    total = sum(len(r.activations) for r in records)
-    if total == 0:
-        return 0.0
-    nz = sum(sum(1 for a in scale_activations(r.activations, max_activation) if a) for r in records)
-    return nz / total
+    return _nonzero_share([scale_activations(r.activations, max_activation) for r in records])
 
 
 def _neuron_block(records: Sequence[ActivationRecord], number: int, mx: float | None = None) -> str:
     # OpenAI's _add_per_neuron_explanation_prompt rescales each neuron by its own records' max.
     mx = max_activation_of(records) if mx is None else mx
-    text = f"\n\nNeuron {number}\nActivations:{format_activation_records(records, mx)}"
-    if non_zero_proportion(records, mx) < REPEAT_NONZERO_BELOW:
-        text += ("\nSame activations, but with all zeros filtered out:"
-                 f"{format_activation_records(records, mx, omit_zeros=True)}")
+    scaled = [scale_activations(r.activations, mx) for r in records]  # once, for all three uses
+    text = f"\n\nNeuron {number}\nActivations:{_format_scaled(records, scaled, False)}"
+    if _nonzero_share(scaled) < REPEAT_NONZERO_BELOW:
+        text += f"\nSame activations, but with all zeros filtered out:{_format_scaled(records, scaled, True)}"
     return text + f"\nExplanation of neuron {number} behavior: {EXPLANATION_PREFIX}"
+
+
+@functools.lru_cache(maxsize=2)
+def _prompt_head(few_shot: bool) -> tuple[dict, ...]:
+    """System message and (optionally) the few-shot turns: the same for every neuron, so built once."""
+    messages: list[dict] = [{"role": "system", "content": SYSTEM_PROMPT}]
+    for i, (ex_records, explanation) in enumerate(FEW_SHOT_EXAMPLES if few_shot else []):
+        messages.append({"role": "user", "content": _neuron_block(ex_records, i + 1)})
+        messages.append({"role": "assistant", "content": f" {explanation}."})
+    return tuple(messages)
 
 
 def build_explanation_prompt(records: NeuronRecords | Sequence[ActivationRecord], *,
@@ -169,11 +190,8 @@ def build_explanation_prompt(records: NeuronRecords | Sequence[ActivationRecord]
         name = f" for neuron {records.neuron}" if isinstance(records, NeuronRecords) else ""
         raise ValueError(f"no activation records{name}: an explanation prompt needs at least one non-empty "
                          "top-activating window (collect activations first)")
-    messages: list[dict] = [{"role": "system", "content": SYSTEM_PROMPT}]
+    messages = [dict(m) for m in _prompt_head(few_shot)]  # copies: callers may edit their messages
     examples = FEW_SHOT_EXAMPLES if few_shot else []
-    for i, (ex_records, explanation) in enumerate(examples):
-        messages.append({"role": "user", "content": _neuron_block(ex_records, i + 1)})
-        messages.append({"role": "assistant", "content": f" {explanation}."})
     # An explicit max_activation replaces the records' own maximum (a scale shared across calls).
     mx = None if max_activation is None else float(max_activation)
     text = _neuron_block(recs, len(examples) + 1, mx)
@@ -205,9 +223,11 @@ def parse_explanation(answer: str | None, *, max_chars: int = 300) -> str:
         raise ValueError(f"answer too long ({len(text)} > {max_chars} characters): {text[:80]!r}...")
     if any(m in answer for m in _GARBAGE_MARKERS):
         raise ValueError(f"answer echoes activation records instead of explaining: {answer[:80]!r}")
-    words = re.findall(r"[A-Za-z]{2,}", text)
-    letters = sum(c.isalpha() for c in text)
-    if not words or letters < 0.5 * len(text.replace(" ", "")):
+    # Quoted examples may be symbols ("the token '===' in headings"); the rest must read as words.
+    prose = re.sub(r"'[^']*'|\"[^\"]*\"", "", text)
+    words = re.findall(r"[A-Za-z]{2,}", prose)
+    letters = sum(c.isalpha() for c in prose)
+    if not words or letters < 0.5 * len(prose.replace(" ", "")):
         raise ValueError(f"answer is not a sentence: {text[:80]!r}")
     if len(set(text.replace(" ", ""))) < 3:
         raise ValueError(f"answer is a repeated character: {text[:80]!r}")
@@ -357,29 +377,30 @@ _STOPWORDS = frozenset(
     "the of and to a in is that for it as was with be by on not this are or an from at which but have has "
     "its can if will their they there been were these more when than other such only also into may what "
     "would some any all one so no he she we you his her our them then those each must should".split())
-_CODE_PATTERNS = {
-    "def": re.compile(r"\bdef\s+\w+\s*\("),
-    "class": re.compile(r"\bclass\s+\w+"),
-    "import": re.compile(r"^\s*(?:from\s+[\w.]+\s+)?import\s+\w", re.M),
-    "self": re.compile(r"\bself\."),
-    "return": re.compile(r"\breturn\b"),
-    "control": re.compile(r"^\s*(?:if|elif|else|for|while|try|except|with)\b.*:\s*$", re.M),
-    "comment": re.compile(r"(?:^|\s)#\s"),
-    "string": re.compile(r"(?:\"\"\"|'''|[rbf]?\"[^\"\n]*\"|[rbf]?'[^'\n]*')"),
-    "call": re.compile(r"\w\(.*?\)"),
-    "assign": re.compile(r"\w\s*=\s*[^=]"),
-    "indent": re.compile(r"\n(?: {4}|\t)+\S"),
-    "underscore": re.compile(r"\b\w+_\w+\b"),
-    "dotted": re.compile(r"\b[a-z_]\w*\.[a-z_]\w*"),
-    "brackets": re.compile(r"[()\[\]{}]"),
-    "none": re.compile(r"\b(?:None|True|False)\b"),
-}
+_CONTROL = re.compile(r"^\s*(?:if|elif|else|for|while|try|except|with)\b[^\n]*:[ \t]*$", re.M)
+_INDENT = re.compile(r"\n(?: {4}|\t)+\S")
+
+
+def _code_signals(text: str) -> dict[str, int]:
+    """Counts of Python-source signals in ``text`` (C-speed substring counts where a literal suffices)."""
+    c = text.count
+    return {
+        "def": c("def "), "class": c("class "), "import": c("import "), "self": c("self."),
+        "return": c("return"), "control": len(_CONTROL.findall(text)), "comment": c("# "),
+        "string": (c('"') + c("'")) // 2, "call": c("("), "assign": c(" = ") + c("=="),
+        "indent": len(_INDENT.findall(text)), "underscore": c("_"), "dotted": c(".") - c(". "),
+        "brackets": c("(") + c(")") + c("[") + c("]") + c("{") + c("}"),
+        "none": c("None") + c("True") + c("False"),
+    }
+
+
 _CODE_TOPICS = [  # (signal, phrase), most specific first
     ("def", "function definitions"), ("class", "class definitions"), ("import", "import statements"),
     ("self", "attribute access on self in methods"), ("return", "return statements"),
     ("control", "control flow statements"), ("comment", "code comments"), ("string", "string literals"),
 ]
-_PROSE_SENTENCE = re.compile(r"\b[a-z]{3,}\b")
+_SYMBOL = re.compile(r"[^\w\s]")
+_WORDS = re.compile(r"[A-Za-z_]+")
 
 
 def _clean_token(token: str) -> str:
@@ -445,14 +466,14 @@ def _describe_tokens(tokens: list[str], code_like: bool) -> str:
 def _context_phrase(text: str, words: list[str]) -> tuple[str, bool]:
     """(phrase, code_like) characterising the windows around the top activations."""
     n_chars = max(len(text), 1)
-    hits = {k: len(p.findall(text)) for k, p in _CODE_PATTERNS.items()}
+    hits = _code_signals(text)
     code_score = (3 * (hits["def"] + hits["class"] + hits["import"] + hits["self"]) + 2 * hits["indent"]
                   + hits["return"] + hits["control"] + hits["assign"] + hits["underscore"] + hits["dotted"]
                   + hits["none"] + 0.5 * hits["brackets"] + hits["call"])
     n_words = max(len(words), 1)
     stop = sum(1 for w in words if w.lower() in _STOPWORDS)
-    prose_score = 10 * stop / n_words + len(_PROSE_SENTENCE.findall(text)) / n_words
-    digits = sum(c.isdigit() for c in text) / n_chars
+    prose_score = 10 * stop / n_words + sum(1 for w in words if len(w) > 2 and w.islower()) / n_words
+    digits = sum(text.count(d) for d in "0123456789") / n_chars
     code_density = code_score / max(n_words, 1)
     if code_density > 0.25 and code_density * 2 > stop / n_words:
         for sig, phrase in _CODE_TOPICS:
@@ -463,7 +484,7 @@ def _context_phrase(text: str, words: list[str]) -> tuple[str, bool]:
         return "numbers and numeric data", False
     if prose_score > 1.5:
         return "English prose", False
-    if sum(not c.isalnum() and not c.isspace() for c in text) / n_chars > 0.3:
+    if len(_SYMBOL.findall(text)) / n_chars > 0.3:
         return "punctuation and symbols", False
     return "mixed text", False
 
@@ -501,9 +522,9 @@ class HeuristicExplainer:
             peak_tokens[tok] += 1
             first_seen.setdefault(tok, len(first_seen))
             lo, hi = max(0, p - self.context), min(len(acts), p + self.context + 1)
-            pieces.append("".join(_clean_token(t) for t in r.tokens[lo:hi]))
-        text = "\n".join(pieces)
-        words = re.findall(r"[A-Za-z_]+", text)
+            pieces.append("".join(r.tokens[lo:hi]))
+        text = "\n".join(pieces).translate(_BPE_MARKERS)
+        words = _WORDS.findall(text)
         phrase, code_like = _context_phrase(text, words)
         # Most frequent first; ties broken by strength rank (records arrive strongest first).
         ranked = sorted(peak_tokens, key=lambda t: (-peak_tokens[t], first_seen[t]))[: self.n_tokens]

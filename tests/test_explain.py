@@ -121,6 +121,9 @@ def test_parse_follows_openai_rule():
     assert parse_explanation(" words related to cats.") == "words related to cats"
     assert parse_explanation("the main thing this neuron does is find verbs in the past tense.\n\nNeuron 5") == \
         "verbs in the past tense"
+    assert parse_explanation(" the token '====' in headings.") == "the token '====' in headings"
+    with pytest.raises(ValueError, match="not a sentence"):
+        parse_explanation(" '#### ???' !!")
 
 
 @pytest.mark.parametrize("garbage", list(GARBAGE_ANSWERS) + [None, "a a a a a a", ".", "...."])
