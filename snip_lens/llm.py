@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
+POOL_SIZE = 8
+"""Connections per HTTP pool; a client with higher concurrency spreads its requests over several pools."""
+
 DUMMY_API_KEY = "EMPTY"
 """Key sent to local servers that need none (``LLMConfig(api_key_env=None)``)."""
 
@@ -191,7 +194,8 @@ class OpenAIChatClient:
         self.__key = key  # name-mangled; never logged, never in repr
         self._rng = random.Random(seed)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: Any = None
+        self._clients: list[Any] = []
+        self._next = 0
         self._sem: asyncio.Semaphore | None = None
         self.n_requests = 0
         """Attempts sent so far (retries included)."""
@@ -203,20 +207,25 @@ class OpenAIChatClient:
         # asyncio primitives and httpx pools belong to one event loop; run_all() starts a fresh loop per
         # call, so rebuild them whenever the running loop changes.
         loop = asyncio.get_running_loop()
-        if self._loop is not loop or self._client is None or self._sem is None:
+        if self._loop is not loop or not self._clients or self._sem is None:
             import openai
 
-            self._client = openai.AsyncOpenAI(base_url=self.config.base_url, api_key=self.__key,
-                                              max_retries=0, timeout=self.config.timeout)
+            # httpcore scans every connection of a pool on each request and response, so one pool of 64
+            # connections costs O(64) per event; several small pools used in turn keep that scan short.
+            n_pools = -(-self.config.concurrency // POOL_SIZE)
+            self._clients = [openai.AsyncOpenAI(base_url=self.config.base_url, api_key=self.__key,
+                                                max_retries=0, timeout=self.config.timeout)
+                             for _ in range(n_pools)]
             self._sem = asyncio.Semaphore(self.config.concurrency)
             self._loop = loop
             _LIVE_CLIENTS.add(self)
-        return self._client, self._sem
+        self._next = (self._next + 1) % len(self._clients)
+        return self._clients[self._next], self._sem
 
     async def aclose(self) -> None:
         """Close the HTTP connections (``run_all`` does this for you at the end of its event loop)."""
-        client, self._client, self._loop, self._sem = self._client, None, None, None
-        if client is not None:
+        clients, self._clients, self._loop, self._sem = self._clients, [], None, None
+        for client in clients:
             await client.close()
 
     async def _with_retries(self, what: str, call: Callable[[Any], Awaitable[T]]) -> T:
