@@ -31,7 +31,7 @@ import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -647,9 +647,15 @@ def explain(records: Any, config: ExplainConfig, *, neurons: Sequence[NeuronId] 
                             "prompt_version": PROMPT_VERSION})
         return NeuronExplanation(rec.neuron, text, source=source)
 
+    from tqdm.auto import tqdm
+
     out: list[NeuronExplanation] = []
-    for chunk in _chunks(it, config.chunk_size):
-        out.extend(run_all(chunk, one, desc=f"explaining ({source})", progress=progress))
+    total = len(neurons) if neurons is not None else (len(records) if hasattr(records, "__len__") else None)
+    if total is None and hasattr(records, "n_neurons"):
+        total = int(records.n_neurons)
+    with tqdm(total=total, desc=f"explaining ({source})", disable=not progress) as bar:
+        for chunk in _chunks(it, config.chunk_size):
+            out.extend(run_all(chunk, one, bar=bar))
     n_fail = sum(not e.ok for e in out)
     if n_fail:
         logger.warning("%d of %d neurons could not be explained (recorded with error set; rerun to retry them)",

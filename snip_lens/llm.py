@@ -300,13 +300,15 @@ def _describe(exc: BaseException | None) -> str:
 
 
 def run_all(items: Iterable[Any], fn: Callable[[Any], Awaitable[R]] | None = None, *,
-            desc: str | None = None, progress: bool = True, return_exceptions: bool = False) -> list[Any]:
+            desc: str | None = None, progress: bool = True, return_exceptions: bool = False,
+            bar: Any = None) -> list[Any]:
     """Run many async calls from sync code, with a tqdm bar; results in input order.
 
     ``items`` are awaitables, or (with ``fn``) inputs passed to ``fn`` to make them. Concurrency is bounded
     by the clients themselves (their semaphores). With ``return_exceptions=True`` a failed call's
-    exception takes its place in the result list instead of cancelling the others. Works also when an
-    event loop is already running (e.g. in a notebook): the calls then run on a worker thread.
+    exception takes its place in the result list instead of cancelling the others. ``bar``: an open tqdm
+    bar to advance instead of a new one (for work split over several calls); it is left open. Works
+    also when an event loop is already running (e.g. in a notebook): the calls then run on a worker thread.
     """
     items = list(items)
 
@@ -315,7 +317,7 @@ def run_all(items: Iterable[Any], fn: Callable[[Any], Awaitable[R]] | None = Non
 
         aws = [fn(x) for x in items] if fn is not None else items
         results: list[Any] = [None] * len(aws)
-        bar = tqdm(total=len(aws), desc=desc, disable=not progress, leave=False)
+        pbar = bar if bar is not None else tqdm(total=len(aws), desc=desc, disable=not progress, leave=False)
 
         async def one(i: int, aw: Awaitable[Any]) -> None:
             try:
@@ -325,12 +327,13 @@ def run_all(items: Iterable[Any], fn: Callable[[Any], Awaitable[R]] | None = Non
                     raise
                 results[i] = exc
             finally:
-                bar.update(1)
+                pbar.update(1)
 
         try:
             await asyncio.gather(*(one(i, aw) for i, aw in enumerate(aws)))
         finally:
-            bar.close()
+            if bar is None:
+                pbar.close()
             await _close_clients_of_this_loop()
         return results
 

@@ -63,6 +63,7 @@ def test_golden_prompt_sparse_repeats_nonzero_tokens():
 
 def test_golden_prompt_with_original_few_shot_examples():
     msgs = build_explanation_prompt(dense_records())
+    assert len(FEW_SHOT_EXAMPLES) == 3
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user", "assistant",
                                          "user"]
     assert msgs[0]["content"] == SYSTEM
