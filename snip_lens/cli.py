@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explain(sub)
     _add_collect(sub)
     _add_evaluate(sub)
+    _add_export(sub)
     return p
 
 
@@ -485,6 +486,34 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--detoxify-checkpoint", help="local Detoxify .ckpt file (offline)")
     p.add_argument("--detoxify-config", help="local directory with bert-base-uncased config/tokenizer (offline)")
     p.set_defaults(func=_evaluate_toxicity_cmd)
+
+
+def _export_cmd(args: argparse.Namespace) -> int:
+    from .export import export_pruned
+    from .mask import NeuronMask
+    from .models import load_model
+
+    model = load_model(args.model)
+    mask = NeuronMask.load(args.mask, model=model)
+    report = export_pruned(model, mask, args.out, compact=args.compact, overwrite=args.overwrite)
+    print(f"wrote {report.out_dir}: {report.architecture}, {report.mode} mask of {report.n_masked} neurons, "
+          f"MLP width {report.d_mlp_before} -> {report.width}, parameters {report.params_before:,} -> "
+          f"{report.params_after:,}")
+    for note in report.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("export", help="write a pruned model as a plain Hugging Face model directory",
+                        description="Bake a saved NeuronMask into a copy of the model's weights and write a "
+                        "directory that transformers.AutoModelForCausalLM.from_pretrained loads as is.")
+    sp.add_argument("--model", required=True, help="smollm2-135m, gemma3-270m, a HF name or a local directory")
+    sp.add_argument("--mask", required=True, help="mask file written by NeuronMask.save (.safetensors)")
+    sp.add_argument("--out", required=True, help="output model directory")
+    sp.add_argument("--compact", action="store_true", help="remove pruned neurons (smaller MLPs)")
+    sp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    sp.set_defaults(func=_export_cmd)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,7 +90,8 @@ class NeuronMask:
     """Number of layers of that model; every neuron's layer is below it."""
     d_mlp: int = 0
     """Neurons per MLP of that model; every neuron's index is below it."""
-    _per_layer: dict[int, tuple[Tensor, Tensor | None]] | None = field(default=None, repr=False, compare=False)
+    _per_layer: dict[int, tuple[Tensor, Tensor | None]] | None = field(default=None, init=False, repr=False,
+                                                                    compare=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -111,15 +112,14 @@ class NeuronMask:
                     f"neuron {n} has index {n.index}, out of range for {self.model_name!r} whose MLPs have "
                     f"{self.d_mlp} neurons (valid: 0..{self.d_mlp - 1})"
                 )
-        if list(neurons) != sorted(set(neurons)):
-            seen: set[NeuronId] = set()
-            dups = sorted({n for n in neurons if n in seen or seen.add(n)})  # type: ignore[func-returns-value]
-            if dups:
-                raise ValueError(
-                    f"duplicate neurons in mask: {', '.join(map(str, dups[:10]))}"
-                    f"{' ...' if len(dups) > 10 else ''}; list each neuron once"
-                )
+        if list(neurons) != sorted(neurons):
             raise ValueError("NeuronMask.neurons must be sorted; build masks with NeuronMask.from_neurons")
+        dups = sorted({a for a, b in zip(neurons, neurons[1:]) if a == b})
+        if dups:
+            raise ValueError(
+                f"duplicate neurons in mask: {', '.join(map(str, dups[:10]))}{' ...' if len(dups) > 10 else ''}; "
+                "list each neuron once"
+            )
         self.neurons = neurons
         if self.mode == "zero":
             if self.values is not None:

@@ -135,3 +135,30 @@ def test_refuses_to_overwrite_and_checks_shape(tmp_path):
         export_pruned(other, mask, tmp_path / "other")
     with pytest.raises(TypeError, match=r"takes a NeuronMask, got list"):
         export_pruned(model, [(0, 1)], tmp_path / "x")  # type: ignore[arg-type]
+
+
+def test_cli_export(tmp_path, capsys):
+    from snip_lens.cli import main
+    from snip_lens.models import load_model
+    from snip_lens.testing import tiny_hf_model, tiny_tokenizer
+
+    src = tmp_path / "src"
+    tiny_hf_model("gpt2").save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    model = load_model(str(src))
+    mask = NeuronMask.from_neurons(model, [(l, i) for l in range(N_LAYERS) for i in range(0, D_MLP, 4)])
+    mask.save(tmp_path / "mask.safetensors")
+    argv = ["export", "--model", str(src), "--mask", str(tmp_path / "mask.safetensors"), "--out",
+            str(tmp_path / "out"), "--compact"]
+    assert main(argv) == 0
+    assert "MLP width 64 -> 48" in capsys.readouterr().out
+    tokens = to_tokens(model, TEXTS)
+    with torch.no_grad(), mask.applied(model):
+        want = model(tokens)
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(tokens).logits
+    assert _rel_err(got, want) < 1e-4
+    assert main(argv) == 2  # refuses to overwrite
+    assert "overwrite" in capsys.readouterr().err
+    assert main([*argv[:4], str(tmp_path / "missing.safetensors"), *argv[5:]]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
