@@ -1,7 +1,11 @@
 """snip_lens: interpretable machine unlearning (SNIP) for language models through TransformerLens."""
 
 from .collect import ActivationRecords, NeuronStats, collect
+from .concepts import (CONCEPTS_PROMPT_VERSION, build_concepts_prompt, distinctive_concepts, extract_concepts,
+                       parse_concepts)
 from .corpus import TokenWindows, load_corpus, load_texts, make_windows
+from .embed import CachedEmbedder, Embedder, LocalEmbedder, OpenAIEmbedder, get_embedder
+from .score import NeuronIndex, NeuronScores, max_cosine, max_cosine_reference, score_neurons
 from .evaluate import (CBTItem, ResidualCache, ToxicityConfig, build_cloze_items, cbt_accuracy, lm_metrics,
                        load_cbt, prefix_cache, toxicity_rate)
 from .explain import (ExplainConfig, HeuristicExplainer, LocalChatClient, build_explanation_prompt, explain,
@@ -18,5 +22,8 @@ __all__ = ["collect", "ActivationRecords", "NeuronStats", "TokenWindows", "load_
            "import_explanations", "load_explanations", "save_explanations", "ChatClient", "DiskCache", "LLMConfig",
            "LLMError", "OpenAIChatClient", "run_all",
            "lm_metrics", "prefix_cache", "ResidualCache", "CBTItem", "load_cbt", "build_cloze_items", "cbt_accuracy",
-           "ToxicityConfig", "toxicity_rate"]
+           "ToxicityConfig", "toxicity_rate",
+           "CONCEPTS_PROMPT_VERSION", "build_concepts_prompt", "parse_concepts", "extract_concepts",
+           "distinctive_concepts", "Embedder", "LocalEmbedder", "OpenAIEmbedder", "CachedEmbedder", "get_embedder",
+           "NeuronScores", "NeuronIndex", "score_neurons", "max_cosine", "max_cosine_reference"]
 __version__ = "0.1.0"

