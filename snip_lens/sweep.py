@@ -358,7 +358,8 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
 
         # -- step 3: embed and score -------------------------------------------------------------------
         t = time.perf_counter()
-        embedder = get_embedder(config.embedder, cache_dir=out / "cache" / "embed")
+        embedder = get_embedder(config.embedder, cache_dir=out / "cache" / "embed", base_url=config.base_url,
+                                api_key_env=config.api_key_env, progress=progress)
         scores["snip"] = score_neurons(explanations, concepts, embedder, n_layers=n_layers, d_mlp=d_mlp)
         timings["score"] = time.perf_counter() - t
 
