@@ -295,7 +295,7 @@ class NeuronMask:
         table = self._layer_table()
         if layer not in table:
             raise ValueError(f"this mask touches no neuron of layer {layer}; its layers are {self.layers}")
-        return _make_hook(self.mode, *table[layer])
+        return _make_hook(self.mode, *table[layer], self.d_mlp)
 
     def attach(self, model: Any) -> "MaskHandle":
         """Apply the mask until ``handle.remove()``; one permanent forward hook per touched layer."""
@@ -405,38 +405,42 @@ class NeuronMask:
                 f"model={self.model_name!r} {self.n_layers}x{self.d_mlp})")
 
 
-def _make_hook(mode: str, idx: Tensor, vals: Tensor | None) -> Any:
-    """One hook for one layer; tensors are moved to the activation's device/dtype once, then reused.
+def _make_hook(mode: str, idx: Tensor, vals: Tensor | None, width: int) -> Any:
+    """One hook for one layer: a single full-width elementwise op on precomputed (d_mlp,) vectors.
 
-    The hook returns a new tensor (no in-place edit): a cache hook registered before ours may hold a
-    reference to the activation it received, and autograd may need it.
+    Full-width ``act * keep`` (+ ``fill``) is several times faster than gathering and scattering the masked
+    columns, and it returns a new tensor (no in-place edit: a cache hook registered before ours may hold
+    the activation it received, and autograd may need it). The vectors are moved to the activation's
+    device and dtype once, then reused.
     """
-    cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor | None]] = {}
+    keep = torch.ones(width)  # (d_mlp,) 1 for untouched neurons
+    fill = torch.zeros(width)  # (d_mlp,) value of replaced neurons (mean mode)
+    if mode == "zero":
+        keep[idx] = 0.0
+    elif mode == "scale":
+        assert vals is not None
+        keep[idx] = vals
+    else:
+        assert vals is not None
+        keep[idx] = 0.0
+        fill[idx] = vals
+    cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
-    def prepared(act: Tensor) -> tuple[Tensor, Tensor | None]:
+    def prepared(act: Tensor) -> tuple[Tensor, Tensor]:
         key = (act.device, act.dtype)
         if key not in cache:
-            cache[key] = (idx.to(act.device), None if vals is None else vals.to(act.device, act.dtype))
+            cache[key] = (keep.to(act.device, act.dtype), fill.to(act.device, act.dtype))
         return cache[key]
 
-    if mode == "zero":
-        def zero_hook(act: Float[Tensor, "batch pos d_mlp"], hook: Any) -> Tensor:
-            i, _ = prepared(act)
-            return act.index_fill(-1, i, 0.0)
-        return zero_hook
     if mode == "mean":
         def mean_hook(act: Float[Tensor, "batch pos d_mlp"], hook: Any) -> Tensor:
-            i, v = prepared(act)
-            out = act.clone()
-            out[..., i] = v  # broadcast over batch and pos
-            return out
+            k, f = prepared(act)
+            return torch.addcmul(f, act, k)  # f + act * k
         return mean_hook
 
     def scale_hook(act: Float[Tensor, "batch pos d_mlp"], hook: Any) -> Tensor:
-        i, v = prepared(act)
-        out = act.clone()
-        out[..., i] = act[..., i] * v
-        return out
+        k, _ = prepared(act)
+        return act * k  # zero mode: factor 0, the same as zeroing the neuron's output weights
     return scale_hook
 
 
