@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from . import models
 from .corpus import TokenWindows
-from .kernels.topk import NO_INDEX, merge_topk, topk_desc
+from .kernels.topk import NO_INDEX, update_topk
 from .types import ActivationRecord, NeuronId, NeuronRecords
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,11 @@ CHECKPOINT = "checkpoint.safetensors"
 TENSORS_FILE = "activations.safetensors"
 META_FILE = "records.json"
 FORMAT_VERSION = 1
+STATS_CHUNK = 128
+"""Token rows per cache-sized chunk of the statistics pass."""
+HOOK_THREADS = 1
+"""Threads for the per-batch reductions inside the hooks (the forward pass keeps its own setting)."""
+"""Token rows per cache-sized chunk of the statistics pass."""
 
 
 # ---- config -----------------------------------------------------------------------------------------
@@ -346,11 +351,17 @@ class _State:
     def __init__(self, cfg: CollectConfig, d_mlp: int, corpora: list[str]):
         L, N, k, C, R = len(cfg.layers), d_mlp, cfg.top_k, cfg.context_len, cfg.n_candidates
         self.cfg, self.N = cfg, N
+        self._buf: Tensor | None = None
+        self._mask: Tensor | None = None
         self.t: dict[str, Tensor] = {
             "top_v": torch.full((L, k, N), -math.inf), "top_i": torch.full((L, k, N), NO_INDEX),
-            "top_ctx": torch.full((L, k, C, N), math.nan),
+            "top_ctx": torch.full((L, k, N, C), math.nan),
             "rnd_key": torch.full((L, R, N), -math.inf), "rnd_i": torch.full((L, R, N), NO_INDEX),
-            "rnd_v": torch.full((L, R, N), math.nan), "rnd_ctx": torch.full((L, R, C, N), math.nan),
+            "rnd_v": torch.full((L, R, N), math.nan), "rnd_ctx": torch.full((L, R, N, C), math.nan),
+            # Payloads (context, value) stay in storage slots; *_slot maps each rank to its slot, so a new
+            # entry writes only its own slot instead of shifting every payload of its column.
+            "top_slot": torch.arange(k).view(1, k, 1).expand(L, k, N).clone(),
+            "rnd_slot": torch.arange(R).view(1, R, 1).expand(L, R, N).clone(),
         }
         for ci in range(len(corpora)):
             self.t.update({
@@ -364,58 +375,93 @@ class _State:
 
     # -- per-batch work, called from the hook of layer row `li` --
 
+    def _buffers(self, shape: torch.Size) -> tuple[Tensor, Tensor]:
+        # Reused scratch space: a fresh 6 MB temporary per reduction costs page faults on every batch.
+        if self._buf is None or self._buf.shape != shape:
+            self._buf = torch.empty(shape)
+            self._mask = torch.empty(shape, dtype=torch.bool)
+        assert self._mask is not None
+        return self._buf, self._mask
+
     def update_stats(self, ci: int, li: int, x: Float[Tensor, "tok neuron"]) -> None:
+        # Shifted sums: centring on the running mean (the first token for the first batch) keeps the float32
+        # batch sums free of cancellation; batches are then merged in float64 (Chan et al.).
         t, m = self.t, x.shape[0]
-        var_b, mean_b = torch.var_mean(x, dim=0, correction=0)
-        mean_b, var_b = mean_b.double(), var_b.double()
+        buf, mask = self._buffers(x.shape)
         n_a = float(t[f"s{ci}.n"][li])
+        shift = (t[f"s{ci}.mean"][li] if n_a else x[0].double()).float()
+        s1 = torch.zeros(self.N, dtype=torch.float64)
+        s2, sum_abs, n_pos = s1.clone(), s1.clone(), s1.clone()
+        # Row chunks that stay in cache: each statistic is a pass over the chunk, not over the batch.
+        for c in range(0, m, STATS_CHUNK):
+            xc, bc, mc = x[c:c + STATS_CHUNK], buf[c:c + STATS_CHUNK], mask[c:c + STATS_CHUNK]
+            torch.sub(xc, shift, out=bc)  # (chunk, neuron) centred
+            s1 += bc.sum(0)
+            bc.square_()
+            s2 += bc.sum(0)
+            torch.abs(xc, out=bc)
+            sum_abs += bc.sum(0)
+            torch.gt(xc, 0, out=mc)
+            n_pos += mc.sum(0)
+        mean_b = shift.double() + s1 / m
+        m2_b = (s2 - s1 * s1 / m).clamp(min=0)
         n_t = n_a + m
         delta = mean_b - t[f"s{ci}.mean"][li]
         t[f"s{ci}.mean"][li] += delta * (m / n_t)
-        t[f"s{ci}.m2"][li] += var_b * m + delta.square() * (n_a * m / n_t)
+        t[f"s{ci}.m2"][li] += m2_b + delta.square() * (n_a * m / n_t)
         t[f"s{ci}.n"][li] = n_t
-        t[f"s{ci}.sum_abs"][li] += x.abs().sum(0, dtype=torch.float64)
-        t[f"s{ci}.n_pos"][li] += (x > 0).sum(0).double()
+        t[f"s{ci}.sum_abs"][li] += sum_abs
+        t[f"s{ci}.n_pos"][li] += n_pos
         torch.maximum(t[f"s{ci}.max"][li], x.amax(0).double(), out=t[f"s{ci}.max"][li])
 
     def _context(self, x: Tensor, rows: Tensor, cols: Tensor, n_pos: int) -> Tensor:
-        """Activations around token ``rows`` of neurons ``cols``: (slot, ctx, col), NaN outside the window."""
+        """Activations of neuron ``cols[e]`` around token ``rows[e]``: (entry, ctx), NaN outside the window."""
         before, after = self.cfg.context
-        rows = rows.clamp(0, x.shape[0] - 1)
-        b, p = rows // n_pos, rows % n_pos  # (slot, col)
-        q = p.unsqueeze(1) + torch.arange(-before, after + 1).view(1, -1, 1)  # (slot, ctx, col)
-        valid = (q >= 0) & (q < n_pos)
-        flat = (b.unsqueeze(1) * n_pos + q.clamp(0, n_pos - 1)) * self.N + cols.view(1, 1, -1)
-        return torch.where(valid, torch.take(x, flat), math.nan)
+        xw = x.view(-1, n_pos, self.N)  # (window, pos, neuron)
+        padded = torch.nn.functional.pad(xw, (0, 0, before, after), value=math.nan)  # (window, pos+ctx-1, neuron)
+        windows = padded.unfold(1, before + 1 + after, 1)  # (window, pos, neuron, ctx), a view
+        return windows[rows // n_pos, rows % n_pos, cols]
 
-    def _merge(self, li: int, names: tuple[str, str, str | None, str], x: Tensor, new_key: Tensor,
-               new_idx: Tensor, new_val: Tensor | None, base: int, n_pos: int, size: int) -> None:
-        key_n, idx_n, val_n, ctx_n = names
+    def _apply(self, li: int, names: tuple[str, str, str, str | None, str], new_key: Tensor, new_idx: Tensor,
+               x: Tensor, base: int, n_pos: int) -> None:
+        """Store a merged top list; entries new from this batch take the slots of the evicted ones."""
+        key_n, idx_n, slot_n, val_n, ctx_n = names
         t = self.t
-        key, idx, src = merge_topk(t[key_n][li], t[idx_n][li], new_key, new_idx, size)
-        if val_n is not None:
-            t[val_n][li] = torch.gather(torch.cat([t[val_n][li], new_val], 0), 0, src)
-        from_batch = src >= size  # (slot, neuron)
-        cols = from_batch.any(0).nonzero().squeeze(1)
+        size = new_idx.shape[0]
+        fresh_mask = (new_idx >= base) & (new_idx != NO_INDEX)  # (rank, neuron) entries from this batch
+        cols = fresh_mask.any(0).nonzero().squeeze(1)
         if cols.numel():
-            fb = from_batch[:, cols]
-            old = t[ctx_n][li][:, :, cols]  # (slot, ctx, col)
-            kept = torch.gather(old, 0, src[:, cols].clamp(max=size - 1).unsqueeze(1).expand_as(old))
-            fresh = self._context(x, idx[:, cols] - base, cols, n_pos)
-            t[ctx_n][li][:, :, cols] = torch.where(fb.unsqueeze(1), fresh, kept)
-        t[key_n][li] = key
-        t[idx_n][li] = idx
+            fb = fresh_mask[:, cols]  # (rank, col)
+            slots = t[slot_n][li][:, cols]  # (rank, col) slot of each old rank
+            # Kept entries are the old list's first ones, in order; the fresh ones reuse the freed slots.
+            kept_rank = (torch.cumsum((~fb).long(), 0) - 1).clamp(min=0)
+            n_new = fb.sum(0, keepdim=True)
+            freed_rank = (size - n_new + torch.cumsum(fb.long(), 0) - 1).clamp(0, size - 1)
+            new_slots = torch.where(fb, torch.gather(slots, 0, freed_rank), torch.gather(slots, 0, kept_rank))
+            t[slot_n][li][:, cols] = new_slots
+            r, c = fb.nonzero(as_tuple=True)  # fresh entries: (rank, position in cols)
+            col = cols[c]
+            rows = new_idx[r, col] - base  # token row in x
+            slot = new_slots[r, c]
+            t[ctx_n][li][slot, col] = self._context(x, rows, col, n_pos)  # (entry, ctx)
+            if val_n is not None:
+                t[val_n][li][slot, col] = x[rows, col]
+        t[key_n][li] = new_key
+        t[idx_n][li] = new_idx
 
     def update_records(self, li: int, x: Float[Tensor, "tok neuron"], base: int, n_pos: int,
                        rand_rows: Tensor | None, rand_keys: Tensor | None) -> None:
-        k = self.cfg.top_k
-        bv, bi = topk_desc(x, k)
-        self._merge(li, ("top_v", "top_i", None, "top_ctx"), x, bv, bi + base, None, base, n_pos, k)
+        t = self.t
+        old_i = t["top_i"][li]
+        _, mask = self._buffers(x.shape)
+        v, i = update_topk(t["top_v"][li], old_i, x, torch.arange(base, base + x.shape[0]), mask_out=mask)
+        if i is not old_i:  # update_topk hands back its input when nothing changed
+            self._apply(li, ("top_v", "top_i", "top_slot", None, "top_ctx"), v, i, x, base, n_pos)
         if rand_rows is not None and rand_keys is not None:
-            cand_v = x[rand_rows]  # (cand, neuron)
-            cand_i = (rand_rows + base).unsqueeze(1).expand_as(cand_v)
-            self._merge(li, ("rnd_key", "rnd_i", "rnd_v", "rnd_ctx"), x, rand_keys[li], cand_i, cand_v,
-                        base, n_pos, self.cfg.n_candidates)
+            old_ri = t["rnd_i"][li]
+            kv, ki = update_topk(t["rnd_key"][li], old_ri, rand_keys[li], rand_rows + base)
+            if ki is not old_ri:
+                self._apply(li, ("rnd_key", "rnd_i", "rnd_slot", "rnd_v", "rnd_ctx"), kv, ki, x, base, n_pos)
 
     # -- results --
 
@@ -436,7 +482,7 @@ def _random_candidates(cfg: CollectConfig, first_window: int, n_windows: int, n_
     s = min(SAMPLES_PER_WINDOW, n_pos)
     for b in range(n_windows):
         g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + first_window + b) % (2**63))
-        rows.append(torch.randperm(n_pos, generator=g)[:s] + b * n_pos)
+        rows.append(torch.sort(torch.randperm(n_pos, generator=g)[:s]).values + b * n_pos)
         keys.append(torch.rand(n_layers, s, d_mlp, generator=g))
     return torch.cat(rows), torch.cat(keys, dim=1)  # (cand,), (layer, cand, neuron)
 
@@ -547,10 +593,17 @@ def collect(model: Any, corpus: TokenWindows | dict[str, TokenWindows], *, layer
         def hook(act: Tensor, hook: Any) -> None:
             x = act.detach().reshape(-1, d_mlp).float().contiguous()  # (batch*pos, neuron)
             ci = batch_ctx["ci"]
-            state.update_stats(ci, li, x)
-            if ci == rec_ci:
-                state.update_records(li, x, batch_ctx["base"], batch_ctx["n_pos"], batch_ctx["rand_rows"],
-                                     batch_ctx["rand_keys"])
+            # The reductions here are memory-bound passes of a few ms; splitting them over OpenMP threads
+            # gains little and, when another process holds a core, stalls each pass waiting for it.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(HOOK_THREADS)
+            try:
+                state.update_stats(ci, li, x)
+                if ci == rec_ci:
+                    state.update_records(li, x, batch_ctx["base"], batch_ctx["n_pos"], batch_ctx["rand_rows"],
+                                         batch_ctx["rand_keys"])
+            finally:
+                torch.set_num_threads(threads)
             if layer == last:
                 raise _StopForward
             return None
@@ -648,12 +701,16 @@ def _load_checkpoint(path: Path, chash: str, state: _State) -> tuple[int, int]:
 
 def _finalise(state: _State, cfg: CollectConfig, mname: str, d_mlp: int, names: list[str], rec_ci: int,
               rec: TokenWindows, chash: str, model: Any) -> ActivationRecords:
-    t, n_pos = state.t, rec.n_ctx
+    t, n_pos = dict(state.t), rec.n_ctx
+    C = cfg.context_len
+    # Payloads from storage slots into rank order.
+    t["top_ctx"] = torch.gather(t["top_ctx"], 1, t["top_slot"].unsqueeze(3).expand(-1, -1, -1, C))  # (L,k,N,C)
+    t["rnd_ctx"] = torch.gather(t["rnd_ctx"], 1, t["rnd_slot"].unsqueeze(3).expand(-1, -1, -1, C))
+    t["rnd_v"] = torch.gather(t["rnd_v"], 1, t["rnd_slot"])
     top_i = t["top_i"]  # (layer, k, neuron)
     top_window = (top_i // n_pos).permute(0, 2, 1).contiguous()
     top_pos = (top_i % n_pos).permute(0, 2, 1).contiguous()
     L, R = len(cfg.layers), cfg.n_random
-    C = cfg.context_len
     if R:
         ri = t["rnd_i"]  # (layer, cand, neuron), ordered by key
         excluded = (ri.unsqueeze(2) == top_i.unsqueeze(1)).any(2) | (ri == NO_INDEX)  # (layer, cand, neuron)
@@ -661,21 +718,21 @@ def _finalise(state: _State, cfg: CollectConfig, mname: str, d_mlp: int, names: 
         keep = ~torch.gather(excluded, 1, order)
         sel_i = torch.gather(ri, 1, order)
         r_val = torch.where(keep, torch.gather(t["rnd_v"], 1, order), math.nan)
-        r_ctx = torch.gather(t["rnd_ctx"], 1, order.unsqueeze(2).expand(-1, -1, C, -1))
-        r_ctx = torch.where(keep.unsqueeze(2), r_ctx, math.nan)
+        r_ctx = torch.gather(t["rnd_ctx"], 1, order.unsqueeze(3).expand(-1, -1, -1, C))  # (L, r, N, C)
+        r_ctx = torch.where(keep.unsqueeze(3), r_ctx, math.nan)
         r_win = torch.where(keep, sel_i // n_pos, -1)
         r_pos = torch.where(keep, sel_i % n_pos, -1)
     else:
         r_val = torch.zeros(L, 0, d_mlp)
-        r_ctx = torch.zeros(L, 0, C, d_mlp)
+        r_ctx = torch.zeros(L, 0, d_mlp, C)
         r_win = r_pos = torch.zeros(L, 0, d_mlp, dtype=torch.long)
     windows = rec.tokens.to(torch.int32).contiguous()
     return ActivationRecords(
         model_name=mname, layers=list(cfg.layers), d_mlp=d_mlp, top_k=cfg.top_k, context=cfg.context,
         records_corpus=names[rec_ci],
         top_values=t["top_v"].permute(0, 2, 1).contiguous(), top_window=top_window, top_pos=top_pos,
-        top_context=t["top_ctx"].permute(0, 3, 1, 2).contiguous(),
+        top_context=t["top_ctx"].permute(0, 2, 1, 3).contiguous(),
         random_values=r_val.permute(0, 2, 1).contiguous(), random_window=r_win.permute(0, 2, 1).contiguous(),
-        random_pos=r_pos.permute(0, 2, 1).contiguous(), random_context=r_ctx.permute(0, 3, 1, 2).contiguous(),
+        random_pos=r_pos.permute(0, 2, 1).contiguous(), random_context=r_ctx.permute(0, 2, 1, 3).contiguous(),
         windows=windows, vocab=_token_vocab(model, windows), stats={n: state.stats(i) for i, n in enumerate(names)},
         config_hash=chash, n_layers=models.n_layers(model))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from snip_lens.kernels.topk import (NO_INDEX, merge_topk, merge_topk_reference, topk_desc,
-                                    topk_desc_reference)
+                                    topk_desc_reference, update_topk)
 
 
 @pytest.mark.parametrize("rows,cols,k", [(50, 7, 5), (5, 3, 5), (3, 4, 6), (200, 16, 20), (1, 2, 1)])
@@ -63,3 +63,37 @@ def test_incremental_merge_equals_one_global_topk():
 def test_bad_k_raises():
     with pytest.raises(ValueError, match="k >= 1"):
         topk_desc(torch.zeros(3, 2), 0)
+
+
+@pytest.mark.parametrize("max_sparse", [0.0, 0.125, 1.0])
+@pytest.mark.parametrize("levels", [None, 4])
+def test_update_topk_equals_reference_stream(levels, max_sparse):
+    """Streaming update_topk over batches equals one reference top-k of all rows (sparse and dense paths)."""
+    g = torch.Generator().manual_seed(7 + (levels or 0))
+    rows, cols, k = 300, 17, 6
+    x = torch.randn(rows, cols, generator=g) if levels is None else torch.randint(
+        0, levels, (rows, cols), generator=g).float()
+    x[:, 3] = 0.0  # a column of ties
+    vals = torch.full((k, cols), -float("inf"))
+    idx = torch.full((k, cols), NO_INDEX)
+    for start, size in [(0, 2), (2, 40), (42, 8), (50, 1), (51, 100), (151, 149)]:
+        # Indices need only be ascending and later than all earlier ones: leave gaps between batches.
+        row_index = torch.arange(size) * 3 + 1000 * start
+        vals, idx = update_topk(vals, idx, x[start:start + size], row_index, max_sparse=max_sparse)
+    ref_v, ref_i = topk_desc_reference(x, k)
+    starts = [0, 2, 42, 50, 51, 151]
+    sizes = [2, 40, 8, 1, 100, 149]
+    mapping = torch.cat([torch.arange(n) * 3 + 1000 * s for s, n in zip(starts, sizes)])
+    assert torch.equal(vals, ref_v)
+    assert torch.equal(idx, mapping[ref_i])
+
+
+def test_update_topk_does_not_modify_inputs_and_handles_empty_batches():
+    x = torch.randn(30, 5, generator=torch.Generator().manual_seed(9))
+    v, i = update_topk(torch.full((3, 5), -float("inf")), torch.full((3, 5), NO_INDEX), x[:20], torch.arange(20))
+    v0, i0 = v.clone(), i.clone()
+    v2, i2 = update_topk(v, i, x[20:], torch.arange(20, 30))
+    assert torch.equal(v, v0) and torch.equal(i, i0)
+    assert update_topk(v2, i2, x[:0], torch.arange(0))[0] is v2
+    ref_v, ref_i = topk_desc_reference(x, 3)
+    assert torch.equal(v2, ref_v) and torch.equal(i2, ref_i)
