@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import re
 import tempfile
 import threading
 import weakref
@@ -36,6 +37,7 @@ POOL_SIZE = 8
 """Connections per HTTP pool; a client with higher concurrency spreads its requests over several pools."""
 
 DUMMY_API_KEY = "EMPTY"
+_KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_\-*]{6,}")
 """Key sent to local servers that need none (``LLMConfig(api_key_env=None)``)."""
 
 
@@ -222,6 +224,12 @@ class OpenAIChatClient:
         self._next = (self._next + 1) % len(self._clients)
         return self._clients[self._next], self._sem
 
+    def _scrub(self, text: str) -> str:
+        """``text`` with the key (and anything shaped like an OpenAI key) masked: error texts reach files."""
+        if self.__key and self.__key != DUMMY_API_KEY:
+            text = text.replace(self.__key, "***")
+        return _KEY_LIKE.sub("sk-***", text)
+
     async def aclose(self) -> None:
         """Close the HTTP connections (``run_all`` does this for you at the end of its event loop)."""
         clients, self._clients, self._loop, self._sem = self._clients, [], None, None
@@ -243,15 +251,16 @@ class OpenAIChatClient:
                     retryable, status = _classify(exc)
                     last = exc
             if not retryable:
-                raise LLMError(f"{what} failed (HTTP {status}, not retried): {_describe(last)}",
-                               status=status, retryable=False, attempts=attempt + 1) from last
+                # from None: the SDK's exception may quote the key (servers echo it on 401)
+                raise LLMError(self._scrub(f"{what} failed (HTTP {status}, not retried): {_describe(last)}"),
+                               status=status, retryable=False, attempts=attempt + 1) from None
             if attempt < cfg.max_retries:
                 delay = backoff_delay(attempt, cfg.backoff_base, cfg.backoff_max, self._rng)
                 logger.debug("%s: attempt %d failed (%s); retrying in %.2fs", what, attempt + 1,
-                             _describe(last), delay)
+                             self._scrub(_describe(last)), delay)
                 await asyncio.sleep(delay)  # outside the semaphore: waiting must not block other requests
-        raise LLMError(f"{what} failed after {cfg.max_retries + 1} attempts: {_describe(last)}",
-                       status=status, retryable=True, attempts=cfg.max_retries + 1) from last
+        raise LLMError(self._scrub(f"{what} failed after {cfg.max_retries + 1} attempts: {_describe(last)}"),
+                       status=status, retryable=True, attempts=cfg.max_retries + 1) from None
 
     async def generate(self, messages: list[dict]) -> str:
         """Return the first choice's text for ``messages``; raises :class:`LLMError` when it fails."""

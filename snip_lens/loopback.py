@@ -171,7 +171,10 @@ class LoopbackServer:
                     server.stats.requests += 1
                     server.stats.auth_headers.add(self.headers.get("Authorization", ""))
                 if server.api_key is not None and self.headers.get("Authorization") != f"Bearer {server.api_key}":
-                    self._json(401, {"error": {"message": "invalid api key", "type": "invalid_request_error"}})
+                    # Like api.openai.com, echo the key that was sent (clients must not write it anywhere).
+                    sent = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+                    self._json(401, {"error": {"message": f"Incorrect API key provided: {sent}.",
+                                               "type": "invalid_request_error"}})
                     return
                 path = self.path.rstrip("/")
                 if path.endswith("/chat/completions"):

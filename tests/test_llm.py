@@ -123,7 +123,11 @@ def test_other_4xx_is_not_retried(key_env):
         assert isinstance(res, LLMError)
         assert res.status == 401 and not res.retryable and res.attempts == 1
         assert srv.stats.requests == 1
-        assert KEY not in str(res)
+        # the server echoed the key in its 401 message; the error we keep must not carry it
+        assert "Incorrect API key provided" in str(res) and KEY not in str(res) and "***" in str(res)
+        assert c._scrub("Incorrect API key provided: sk-proj-ab12********wxyz.") == \
+            "Incorrect API key provided: sk-***."  # OpenAI's own partial masking is masked fully
+        assert res.__cause__ is None
 
 
 def test_concurrency_is_bounded_by_the_semaphore(key_env):
