@@ -291,7 +291,7 @@ class NeuronMask:
                            self.model_name, _model_name(model), self.n_layers, self.d_mlp)
 
     def hook_fn(self, layer: int) -> Any:
-        """The forward-hook function for ``layer`` (its index/value tensors precomputed once)."""
+        """The forward-hook function for ``layer`` (its full-width factor/fill vectors precomputed once)."""
         table = self._layer_table()
         if layer not in table:
             raise ValueError(f"this mask touches no neuron of layer {layer}; its layers are {self.layers}")
