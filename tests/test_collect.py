@@ -354,3 +354,32 @@ def test_cli_collect_equals_the_library_call(tmp_path, capsys):
     assert "top_k must be a positive integer" in capsys.readouterr().err
     assert main(argv[:-3] + ["--layers", "0-5", "--out", str(tmp_path / "bad")]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_model_records_equal_run_with_cache():
+    """On SmolLM2-135M: exact top-k positions and close statistics for two layers, against run_with_cache."""
+    from snip_lens.corpus import load_corpus
+    from snip_lens.models import load_model
+
+    model = load_model("smollm2-135m")
+    tw = load_corpus(model, "code", n_ctx=32, max_windows=6, seed=0, name="code")
+    layers = [0, 5]
+    rec = collect(model, tw, layers=layers, top_k=5, context=(4, 2), n_random=2, batch_size=4, progress=False)
+    for li, layer in enumerate(layers):
+        _, cache = model.run_with_cache(tw.tokens, names_filter=hook_name(layer), stop_at_layer=layer + 1)
+        x = cache[hook_name(layer)].reshape(-1, 1536).float()
+        ref_v, ref_r = torch.sort(x, dim=0, descending=True, stable=True)
+        torch.testing.assert_close(rec.top_values[li], ref_v[:5].T, atol=1e-5, rtol=1e-5)
+        # Positions agree wherever the reference has no near-tie inside the top 6.
+        gaps = (ref_v[:5] - ref_v[1:6]).T.min(1).values  # (neuron,)
+        clear = gaps > 1e-4
+        assert clear.float().mean() > 0.9
+        got = rec.top_window[li] * 32 + rec.top_pos[li]
+        assert torch.equal(got[clear], ref_r[:5].T[clear])
+        xd = x.double()
+        torch.testing.assert_close(rec.stats["code"].mean_abs[li], xd.abs().mean(0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rec.stats["code"].std[li], xd.std(0, correction=0), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(rec.stats["code"].freq_pos[li], (xd > 0).double().mean(0), atol=0, rtol=0)
+    nr = rec.neuron_records(NeuronId(5, 0))
+    assert len(nr.top) == 5 and all(r.tokens for r in nr.top)

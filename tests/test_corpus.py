@@ -58,6 +58,19 @@ def test_bad_sources_raise_naming_the_source(tmp_path):
             load_texts(str(locked))
     finally:
         locked.chmod(0o644)
+    # An I/O error while reading (here simulated, since root reads mode-000 files) names the file.
+    def refuse(self, *a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    import pathlib
+
+    real = pathlib.Path.read_text
+    pathlib.Path.read_text = refuse
+    try:
+        with pytest.raises(ValueError, match=r"cannot read corpus file '.*locked.txt': Permission denied"):
+            load_texts(str(locked))
+    finally:
+        pathlib.Path.read_text = real
     with pytest.raises(ValueError, match="unsupported corpus file"):
         (tmp_path / "x.csv").write_text("a,b")
         load_texts(str(tmp_path / "x.csv"))
