@@ -267,19 +267,19 @@ class OpenAIChatClient:
         cfg = self.config
 
         async def call(client: Any) -> str:
-            from openai.types.chat import ChatCompletion
-
             # client.post skips the SDK's per-call recursive type transform of the (long, plain-dict)
-            # messages, which costs milliseconds per request; auth, timeouts and error types are the same.
-            resp = await client.post("/chat/completions", cast_to=ChatCompletion, body={
+            # messages and its pydantic response model, which cost milliseconds per request; auth,
+            # timeouts and error types are the SDK's. The body is read as text and checked here.
+            body = await client.post("/chat/completions", cast_to=str, body={
                 "model": cfg.model, "messages": messages, "temperature": cfg.temperature, "top_p": cfg.top_p,
                 "max_tokens": cfg.max_tokens})
-            choices = getattr(resp, "choices", None)
-            if not choices or getattr(choices[0], "message", None) is None:
-                raise _MalformedResponse(f"response has no choices: {str(resp)[:200]!r}")
-            content = choices[0].message.content
+            data = json.loads(body)
+            try:
+                content = data["choices"][0]["message"]["content"]
+            except (KeyError, IndexError, TypeError):
+                raise _MalformedResponse(f"response has no choices[0].message.content: {body[:200]!r}") from None
             if not isinstance(content, str):
-                raise _MalformedResponse(f"choice has no text content: {str(choices[0])[:200]!r}")
+                raise _MalformedResponse(f"choice has no text content: {body[:200]!r}")
             return content
 
         return await self._with_retries(f"chat completion ({cfg.model})", call)
