@@ -129,10 +129,12 @@ def _token_text(token: str) -> str:
 def _format_scaled(records: Sequence[ActivationRecord], scaled: Sequence[list[int]], omit_zeros: bool) -> str:
     blocks = []
     for r, sc in zip(records, scaled):
+        joined = "".join(r.tokens)
+        toks = [_token_text(t) for t in r.tokens] if ("\n" in joined or "\t" in joined) else r.tokens
         if omit_zeros:
-            blocks.append("\n".join([f"{_token_text(t)}\t{a}" for t, a in zip(r.tokens, sc) if a]))
+            blocks.append("\n".join([f"{t}\t{a}" for t, a in zip(toks, sc) if a]))
         else:
-            blocks.append("\n".join([f"{_token_text(t)}\t{a}" for t, a in zip(r.tokens, sc)]))
+            blocks.append("\n".join([f"{t}\t{a}" for t, a in zip(toks, sc)]))
     return "\n<start>\n" + "\n<end>\n<start>\n".join(blocks) + "\n<end>\n"
 
 
