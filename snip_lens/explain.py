@@ -611,7 +611,8 @@ def explain(records: Any, config: ExplainConfig, *, neurons: Sequence[NeuronId] 
     ``records``: an iterable of :class:`NeuronRecords`, or an object with ``neurons()`` and
     ``neuron_records(neuron)``. ``neurons`` restricts the run to those neurons. ``cache_dir`` (or
     ``config.cache_dir``) keeps one file per successfully explained neuron, so a rerun asks the LLM only
-    for the rest. ``client`` overrides the chat client built from ``config`` (tests, custom servers).
+    for the rest. ``client`` overrides the chat client built from ``config`` (tests, custom servers); cache
+    keys still name the model of ``config``. A call that raises is recorded as that neuron's failure.
     """
     it = _iter_records(records, neurons)
     if config.kind == "heuristic":
@@ -630,7 +631,7 @@ def explain(records: Any, config: ExplainConfig, *, neurons: Sequence[NeuronId] 
                                 max_records=config.max_records, neuron=[rec.neuron.layer, rec.neuron.index],
                                 records=records_digest(rec, config.max_records), **ident)
             hit = cache.get(key)
-            if hit is not None and isinstance(hit.get("explanation"), str) and hit["explanation"]:
+            if isinstance(hit, dict) and isinstance(hit.get("explanation"), str) and hit["explanation"]:
                 return NeuronExplanation(rec.neuron, hit["explanation"], source=source)
         try:
             messages = build_explanation_prompt(rec, few_shot=config.few_shot, max_records=config.max_records)
@@ -640,6 +641,10 @@ def explain(records: Any, config: ExplainConfig, *, neurons: Sequence[NeuronId] 
             answer = await chat.generate(messages)
         except LLMError as exc:
             return NeuronExplanation(rec.neuron, None, source=source, error=f"LLM call failed: {exc}")
+        except Exception as exc:  # noqa: BLE001 - any client (local model, user's own) fails per neuron
+            logger.debug("explaining %s failed", rec.neuron, exc_info=True)
+            return NeuronExplanation(rec.neuron, None, source=source,
+                                     error=f"LLM call failed: {type(exc).__name__}: {exc}")
         try:
             text = parse_explanation(answer, max_chars=config.max_explanation_chars)
         except ValueError as exc:

@@ -279,6 +279,14 @@ def test_cache_hit_skips_the_client(tmp_path, monkeypatch):
     explain(changed, cfg, cache_dir=tmp_path, progress=False, client=Fixed())
     assert Fixed.calls == 3
 
+    class Crashing:  # a client that raises something other than LLMError fails per neuron, not the run
+        async def generate(self, messages):
+            raise RuntimeError("out of memory")
+
+    crashed = explain(changed, cfg, cache_dir=tmp_path / "other", progress=False, client=Crashing())
+    assert crashed[0].error == "LLM call failed: RuntimeError: out of memory"
+    assert not list((tmp_path / "other").rglob("*.json"))
+
 
 def test_explain_accepts_a_records_store_and_a_neuron_subset():
     recs = {r.neuron: r for r in unique_records(6)}
