@@ -429,6 +429,7 @@ class _Evaluator:
                  progress: bool) -> None:
         self.model, self.config, self.progress = model, config, progress
         self.tokens = {"forget": forget_tokens, "retain": retain_tokens}
+        self._prefix: dict[tuple[str, int], Any] = {}
         self.cbt_items: dict[str, list] = {}
         if config.cbt:
             from .evaluate import build_cloze_items, load_cbt
@@ -445,12 +446,26 @@ class _Evaluator:
                     self.cbt_items[c] = load_cbt(config.cbt_source, config=c, split="test",
                                                  max_items=config.cbt_items)
 
+    def _prefix_cache(self, side: str, layer: int) -> Any:
+        from .evaluate import prefix_cache
+
+        key = (side, layer)
+        if key not in self._prefix:
+            self._prefix[key] = prefix_cache(self.model, self.tokens[side], layer,
+                                             batch_size=self.config.batch_size)
+        return self._prefix[key]
+
     def run(self, mask: Any) -> dict:
         from .evaluate import lm_metrics
 
         out: dict[str, Any] = {}
+        # Blocks below the mask's lowest pruned layer compute the same residual stream for every mask:
+        # run them once per (side, layer) and start each masked run at that layer.
+        lowest = min(mask.layers) if mask is not None and len(mask) else 0
         for side, toks in self.tokens.items():
-            out[side] = lm_metrics(self.model, toks, batch_size=self.config.batch_size, mask=mask)
+            cache = self._prefix_cache(side, lowest) if lowest > 0 else None
+            out[side] = lm_metrics(self.model, toks, batch_size=self.config.batch_size, mask=mask,
+                                   start_cache=cache)
         extra: dict[str, Any] = {}
         if self.cbt_items:
             from .evaluate import cbt_accuracy

@@ -167,3 +167,21 @@ def test_cbt_and_toxicity_extras_on_fixture_files(model, tmp_path):
         assert 0.0 <= r["extra"]["cbt_P_accuracy"] <= 1.0
         assert 0.0 <= r["extra"]["pct_toxic"] <= 100.0
     assert (tmp_path / "out" / "plots" / "pct_toxic.png").exists()
+
+
+def test_evaluator_reuses_lower_layers_without_changing_metrics(model):
+    """Masks whose lowest layer is L start at L from a cached residual; metrics equal a full forward."""
+    from snip_lens.evaluate import lm_metrics
+    from snip_lens.sweep import _Evaluator
+
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randint(0, 512, (4, 16), generator=g)
+    ev = _Evaluator(model, toks, toks.flip(0), SweepConfig(methods=["random"]), progress=False)
+    for neurons in ([(1, 3), (1, 7)], [(0, 1), (1, 2)]):
+        mask = NeuronMask.from_neurons(model, neurons)
+        got = ev.run(mask)
+        for side, t in (("forget", toks), ("retain", toks.flip(0))):
+            want = lm_metrics(model, t, mask=mask)
+            assert got[side]["top1"] == want["top1"] and got[side]["top10"] == want["top10"]
+            assert abs(got[side]["loss"] - want["loss"]) < 1e-5
+    assert set(ev._prefix) == {("forget", 1), ("retain", 1)}
