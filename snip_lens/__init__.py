@@ -14,7 +14,10 @@ from .export import ExportReport, export_pruned
 from .llm import ChatClient, DiskCache, LLMConfig, LLMError, OpenAIChatClient, run_all
 from .mask import NeuronMask
 from .models import load_model
-from .types import ActivationRecord, NeuronId, NeuronRecords
+from .select import (activation_scores, hybrid_scores, keyword_scores, llm_judge_scores, mask_from_scores,
+                     random_scores)
+from .sweep import DataConfig, SweepConfig, run_sweep
+from .types import ActivationRecord, DatasetConcepts, NeuronExplanation, NeuronId, NeuronRecords
 
 __all__ = ["collect", "ActivationRecords", "NeuronStats", "TokenWindows", "load_corpus", "load_texts",
            "make_windows", "NeuronMask", "export_pruned", "ExportReport", "load_model", "NeuronId", "ActivationRecord", "NeuronRecords",
@@ -25,5 +28,7 @@ __all__ = ["collect", "ActivationRecords", "NeuronStats", "TokenWindows", "load_
            "ToxicityConfig", "toxicity_rate",
            "CONCEPTS_PROMPT_VERSION", "build_concepts_prompt", "parse_concepts", "extract_concepts",
            "distinctive_concepts", "Embedder", "LocalEmbedder", "OpenAIEmbedder", "CachedEmbedder", "get_embedder",
-           "NeuronScores", "NeuronIndex", "score_neurons", "max_cosine", "max_cosine_reference"]
+           "NeuronScores", "NeuronIndex", "score_neurons", "max_cosine", "max_cosine_reference",
+           "activation_scores", "hybrid_scores", "keyword_scores", "llm_judge_scores", "mask_from_scores",
+           "random_scores", "DataConfig", "SweepConfig", "run_sweep", "DatasetConcepts", "NeuronExplanation"]
 __version__ = "0.1.0"
