@@ -399,14 +399,10 @@ def _code_signals(text: str) -> dict[str, int]:
 _CODE_TOPICS = [  # (signal, phrase), most specific first
     ("def", "function definitions"), ("class", "class definitions"), ("import", "import statements"),
     ("self", "attribute access on self in methods"), ("return", "return statements"),
-    ("control", "control flow statements"), ("comment", "code comments"), ("string", "string literals"),
+    ("control", "control flow statements"),
 ]
 _SYMBOL = re.compile(r"[^\w\s]")
 _WORDS = re.compile(r"[A-Za-z_]+")
-
-
-def _clean_token(token: str) -> str:
-    return token.translate(_BPE_MARKERS)
 
 
 _KIND_NAMES = {  # singular, plural
@@ -414,6 +410,7 @@ _KIND_NAMES = {  # singular, plural
     "number": ("the number", "the numbers"), "identifier": ("the identifier", "the identifiers"),
     "camel": ("the CamelCase name", "the CamelCase names"), "word": ("the word", "the words"),
     "symbol": ("the symbol", "the symbols"), "token": ("the token", "the tokens"),
+    "piece": ("the word piece", "the word pieces"),
 }
 _CODE_NAMES = frozenset({"self", "cls", "None", "True", "False"})
 _TOKEN_TOPICS = {"def": "function definitions", "class": "class definitions", "import": "import statements",
@@ -440,17 +437,17 @@ def _token_kind(tok: str, code_like: bool) -> tuple[str, str]:
     if code_like and _CAMEL.match(t):
         return "camel", t
     if _WORD.match(t):
-        return ("name" if code_like else "word"), t
+        return ("name" if code_like and t.lower() not in _STOPWORDS else "word"), t
     if all(not c.isalnum() for c in t):
         return "symbol", t
     return "token", t
 
 
-def _describe_tokens(tokens: list[str], code_like: bool) -> str:
+def _describe_tokens(tokens: list[str], code_like: bool, pieces: set[str] | None = None) -> str:
     """Noun phrase naming ``tokens`` grouped by kind: "the Python keywords 'def' and 'class'"."""
     groups: dict[str, list[str]] = {}
     for tok in tokens:
-        kind, text = _token_kind(tok, code_like)
+        kind, text = ("piece", tok.strip()) if pieces and tok in pieces else _token_kind(tok, code_like)
         items = groups.setdefault(kind, [])
         if text not in items:
             items.append(text)
@@ -465,38 +462,60 @@ def _describe_tokens(tokens: list[str], code_like: bool) -> str:
     return " and ".join(parts)
 
 
-def _context_phrase(text: str, words: list[str]) -> tuple[str, bool]:
-    """(phrase, code_like) characterising the windows around the top activations."""
-    n_chars = max(len(text), 1)
-    hits = _code_signals(text)
+_CODE_MARKERS = ('"""', "'''", "# ", "def ", "self.", "import ", "return ", "\n    ", "()", "_")
+
+
+def _classify_window(local: str, wide: str) -> str:
+    """Kind of text around one peak: code, docstring (prose inside source code), prose, numbers, symbols, mixed.
+
+    ``local`` is a few tokens around the peak; ``wide`` the whole record, used to tell a docstring or
+    comment (prose whose record also holds code) from prose.
+    """
+    n_chars = max(len(local), 1)
+    words = _WORDS.findall(local)
+    n_words = max(len(words), 1)
+    hits = _code_signals(local)
     code_score = (3 * (hits["def"] + hits["class"] + hits["import"] + hits["self"]) + 2 * hits["indent"]
                   + hits["return"] + hits["control"] + hits["assign"] + hits["underscore"] + hits["dotted"]
                   + hits["none"] + 0.5 * hits["brackets"] + hits["call"])
-    n_words = max(len(words), 1)
-    stop = sum(1 for w in words if w.lower() in _STOPWORDS)
-    prose_score = 10 * stop / n_words + sum(1 for w in words if len(w) > 2 and w.islower()) / n_words
-    digits = sum(text.count(d) for d in "0123456789") / n_chars
-    code_density = code_score / max(n_words, 1)
-    if code_density > 0.25 and code_density * 2 > stop / n_words:
-        for sig, phrase in _CODE_TOPICS:
-            if hits[sig] and hits[sig] >= 0.5 * max(hits[s] for s, _ in _CODE_TOPICS):
-                return f"{phrase} in Python source code", True
-        return "Python source code", True
-    if digits > 0.25:
-        return "numbers and numeric data", False
+    stop = sum(1 for w in words if w.lower() in _STOPWORDS) / n_words
+    code_density = code_score / n_words
+    if code_density > 0.25 and code_density * 2 > stop:
+        return "code"
+    if sum(local.count(d) for d in "0123456789") / n_chars > 0.25:
+        return "numbers"
+    prose_score = 10 * stop + sum(1 for w in words if len(w) > 2 and w.islower()) / n_words
     if prose_score > 1.5:
-        return "English prose", False
-    if len(_SYMBOL.findall(text)) / n_chars > 0.3:
-        return "punctuation and symbols", False
-    return "mixed text", False
+        wide_hits = sum(wide.count(m) for m in _CODE_MARKERS)
+        return "docstring" if wide_hits >= 3 else "prose"
+    if len(_SYMBOL.findall(local)) / n_chars > 0.3:
+        return "symbols"
+    return "mixed"
+
+
+_KIND_ORDER = ("code", "docstring", "prose", "numbers", "symbols", "mixed")
+_KIND_PHRASES = {"docstring": "comments and docstrings of Python source code", "prose": "English prose",
+                 "numbers": "numbers and numeric data", "symbols": "punctuation and symbols", "mixed": "mixed text"}
+
+
+def _code_topic(code_text: str, top_token: str) -> str:
+    """The construct a code neuron's windows are about, from its top token or the windows' signals."""
+    if top_token in _TOKEN_TOPICS:
+        return f"{_TOKEN_TOPICS[top_token]} in Python source code"
+    hits = _code_signals(code_text)
+    best = max(_CODE_TOPICS, key=lambda sp: hits[sp[0]])
+    if hits[best[0]] >= 2:
+        return f"{best[1]} in Python source code"
+    return "Python source code"
 
 
 class HeuristicExplainer:
     """Deterministic explanations from the top tokens and the kind of text around them, with no LLM.
 
-    The sentence names the most frequent top-activating tokens (quoted, BPE markers removed) and
-    characterises their contexts (Python source code and which construct, English prose, numbers,
-    punctuation), e.g. "the Python keyword 'def' and function definitions in Python source code" or
+    The sentence names the most frequent top-activating tokens (quoted, BPE markers removed; word pieces
+    marked as such) and the commonest kind of text around them, judged window by window: Python source
+    code (and which construct), comments and docstrings of source code, English prose, numbers,
+    punctuation. E.g. "the Python keyword 'def' and function definitions in Python source code",
     "the word 'the' in English prose". It carries enough meaning for embedding-based matching against
     dataset concepts, and runs at tens of thousands of neurons per minute.
     """
@@ -516,29 +535,34 @@ class HeuristicExplainer:
                                      error="no activation records for this neuron")
         peak_tokens: Counter[str] = Counter()
         first_seen: dict[str, int] = {}
-        pieces: list[str] = []
+        is_piece: dict[str, bool] = {}
+        kinds: Counter[str] = Counter()
+        code_pieces: list[str] = []
         for r in recs:
             acts = r.activations
             p = max(range(len(acts)), key=acts.__getitem__)
-            tok = _clean_token(r.tokens[p])
-            peak_tokens[tok] += 1
-            first_seen.setdefault(tok, len(first_seen))
+            raw = r.tokens[p].translate(_BPE_MARKERS)
+            # A token glued to a letter before it is a piece of a longer word ("ation" in "information").
+            prev = r.tokens[p - 1].translate(_BPE_MARKERS) if p > 0 else ""
+            is_piece.setdefault(raw, bool(raw[:1].isalpha() and prev[-1:].isalnum()))
+            peak_tokens[raw] += 1
+            first_seen.setdefault(raw, len(first_seen))
             lo, hi = max(0, p - self.context), min(len(acts), p + self.context + 1)
-            pieces.append("".join(r.tokens[lo:hi]))
-        text = "\n".join(pieces).translate(_BPE_MARKERS)
-        words = _WORDS.findall(text)
-        phrase, code_like = _context_phrase(text, words)
-        # Most frequent first; ties broken by strength rank (records arrive strongest first).
+            local = "".join(r.tokens[lo:hi]).translate(_BPE_MARKERS)
+            kind = _classify_window(local, "".join(r.tokens).translate(_BPE_MARKERS))
+            kinds[kind] += 1
+            if kind == "code":
+                code_pieces.append(local)
+        # The commonest kind of context; ties go to the more specific kind.
+        kind = max(_KIND_ORDER, key=lambda k: (kinds[k], -_KIND_ORDER.index(k)))
+        # Most frequent tokens first; ties broken by strength rank (records arrive strongest first).
         ranked = sorted(peak_tokens, key=lambda t: (-peak_tokens[t], first_seen[t]))[: self.n_tokens]
-        subject = _describe_tokens(ranked, code_like)
-        if code_like:
-            # A top token that names a construct says more than the window statistics.
-            top = ranked[0].strip()
-            if top in _TOKEN_TOPICS:
-                phrase = f"{_TOKEN_TOPICS[top]} in Python source code"
-            sentence = f"{subject} and {phrase}"
+        subject = _describe_tokens(ranked, kind == "code", {t for t in ranked if is_piece[t]})
+        if kind == "code":
+            topic = _code_topic("\n".join(code_pieces), ranked[0].strip())
+            sentence = f"{subject} {'in' if topic == 'Python source code' else 'and'} {topic}"
         else:
-            sentence = f"{subject} in {phrase}"
+            sentence = f"{subject} in {_KIND_PHRASES[kind]}"
         return NeuronExplanation(records.neuron, sentence, source="heuristic")
 
     def __call__(self, records: Iterable[NeuronRecords], *, progress: bool = True) -> list[NeuronExplanation]:

@@ -172,6 +172,14 @@ def test_heuristic_names_the_top_token_and_its_context():
     nums = NeuronRecords(NeuronId(0, 3), [ActivationRecord(["1", "2", ",", " 3", "4", ",", " 5", "6"],
                                                            [0, 0, 0, 1.0, 0, 0, 0, 0])])
     assert h.explain_one(nums).explanation == "the number '3' in numbers and numeric data"
+    doc = ["    ", '"""', "Return", " the", " number", " of", " items", " in", " the", " list", ".", '"""', "\n",
+           "    ", "def", " foo", "(", "self", "):"]
+    near = HeuristicExplainer(context=4)  # the docstring alone around the peak; code further away
+    assert near.explain_one(peak_records(NeuronId(0, 5), [doc], " number")).explanation == \
+        "the word 'number' in comments and docstrings of Python source code"
+    piece = [" inform", "ation", " is", " the", " key", " of", " the", " world", " and", " it", " is", " free"]
+    assert h.explain_one(peak_records(NeuronId(0, 6), [piece], "ation")).explanation == \
+        "the word piece 'ation' in English prose"
     empty = h.explain_one(NeuronRecords(NeuronId(0, 4), []))
     assert not empty.ok and "no activation records" in empty.error
 
