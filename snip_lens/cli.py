@@ -344,7 +344,8 @@ def _collect_cmd(args: argparse.Namespace) -> int:
         raise ValueError(f"--corpus names repeat in {specs}; name them, e.g. --corpus forget=code --corpus retain=prose")
     model = M.load_model(args.model)
     corpora = {name: load_corpus(model, source, n_ctx=args.n_ctx, max_windows=args.windows, seed=args.seed,
-                                 split=args.split, text_field=args.text_field, max_docs=args.max_docs, name=name)
+                                 split=args.split, text_field=args.text_field, max_docs=args.max_docs, name=name,
+                                 max_doc_tokens=args.max_doc_tokens or None)
                for name, source in named}
     layers = parse_layers(args.layers) if args.layers else None
     rec = collect(model, corpora, layers=layers, top_k=args.top_k, context=(before, after), n_random=args.n_random,
@@ -374,6 +375,8 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     sp.add_argument("--shard-windows", type=int, default=256, help="windows between checkpoints")
     sp.add_argument("--max-docs", type=int, help="cap on documents read per corpus")
+    sp.add_argument("--max-doc-tokens", type=int, default=512,
+                    help="tokens kept from each document, so a few long files cannot fill the corpus (0: all)")
     sp.add_argument("--split", default="train", help="split of hf: datasets")
     sp.add_argument("--text-field", default="text", help="text field of JSONL files / HF datasets")
     sp.add_argument("--seed", type=int, default=0)

@@ -255,13 +255,15 @@ def load_texts(source: str, *, split: str = "train", text_field: str = "text", m
 
 
 def make_windows(model: Any, texts: list[str], *, n_ctx: int = 128, max_windows: int | None = None,
-                 seed: int = 0, name: str = "") -> TokenWindows:
+                 seed: int = 0, name: str = "", max_doc_tokens: int | None = None) -> TokenWindows:
     """Tokenise ``texts`` and pack them into windows of ``n_ctx`` tokens (see the module docstring).
 
     Documents are taken in an order shuffled by ``seed``; with ``max_windows``, tokenisation stops as soon
     as enough tokens are in hand, so a large corpus costs only what is used. The incomplete tail of the
     stream is dropped, except when the whole corpus is shorter than one window: then it becomes a single,
     shorter window (with a warning). Empty documents are skipped; if all are empty, ``ValueError``.
+    ``max_doc_tokens`` keeps only the first that many tokens of each document, so that a few long
+    documents (a 6,000-token source file) cannot fill a small probe corpus on their own.
     """
     label = name or "<texts>"
     if isinstance(texts, str):
@@ -271,6 +273,8 @@ def make_windows(model: Any, texts: list[str], *, n_ctx: int = 128, max_windows:
         raise ValueError(f"n_ctx must be at least 2 tokens; got {n_ctx}")
     if max_windows is not None and max_windows <= 0:
         raise ValueError(f"max_windows must be a positive number of windows or None; got {max_windows}")
+    if max_doc_tokens is not None and max_doc_tokens <= 0:
+        raise ValueError(f"max_doc_tokens must be a positive number of tokens or None; got {max_doc_tokens}")
     if not texts:
         raise ValueError(f"corpus {label!r} is empty (no documents); give at least one non-empty text")
     bos = models.prepends_bos(model)
@@ -286,6 +290,8 @@ def make_windows(model: Any, texts: list[str], *, n_ctx: int = 128, max_windows:
     n_empty = 0
     for i in order:
         ids = models.encode(model, texts[i]) if texts[i] else []
+        if max_doc_tokens is not None:
+            ids = ids[:max_doc_tokens]
         if not ids:
             n_empty += 1
             continue
@@ -319,8 +325,8 @@ def make_windows(model: Any, texts: list[str], *, n_ctx: int = 128, max_windows:
 
 def load_corpus(model: Any, source: str, *, n_ctx: int = 128, max_windows: int | None = None, seed: int = 0,
                 split: str = "train", text_field: str = "text", max_docs: int | None = None,
-                name: str | None = None) -> TokenWindows:
+                name: str | None = None, max_doc_tokens: int | None = None) -> TokenWindows:
     """``load_texts`` then ``make_windows``: a source name or path straight to token windows."""
     texts = load_texts(source, split=split, text_field=text_field, max_docs=max_docs, seed=seed)
     return make_windows(model, texts, n_ctx=n_ctx, max_windows=max_windows, seed=seed,
-                        name=source if name is None else name)
+                        name=source if name is None else name, max_doc_tokens=max_doc_tokens)

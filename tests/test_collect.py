@@ -345,8 +345,9 @@ def test_cli_collect_equals_the_library_call(tmp_path, capsys):
     assert "32 neurons" in capsys.readouterr().out
     got = ActivationRecords.load(out)
     model = load_model(str(mdir))
-    corpora = {"records": load_corpus(model, "prose", n_ctx=16, max_windows=5, name="records"),
-               "forget": load_corpus(model, str(tmp_path / "f.txt"), n_ctx=16, max_windows=5, name="forget")}
+    corpora = {"records": load_corpus(model, "prose", n_ctx=16, max_windows=5, name="records", max_doc_tokens=512),
+               "forget": load_corpus(model, str(tmp_path / "f.txt"), n_ctx=16, max_windows=5, name="forget",
+                                     max_doc_tokens=512)}
     ref = collect(model, corpora, layers=[1], top_k=3, context=(2, 1), n_random=1, progress=False)
     _assert_same(got, ref)
     assert got.n_layers == 2 and list(got.stats) == ["records", "forget"]

@@ -132,6 +132,10 @@ def test_windows_reproducible_capped_split_and_take(model):
         a.split(1.0)
     tw = load_corpus(model, "prose", n_ctx=16, max_windows=4, name="p")
     assert tw.name == "p" and tw.tokens.shape == (4, 16)
+    # Capping each document's tokens spreads a small corpus over more documents.
+    wide = make_windows(model, texts, n_ctx=16, seed=3, max_windows=20, max_doc_tokens=30)
+    assert len(set(wide.documents)) > len(set(a.documents))
+    assert max(wide.documents.count(d) for d in set(wide.documents)) <= 3
 
 
 def test_windows_bad_inputs(model):
