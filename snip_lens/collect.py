@@ -311,6 +311,11 @@ class ActivationRecords:
                    config_hash=meta.get("config_hash", ""), n_layers=int(meta.get("n_layers", 0)))
 
 
+# The process umask, read once at import (os.umask can only be read by setting it).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
 # ---- atomic files -----------------------------------------------------------------------------------
 
 
@@ -319,6 +324,7 @@ def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600 files; results are ordinary files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -332,6 +338,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
