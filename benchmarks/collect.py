@@ -120,8 +120,8 @@ def main() -> None:
             child = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(n)], check=True, capture_output=True,
                                    text=True)
             mem[n] = json.loads(child.stdout.strip().splitlines()[-1])
-            print(f"{mem[n]['tokens']} tokens (layers 0-2): process peak RSS {mem[n]['peak_rss_mb']:.0f} MB (set by "
-                  f"model loading), max RSS during collect {mem[n]['max_rss_during_collect_mb']:.0f} MB "
+            print(f"{mem[n]['tokens']} tokens (layers 0-2): process peak RSS {mem[n]['peak_rss_mb']:.0f} MB, "
+                  f"max RSS during collect {mem[n]['max_rss_during_collect_mb']:.0f} MB "
                   f"(+{mem[n]['collect_increase_mb']:.0f} MB over the RSS before it)")
         growth = mem[100_000]["peak_rss_mb"] - mem[10_000]["peak_rss_mb"]
         growth_collect = mem[100_000]["max_rss_during_collect_mb"] - mem[10_000]["max_rss_during_collect_mb"]
