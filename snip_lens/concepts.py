@@ -298,13 +298,16 @@ def log_odds_dirichlet(counts_a: Counter, counts_b: Counter, *, prior_strength: 
     return out
 
 
-def _token_counts(texts: list[str]) -> tuple[Counter, Counter, Counter, dict[str, Counter]]:
+def _token_counts(texts: list[str], desc: str = "counting tokens"
+                  ) -> tuple[Counter, Counter, Counter, dict[str, Counter]]:
     """(token counts, bigram counts, document frequencies, surface forms) over lower-cased tokens."""
+    from tqdm.auto import tqdm
+
     tokens: Counter = Counter()
     bigrams: Counter = Counter()
     doc_freq: Counter = Counter()
     surface: dict[str, Counter] = {}
-    for t in texts:
+    for t in tqdm(texts, desc=desc, disable=len(texts) < 500, leave=False):
         seen: set[str] = set()
         prev: str | None = None
         prev_start = 0
@@ -361,8 +364,8 @@ def distinctive_concepts(forget_texts: list[str], reference_texts: list[str] | N
     stats = text_stats(forget)
     ref_stats = text_stats(reference)
     logger.info("forget set stats: %s (code=%s, python=%s)", stats, stats.is_code, stats.is_python)
-    f_tok, f_bi, f_df, surface = _token_counts(forget)
-    r_tok, r_bi, _, _ = _token_counts(reference)
+    f_tok, f_bi, f_df, surface = _token_counts(forget, "counting forget-set tokens")
+    r_tok, r_bi, _, _ = _token_counts(reference, "counting reference tokens")
     z_tok = log_odds_dirichlet(f_tok, r_tok, prior_strength=prior_strength)
     z_bi = log_odds_dirichlet(f_bi, r_bi, prior_strength=prior_strength)
     min_df = 2 if len(forget) >= 4 else 1
