@@ -45,7 +45,7 @@ def _sweep_args(sp: argparse.ArgumentParser, *, demo: bool) -> None:
     sp.add_argument("--api-key-env", default="OPENAI_API_KEY", help="variable holding the API key")
     sp.add_argument("--embedder", default="local", help="local | openai:text-embedding-3-small | a directory")
     sp.add_argument("--keywords", default="", help="comma-separated keywords for the keyword method")
-    sp.add_argument("--hybrid-weight", type=float, default=0.5)
+    sp.add_argument("--hybrid-weight", type=float, default=0.05)
     sp.add_argument("--cbt", default="", help="CBT configs to evaluate, e.g. P,V")
     sp.add_argument("--cbt-source", default="hf", help="hf | a JSONL file in the HF cbt schema | prose")
     sp.add_argument("--cbt-items", type=int, default=200)

@@ -134,41 +134,39 @@ def activation_scores(records: Any, *, forget: str = "forget", retain: str = "re
     return NeuronScores(scores=scores, method=method, labels={}, model_name=model_name or records.model_name)
 
 
-def _rank_percentile(scores: torch.Tensor) -> torch.Tensor:
-    """Map finite scores to their percentile in (0, 1]; non-finite scores to 0."""
-    flat = scores.flatten()
-    finite = torch.isfinite(flat)
-    out = torch.zeros_like(flat, dtype=torch.float64)
-    idx = finite.nonzero().squeeze(1)
-    if len(idx):
-        order = torch.argsort(flat[idx], stable=True)
-        ranks = torch.empty_like(order, dtype=torch.float64)
-        ranks[order] = torch.arange(1, len(idx) + 1, dtype=torch.float64)
-        out[idx] = ranks / len(idx)
-    return out.view_as(scores)
+def _standardise(scores: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std over the finite entries; non-finite entries become 0 (no evidence either way)."""
+    out = torch.zeros_like(scores, dtype=torch.float64)
+    finite = torch.isfinite(scores)
+    if finite.sum() > 1:
+        x = scores[finite].double()
+        std = x.std()
+        out[finite] = (x - x.mean()) / (std if std > 0 else 1.0)
+    return out
 
 
-def hybrid_scores(snip: NeuronScores, activation: NeuronScores, *, weight: float = 0.5) -> NeuronScores:
-    """Concept and activation evidence combined by rank:
+def hybrid_scores(snip: NeuronScores, activation: NeuronScores, *, weight: float = 0.05,
+                  eps: float = 1e-6) -> NeuronScores:
+    """Activation evidence first, concept evidence as a correction:
 
-        hybrid = (1 - weight) * pct(activation ratio) + weight * pct(concept similarity) * pct(activation ratio)
+        hybrid = log(activation ratio + eps) + weight * z(concept similarity)
 
-    where ``pct`` is a neuron's percentile rank among all neurons (so the two scales need no calibration).
-    The activation ratio says the neuron fires for the forget data and not for the retain data; the concept
-    term promotes, among those, the neurons whose explanation names a concept of the forget set. Because the
-    concept term is multiplied by the activation percentile, a neuron that is inactive on the forget data
-    cannot be selected on its explanation alone (the failure mode of explanation-only selection when
-    explanations are noisy). ``weight`` in [0, 1]: 0 is the activation method, 1 the concept-gated ranking.
+    ``activation ratio`` is the Pochinkov & Schoots importance (mean |act| on forget / on retain) and
+    ``z(concept similarity)`` the SNIP score standardised over all neurons (mean 0, std 1). The log makes the
+    ratio additive, so ``weight`` is the log-ratio a one-standard-deviation better concept match is worth:
+    at the default 0.05, a neuron whose explanation matches a forget concept 2 std better than another
+    overtakes it when its activation ratio is within about 10%. Neurons that fire for the forget data keep
+    their lead; among neurons of similar activation evidence, those whose explanation names a forget-set
+    concept go first. ``weight=0`` is the activation method; neurons without a concept score get z = 0.
     """
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"hybrid weight={weight} must lie in [0, 1]")
+    if weight < 0:
+        raise ValueError(f"hybrid weight={weight} must be >= 0 (0 is the activation method)")
     if snip.scores.shape != activation.scores.shape:
         raise ValueError(f"cannot combine scores of shapes {tuple(snip.scores.shape)} and "
                          f"{tuple(activation.scores.shape)}: they come from different models or layer sets")
-    a = _rank_percentile(activation.scores)
-    s = _rank_percentile(snip.scores)
-    combined = (1 - weight) * a + weight * s * a
-    combined[~torch.isfinite(activation.scores)] = float("-inf")
+    ratio = activation.scores.double()
+    combined = torch.log(ratio.clamp_min(0) + eps) + weight * _standardise(snip.scores)
+    combined[~torch.isfinite(ratio)] = float("-inf")
     return NeuronScores(scores=combined, method="hybrid", labels=dict(snip.labels),
                         model_name=snip.model_name or activation.model_name)
 

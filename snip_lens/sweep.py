@@ -105,7 +105,7 @@ class SweepConfig:
     """Embedding model: "local" (offline MiniLM), "openai:text-embedding-3-small", or a local directory."""
     keywords: list[str] = field(default_factory=list)
     """Keywords for the keyword baseline."""
-    hybrid_weight: float = 0.5
+    hybrid_weight: float = 0.05
     """Weight of the concept term in the hybrid method (see ``select.hybrid_scores``)."""
     judge_candidates: int = 2000
     """The llm-judge rates this many neurons (the top of the snip ranking), not all of them."""
@@ -259,7 +259,7 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
     """
     from .collect import ActivationRecords, collect
     from .concepts import extract_concepts
-    from .corpus import make_windows
+    from .corpus import TokenWindows, make_windows
     from .embed import get_embedder
     from .evaluate import lm_metrics
     from .explain import ExplainConfig, explain, import_explanations, load_explanations, save_explanations
@@ -318,7 +318,12 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
 
     # -- step 1a: activation records and statistics ------------------------------------------------------
     t = time.perf_counter()
-    records = collect(model, {"forget": win["forget_sel"], "retain": win["retain_sel"]},
+    # The explainer reads each neuron's top windows over forget and retain text together (a broad probe
+    # corpus, as the neuron explainer's web text is); statistics are kept per side for the activation method.
+    probe = TokenWindows(torch.cat([win["forget_sel"].tokens, win["retain_sel"].tokens]),
+                         win["forget_sel"].documents + [len(f_sel) + i for i in win["retain_sel"].documents],
+                         "records")
+    records = collect(model, {"records": probe, "forget": win["forget_sel"], "retain": win["retain_sel"]},
                       top_k=config.top_k_records, batch_size=config.batch_size, out_dir=out / "records",
                       progress=progress)
     timings["collect"] = time.perf_counter() - t

@@ -99,7 +99,7 @@ def test_activation_scores_place_partial_layers():
 
 def test_hybrid_weight_zero_is_the_activation_ranking_and_concepts_reorder():
     g = torch.Generator().manual_seed(0)
-    act = NeuronScores(torch.rand(3, 20, generator=g, dtype=torch.float64), "activation")
+    act = NeuronScores(torch.rand(3, 20, generator=g, dtype=torch.float64) + 0.5, "activation")
     snip = NeuronScores(torch.rand(3, 20, generator=g, dtype=torch.float64), "snip",
                         labels={NeuronId(0, 0): "c"})
     h0 = hybrid_scores(snip, act, weight=0.0)
@@ -107,12 +107,20 @@ def test_hybrid_weight_zero_is_the_activation_ranking_and_concepts_reorder():
     h1 = hybrid_scores(snip, act, weight=1.0)
     assert h1.top_k(60) != act.top_k(60)
     assert h1.labels == {NeuronId(0, 0): "c"}
-    # a neuron with the best concept match but the worst activation ratio is never first
-    act.scores[1, 5] = -1.0
-    snip.scores[1, 5] = 10.0
-    assert hybrid_scores(snip, act, weight=1.0).top_k(1) != [NeuronId(1, 5)]
-    with pytest.raises(ValueError, match="1.5"):
-        hybrid_scores(snip, act, weight=1.5)
+    # the documented formula, against a direct computation
+    z = (snip.scores - snip.scores.mean()) / snip.scores.std()
+    want = torch.log(act.scores + 1e-6) + 0.3 * z
+    assert torch.allclose(hybrid_scores(snip, act, weight=0.3).scores, want)
+    # a small weight only reorders neurons of similar activation evidence
+    act.scores[1, 5] = 100.0
+    snip.scores[1, 5] = snip.scores.min()
+    assert hybrid_scores(snip, act, weight=0.05).top_k(1) == [NeuronId(1, 5)]
+    # a neuron without an activation ratio is never selected
+    act.scores[2, 2] = float("-inf")
+    snip.scores[2, 2] = 10.0
+    assert NeuronId(2, 2) not in hybrid_scores(snip, act, weight=1.0).top_k(59)
+    with pytest.raises(ValueError, match="-1"):
+        hybrid_scores(snip, act, weight=-1)
     with pytest.raises(ValueError, match="shapes"):
         hybrid_scores(NeuronScores(torch.zeros(2, 2), "snip"), act)
 
