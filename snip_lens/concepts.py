@@ -193,16 +193,6 @@ def extract_concepts(forget_texts: list[str], *, client: Any = None, n_samples: 
 
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+(?:\.\d+)?|[^\sA-Za-z0-9_]")
-_SYMBOL_NAMES = {
-    "(": "opening parentheses '('", ")": "closing parentheses ')'", ":": "colons ':'", "=": "equals signs '='",
-    ".": "dots '.'", ",": "commas ','", "[": "square brackets '['", "]": "square brackets ']'",
-    "{": "curly braces '{'", "}": "curly braces '}'", "#": "hash signs '#'", "'": "single quotes",
-    '"': "double quotes", "_": "underscores '_'", "@": "at signs '@'", "*": "asterisks '*'",
-    "-": "hyphens and minus signs '-'", "+": "plus signs '+'", "<": "less-than signs '<'",
-    ">": "greater-than signs '>'", "%": "percent signs '%'", "/": "slashes '/'", "\\": "backslashes",
-    ";": "semicolons ';'", "!": "exclamation marks '!'", "?": "question marks '?'", "|": "vertical bars '|'",
-    "&": "ampersands '&'", "$": "dollar signs '$'", "^": "carets '^'", "~": "tildes '~'", "`": "backticks '`'",
-}
 _ENGLISH = frozenset(
     "the of and to a in is it that for on as with was be by this are or from at an not but which have "
     "has can if will its they their one all were there been also more when would what so".split())
