@@ -79,10 +79,21 @@ def test_bad_sources_raise_naming_the_source(tmp_path):
 
 
 def test_hf_source_fails_clearly_offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(ValueError, match="Hugging Face dataset 'no-such/dataset-xyz'"):
-        load_texts("hf:no-such/dataset-xyz:cfg")
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        raise ConnectionError("Couldn't reach 'no-such/dataset-xyz' on the Hub (offline mode is enabled)")
+
+    # A stand-in for `datasets` that fails as it does offline (importing the real one costs seconds).
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(ValueError, match=r"Hugging Face dataset 'no-such/dataset-xyz' \(config 'cfg', split 'test'\)"
+                       r".*needs network access"):
+        load_texts("hf:no-such/dataset-xyz:cfg", split="test")
+    assert calls == [("no-such/dataset-xyz", "cfg", "test")]
 
 
 def test_windows_pack_documents_and_match_the_tokenizer(model):
