@@ -34,6 +34,8 @@ def _sweep_args(sp: argparse.ArgumentParser, *, demo: bool) -> None:
     sp.add_argument("--select-windows", type=int, default=32, help="windows per side for selection")
     sp.add_argument("--eval-windows", type=int, default=16, help="held-out windows per side for evaluation")
     sp.add_argument("--n-ctx", type=int, default=128, help="tokens per window")
+    sp.add_argument("--max-doc-tokens", type=int, default=512,
+                    help="tokens kept from the start of each document (0: whole documents)")
     sp.add_argument("--batch-size", type=int, default=8)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--explainer", default="heuristic", choices=["heuristic", "openai", "local"])
@@ -64,6 +66,7 @@ def _sweep_config(args: argparse.Namespace) -> "object":
 
     data = DataConfig(forget=args.forget, retain=args.retain, n_ctx=args.n_ctx, select_windows=args.select_windows,
                       eval_windows=args.eval_windows, max_docs=getattr(args, "max_docs", None),
+                      max_doc_tokens=args.max_doc_tokens or None,
                       text_field=getattr(args, "text_field", "text"), seed=args.seed)
     return SweepConfig(
         model=args.model, data=data, methods=_split(args.methods), ks=_split(args.k), explainer=args.explainer,

@@ -61,6 +61,9 @@ class DataConfig:
     """Fraction of each corpus's documents held out for evaluation."""
     max_docs: int | None = None
     """Cap on documents read per corpus (None: all)."""
+    max_doc_tokens: int | None = 512
+    """Tokens kept from the start of each document, so that a few long files (the stdlib has 5,000-line
+    modules) cannot fill every window: more documents, more varied windows. None keeps whole documents."""
     text_field: str = "text"
     """Field holding the text in JSONL files and HF datasets."""
     seed: int = 0
@@ -307,13 +310,13 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
     r_sel, r_eval = split_documents(retain_texts, d.eval_fraction, d.seed)
     win = {
         "forget_sel": make_windows(model, f_sel, n_ctx=d.n_ctx, max_windows=d.select_windows, seed=d.seed,
-                                   name="forget"),
+                                   name="forget", max_doc_tokens=d.max_doc_tokens),
         "retain_sel": make_windows(model, r_sel, n_ctx=d.n_ctx, max_windows=d.select_windows, seed=d.seed,
-                                   name="retain"),
+                                   name="retain", max_doc_tokens=d.max_doc_tokens),
         "forget_eval": make_windows(model, f_eval, n_ctx=d.n_ctx, max_windows=d.eval_windows, seed=d.seed + 1,
-                                    name="forget-eval"),
+                                    name="forget-eval", max_doc_tokens=d.max_doc_tokens),
         "retain_eval": make_windows(model, r_eval, n_ctx=d.n_ctx, max_windows=d.eval_windows, seed=d.seed + 1,
-                                    name="retain-eval"),
+                                    name="retain-eval", max_doc_tokens=d.max_doc_tokens),
     }
 
     # -- step 1a: activation records and statistics ------------------------------------------------------
