@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import models
+from ._io import atomic_write, atomic_write_text
 from .corpus import TokenWindows
 from .kernels.topk import NO_INDEX, update_topk
 from .types import ActivationRecord, NeuronId, NeuronRecords
@@ -287,7 +287,7 @@ class ActivationRecords:
                 "records_corpus": self.records_corpus, "corpora": list(self.stats),
                 "config_hash": self.config_hash, "n_layers": self.n_layers,
                 "vocab": {str(k): v for k, v in sorted(self.vocab.items())}}
-        _atomic_write_text(d / META_FILE, json.dumps(meta, ensure_ascii=False))
+        atomic_write_text(d / META_FILE, json.dumps(meta, ensure_ascii=False))
         return d
 
     @classmethod
@@ -320,29 +320,7 @@ _FILE_MODE = 0o666 & ~_UMASK
 
 
 def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600 files; results are ordinary files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 # ---- running state ----------------------------------------------------------------------------------
@@ -645,7 +623,7 @@ def collect(model: Any, corpus: TokenWindows | dict[str, TokenWindows], *, layer
     if out is not None:
         result.save(out)
         (out / CHECKPOINT).unlink(missing_ok=True)
-        _atomic_write_text(out / "config.json", json.dumps(
+        atomic_write_text(out / "config.json", json.dumps(
             {"config": asdict(cfg), "model": mname, "corpora": {n: list(corpora[n].tokens.shape) for n in names},
              "records_corpus": rec_name, "config_hash": chash}, indent=2))
     return result

@@ -22,12 +22,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from jaxtyping import Float
+
+from ._io import atomic_write, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -297,17 +298,15 @@ class CachedEmbedder:
         self.root.mkdir(parents=True, exist_ok=True)
         meta_path = self.root / "meta.json"
         if not meta_path.exists():
-            _atomic_write_bytes(meta_path, json.dumps({"name": self.name, "dim": int(vecs.shape[1])}).encode())
+            atomic_write_bytes(meta_path, json.dumps({"name": self.name, "dim": int(vecs.shape[1])}).encode())
         key_arr = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32)
         name = f"shard-{hashlib.sha256(key_arr.tobytes()).hexdigest()[:20]}.npz"
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".shard.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
                 np.savez(f, keys=key_arr, vectors=vecs.astype(np.float32))
-            os.replace(tmp, self.root / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        atomic_write(self.root / name, write)
         self._loaded.add(name)
 
     def embed(self, texts: list[str]) -> Float[np.ndarray, "n d"]:
@@ -334,16 +333,6 @@ class CachedEmbedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.stack([self._vectors[k] for k in keys]).astype(np.float32, copy=False)
 
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def get_embedder(spec: str, *, cache_dir: str | os.PathLike[str] | None = None, base_url: str | None = None,

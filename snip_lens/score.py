@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ._io import atomic_write_text
 from .types import DatasetConcepts, NeuronExplanation, NeuronId
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class NeuronScores:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1, ensure_ascii=False))
+        atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1, ensure_ascii=False))
         return path
 
     @classmethod
@@ -145,16 +146,6 @@ class NeuronScores:
                              "it was made for another model; recompute the scores for this one")
         return out
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def max_cosine_reference(neuron_vecs: Float[np.ndarray, "n d"], concept_vecs: Float[np.ndarray, "c d"]
@@ -344,7 +335,7 @@ class NeuronIndex:
             raise
         meta = {"embedder": self.embedder_name, "kind": self.kind, "dim": int(self.index.d),
                 "neurons": [[n.layer, n.index] for n in self.neurons], "explanations": self.explanations}
-        _atomic_write_text(directory / "neurons.json", json.dumps(meta, ensure_ascii=False))
+        atomic_write_text(directory / "neurons.json", json.dumps(meta, ensure_ascii=False))
         return directory
 
     @classmethod

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any, Literal
 import torch
 
 from . import models as M
+from ._io import atomic_write_json
 from .report import MethodDetail, PrunedNeuron, format_table, plot_results, results_table, write_report
 from .select import (
     METHODS,
@@ -37,7 +37,6 @@ from .select import (
     parse_k,
     random_scores,
 )
-from .types import NeuronId
 
 logger = logging.getLogger(__name__)
 
@@ -241,11 +240,6 @@ def split_documents(texts: list[str], fraction: float, seed: int) -> tuple[list[
 # ---- the sweep -------------------------------------------------------------------------------------
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
 
 def _llm_config(cfg: SweepConfig) -> Any:
     from .llm import LLMConfig
@@ -260,11 +254,10 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
     Intermediate artifacts in ``out_dir`` from an earlier run with the same config are reused; a different
     config in a non-empty ``out_dir`` is refused unless ``overwrite``.
     """
-    from .collect import ActivationRecords, collect
+    from .collect import collect
     from .concepts import extract_concepts
     from .corpus import TokenWindows, make_windows
     from .embed import get_embedder
-    from .evaluate import lm_metrics
     from .explain import ExplainConfig, explain, import_explanations, load_explanations, save_explanations
     from .score import NeuronScores, score_neurons
     from .types import DatasetConcepts
@@ -287,7 +280,7 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
                     shutil.rmtree(p)
                 elif p.exists():
                     p.unlink()
-    _write_json(cfg_path, cfg_json)
+    atomic_write_json(cfg_path, cfg_json)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
@@ -361,7 +354,7 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
         else:
             concepts = extract_concepts(f_sel, client=_llm_config(config) if use_llm else None,
                                         reference_texts=r_sel, seed=d.seed, cache_dir=out / "cache" / "concepts")
-            _write_json(concepts_path, {"concepts": concepts.concepts, "source": concepts.source})
+            atomic_write_json(concepts_path, {"concepts": concepts.concepts, "source": concepts.source})
         timings["concepts"] = time.perf_counter() - t
 
         # -- step 3: embed and score -------------------------------------------------------------------
@@ -424,7 +417,7 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     results["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
-    _write_json(out / "results.json", results)
+    atomic_write_json(out / "results.json", results)
     plots = plot_results(results, out / "plots")
     write_report(results, details, out, plots=plots, concepts=concepts.concepts if concepts else None)
     return results

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from .._io import atomic_write_json
 
 
 def masked(model: Any, mask: Any | None) -> contextlib.AbstractContextManager:
@@ -81,13 +80,4 @@ def output_cache(output: Any) -> Any:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_json(path, obj)
