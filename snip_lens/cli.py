@@ -124,19 +124,17 @@ def _concepts_cmd(args: argparse.Namespace) -> int:
         raise ValueError(f"{out} already exists; pass --overwrite or choose another --out")
     forget = load_texts(args.forget, max_docs=args.max_docs, seed=args.seed)
     reference = load_texts(args.reference, max_docs=args.max_docs, seed=args.seed) if args.reference else None
+    from .llm import LLMConfig, LLMError
+
     client = None
     if args.llm_model:
-        from .llm import LLMConfig, LLMError
-
         client = LLMConfig(model=args.llm_model, base_url=args.base_url,
                            api_key_env=None if args.api_key_env.lower() == "none" else args.api_key_env)
     try:
         concepts = extract_concepts(forget, client=client, n_samples=args.n_samples, seed=args.seed,
                                     reference_texts=reference, n_concepts=args.n_concepts, cache_dir=args.cache_dir)
-    except Exception as exc:
-        if type(exc).__name__ == "LLMError":
-            raise ValueError(f"the LLM request failed: {exc}") from exc
-        raise
+    except LLMError as exc:
+        raise ValueError(f"the LLM request failed: {exc}") from exc
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps({"concepts": concepts.concepts, "source": concepts.source}, indent=1,
@@ -527,9 +525,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from .llm import LLMError
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError, KeyError) as exc:  # OSError: missing files, unreachable hub
+    except (ValueError, OSError, KeyError, LLMError) as exc:  # OSError: missing files, unreachable hub
         print(f"snip {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
