@@ -19,22 +19,9 @@ from pathlib import Path
 import pydoc_data.topics
 import torch
 
-from snip_lens import load_model
+from snip_lens import NeuronMask, load_model
 from snip_lens.evaluate import build_cloze_items, cbt_accuracy, cbt_scores
-from snip_lens.models import encode, hook_name
-
-
-class _ZeroMask:
-    def __init__(self, layer: int, indices: list[int]):
-        self.layer, self.indices = layer, indices
-
-    def applied(self, model):
-        def fn(act, hook):
-            act = act.clone()
-            act[..., self.indices] = 0.0
-            return act
-
-        return model.hooks(fwd_hooks=[(hook_name(self.layer), fn)])
+from snip_lens.models import encode
 
 
 def main() -> None:
@@ -61,7 +48,7 @@ def main() -> None:
     t0 = time.perf_counter()
     naive = cbt_accuracy(model, items, use_kv_cache=False, progress=True)
     t_naive = time.perf_counter() - t0
-    mask = _ZeroMask(15, list(range(0, model.cfg.d_mlp, 10)))
+    mask = NeuronMask.from_neurons(model, [(15, i) for i in range(0, model.cfg.d_mlp, 10)])
     t0 = time.perf_counter()
     kv_masked = cbt_accuracy(model, items, use_kv_cache=True, mask=mask)
     t_kv_masked = time.perf_counter() - t0
