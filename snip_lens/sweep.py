@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from tqdm.auto import tqdm
 
 from . import models as M
 from ._io import atomic_write_json
@@ -396,15 +397,18 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
     (out / "masks").mkdir(exist_ok=True)
     details: list[MethodDetail] = []
     expl_by_id = {e.neuron: e for e in explanations}
+    bar = tqdm(total=len(config.methods) * len(ks), desc="evaluate", unit="run", disable=not progress)
     for method in config.methods:
         s = scores[method]
         for k in ks:
+            bar.set_postfix_str(f"{method} k={k}")
             mask = mask_from_scores(model, s, k)
             mask.save(out / "masks" / f"{method}_k{k}.safetensors")
             r = evaluator.run(mask)
             results["runs"].append({"method": method, "k": k, "k_percent": 100.0 * k / n_neurons, **r})
             logger.info("%s k=%d forget top1 %.3f retain top1 %.3f", method, k, r["forget"]["top1"],
                         r["retain"]["top1"])
+            bar.update(1)
         top = s.top_k(max(ks))
         hist: dict[int, int] = {}
         for nid in top:
@@ -414,6 +418,7 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
                          (expl_by_id[nid].explanation or "") if nid in expl_by_id else "",
                          s.labels.get(nid, "") or scores.get("snip", s).labels.get(nid, ""))
             for nid in top[:200]]))
+    bar.close()
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     results["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
