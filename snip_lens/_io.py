@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +52,19 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> Path:
     """Write ``obj`` as JSON to ``path`` atomically (non-JSON values via ``str``)."""
     return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=str) + "\n")
+
+
+def iter_jsonl(path: str | os.PathLike[str], text: str | None = None) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) for each non-blank line of a JSON Lines file (or of ``text`` read from it).
+
+    A line that is not JSON raises ``ValueError`` naming ``path:line``.
+    """
+    if text is None:
+        text = Path(path).read_text(encoding="utf-8")
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg}); write one JSON object per line") from None

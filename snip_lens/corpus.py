@@ -21,7 +21,6 @@ then shuffled by the same seed, so the same source, model and seed always give t
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import sysconfig
@@ -34,6 +33,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from . import models
+from ._io import iter_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -143,14 +143,7 @@ def _paragraphs(text: str) -> list[str]:
 
 def _jsonl_texts(path: Path, text_field: str) -> list[str]:
     texts = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{str(path)!r} line {lineno} is not valid JSON ({exc.msg}); "
-                             "write one JSON object per line") from None
+    for lineno, obj in iter_jsonl(path, _read_text(path)):
         if not isinstance(obj, dict) or text_field not in obj:
             keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
             raise ValueError(f"{str(path)!r} line {lineno} has no field {text_field!r} (it has {keys}); "

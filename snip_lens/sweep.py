@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import models as M
-from ._io import atomic_write_json
+from ._io import atomic_write_json, iter_jsonl
 from .report import MethodDetail, PrunedNeuron, format_table, plot_results, results_table, write_report
 from .select import (
     METHODS,
@@ -208,13 +208,7 @@ def toxic_comments(path: str | None, *, n: int = 500, threshold: float = 0.8, se
         if not p.is_file():
             raise FileNotFoundError(f"Civil Comments file {path!r} does not exist")
         rows = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{i} is not valid JSON ({exc.msg})") from None
+        for i, r in iter_jsonl(p):
             for key in ("text", "toxicity"):
                 if key not in r:
                     raise ValueError(f"{path}:{i} has no field {key!r}; Civil Comments rows need 'text' and 'toxicity'")

@@ -117,6 +117,15 @@ def test_bad_inputs(model, tmp_path):
         SweepConfig(methods=["llm-judge"])
     with pytest.raises(ValueError, match="2 documents"):
         split_documents(["only one"], 0.3, 0)
+    from snip_lens.sweep import toxic_comments
+
+    bad = tmp_path / "civil.jsonl"
+    bad.write_text('{"text": "x", "toxicity": 0.9}\n\n{"text": oops}\n')
+    with pytest.raises(ValueError, match=r"civil\.jsonl:3: not valid JSON"):
+        toxic_comments(str(bad))
+    bad.write_text('{"text": "x"}\n')
+    with pytest.raises(ValueError, match=r"civil\.jsonl:1 has no field 'toxicity'"):
+        toxic_comments(str(bad))
 
 
 def _paper_answer(messages):

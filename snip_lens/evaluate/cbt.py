@@ -47,6 +47,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .._io import iter_jsonl
 from ..models import encode, prepends_bos
 from ._common import cache_kwarg, kv_cache_fix, masked, output_cache
 
@@ -149,17 +150,10 @@ def _load_jsonl(path: Path, max_items: int | None) -> list[CBTItem]:
             f"(fields {list(_FIELDS)}), or source='hf' to download CBT"
         )
     items: list[CBTItem] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg}); write one JSON object per line") from None
-            items.append(_item_from_record(rec, f"{path}:{lineno}"))
-            if max_items is not None and len(items) >= max_items:
-                break
+    for lineno, rec in iter_jsonl(path):
+        items.append(_item_from_record(rec, f"{path}:{lineno}"))
+        if max_items is not None and len(items) >= max_items:
+            break
     if not items:
         raise ValueError(
             f"CBT file {str(path)!r} holds no items; write one JSON object per line with fields {list(_FIELDS)}"
