@@ -49,27 +49,31 @@ def _top1(model, logits):
     return model.tokenizer.decode([int(logits[0, -1].argmax())])
 
 
-@pytest.mark.slow
-def test_paris_then_mask_then_exact_restore(smollm):
-    model, tokens, base, cache = smollm
-    assert _top1(model, base) == " Paris"
+def _assert_mask_removes_paris_and_restores(model, tokens, base, mask, max_ratio):
+    """The mask moves the top-1 off " Paris" and cuts its probability below ``max_ratio`` of the base;
+    leaving ``applied`` or removing an ``attach`` handle restores the logits bit for bit, no hook left."""
     paris = int(base[0, -1].argmax())
-    mask = NeuronMask.from_neurons(model, _top_neurons(cache, list(range(26, 30)), 200))
     with torch.no_grad(), mask.applied(model):
         masked = model(tokens)
     assert _top1(model, masked) != " Paris"
-    assert masked[0, -1].softmax(-1)[paris] < 0.1 * base[0, -1].softmax(-1)[paris]
+    assert masked[0, -1].softmax(-1)[paris] < max_ratio * base[0, -1].softmax(-1)[paris]
     with torch.no_grad():
-        after = model(tokens)
-    assert torch.equal(after, base)
+        assert torch.equal(model(tokens), base)
     assert not any(hp.fwd_hooks for hp in model.hook_dict.values())
-
     handle = mask.attach(model)
     with torch.no_grad():
         assert torch.equal(model(tokens), masked)
     handle.remove()
     with torch.no_grad():
         assert torch.equal(model(tokens), base)
+
+
+@pytest.mark.slow
+def test_paris_then_mask_then_exact_restore(smollm):
+    model, tokens, base, cache = smollm
+    assert _top1(model, base) == " Paris"
+    mask = NeuronMask.from_neurons(model, _top_neurons(cache, list(range(26, 30)), 200))
+    _assert_mask_removes_paris_and_restores(model, tokens, base, mask, 0.1)
 
 
 @pytest.mark.slow
@@ -211,22 +215,9 @@ def test_gemma_wants_bos(gemma):
 @needs_gemma
 def test_gemma_mask_then_exact_restore(gemma):
     model, tokens, base, cache = gemma
-    paris = int(base[0, -1].argmax())
     # Measured: " Paris" 0.76 -> 0.09 with these 400 neurons (the top-1 becomes " Eiffel").
     mask = NeuronMask.from_neurons(model, _top_neurons(cache, list(range(14, 18)), 400))
-    with torch.no_grad(), mask.applied(model):
-        masked = model(tokens)
-    assert _top1(model, masked) != " Paris"
-    assert masked[0, -1].softmax(-1)[paris] < 0.2 * base[0, -1].softmax(-1)[paris]
-    with torch.no_grad():
-        assert torch.equal(model(tokens), base)
-    assert not any(hp.fwd_hooks for hp in model.hook_dict.values())
-    handle = mask.attach(model)
-    with torch.no_grad():
-        assert torch.equal(model(tokens), masked)
-    handle.remove()
-    with torch.no_grad():
-        assert torch.equal(model(tokens), base)
+    _assert_mask_removes_paris_and_restores(model, tokens, base, mask, 0.2)
 
 
 @pytest.mark.slow
