@@ -27,8 +27,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._io import atomic_directory
 from .mask import NeuronMask
 from .models import model_name as _model_name
 
@@ -283,9 +282,7 @@ def export_pruned(model: Any, mask: NeuronMask, out_dir: str | os.PathLike, *, c
         if k not in check or tuple(check[k].shape) != tuple(t.shape):
             raise AssertionError(f"internal: exported tensor {k} {tuple(t.shape)} does not fit the config")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         save_file({k: t.contiguous() for k, t in state.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         config.dtype = next(iter(state.values())).dtype
@@ -295,10 +292,4 @@ def export_pruned(model: Any, mask: NeuronMask, out_dir: str | os.PathLike, *, c
         model.tokenizer.save_pretrained(tmp)
         mask.save(tmp / MASK_FILE)
         (tmp / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return report

@@ -14,7 +14,6 @@ import contextlib
 import importlib.util
 import logging
 import os
-import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ._io import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -138,17 +139,9 @@ def _convert_builtin(model: BuiltinModel, dtype: torch.dtype) -> Path:
         del hf.config.quantization_config
     if model.name == "gemma3-270m":
         hf.config.architectures = ["Gemma3ForCausalLM"]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{model.name}-", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         hf.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if target.exists():  # a half-written directory from a killed run
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
