@@ -327,16 +327,18 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
         # -- step 1b: explanations ---------------------------------------------------------------------
         t = time.perf_counter()
         expl_path = out / "explanations.jsonl"
-        if config.import_explanations:
-            explanations = import_explanations(config.import_explanations, min_score=config.min_explanation_score,
-                                               n_layers=n_layers, d_mlp=d_mlp)
-        elif expl_path.exists():
+        if expl_path.exists():  # written by an earlier run of this very config (a changed config clears it)
             explanations = load_explanations(expl_path)
         else:
-            ecfg = ExplainConfig(kind=config.explainer,
-                                 llm=_llm_config(config) if config.explainer == "openai" else None)
-            explanations = explain(records, ecfg, cache_dir=out / "cache" / "explain", progress=progress)
-        save_explanations(expl_path, explanations)
+            if config.import_explanations:
+                explanations = import_explanations(config.import_explanations,
+                                                   min_score=config.min_explanation_score, n_layers=n_layers,
+                                                   d_mlp=d_mlp)
+            else:
+                ecfg = ExplainConfig(kind=config.explainer,
+                                     llm=_llm_config(config) if config.explainer == "openai" else None)
+                explanations = explain(records, ecfg, cache_dir=out / "cache" / "explain", progress=progress)
+            save_explanations(expl_path, explanations)
         timings["explain"] = time.perf_counter() - t
 
         # -- step 2: forget-set concepts ---------------------------------------------------------------

@@ -91,7 +91,7 @@ def test_rerun_reuses_artifacts_and_refuses_another_config(offline_run, model):
     mtime = (out / "explanations.jsonl").stat().st_mtime_ns
     again = run_sweep(cfg, out, model=model, progress=False)
     assert again["runs"] == res["runs"]
-    assert (out / "explanations.jsonl").stat().st_mtime_ns >= mtime
+    assert (out / "explanations.jsonl").stat().st_mtime_ns == mtime  # reused, not rewritten
     other = SweepConfig(model="tiny", data=_data(seed=1), ks=KS, methods=["random"])
     with pytest.raises(FileExistsError, match="overwrite"):
         run_sweep(other, out, model=model, progress=False)
