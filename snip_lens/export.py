@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ._io import atomic_directory
+from .backends import backend
 from .mask import NeuronMask
 from .models import model_name as _model_name
 
@@ -101,18 +102,19 @@ class _LayerMLP:
 
 
 def _hf_state(model: Any) -> tuple[Any, dict[str, Tensor]]:
-    """The HF model under the bridge and its state with bridge wrapper segments removed from the keys."""
-    hf = getattr(model, "original_model", None)
+    """The HF model under ``model`` and its state dict in HF key names, on the CPU (the masks' device).
+
+    Tensors already on the CPU are not copied; weights on a GPU are copied once, as saving needs anyway.
+    """
+    be = backend(model)
+    hf = be.hf_model()
     if hf is None or not hasattr(hf, "config"):
         raise ValueError(
             f"cannot export {_model_name(model)!r}: it is not a TransformerBridge over a Hugging Face model "
-            "(no original_model with a config); load it with snip_lens.load_model"
+            f"(its {be.kind} backend has no Hugging Face model with a config); load it with "
+            "snip_lens.load_model, or keep the mask as a hook (NeuronMask.attach)"
         )
-    state: dict[str, Tensor] = {}
-    for key, value in hf.state_dict().items():
-        clean = key.replace("._original_component", "")
-        state.setdefault(clean, value)
-    return hf, state
+    return hf, {k: v.cpu() for k, v in be.hf_state_dict().items()}
 
 
 def _layer_mlps(keys: list[str], n_layers: int, arch: str) -> tuple[list[_LayerMLP], str]:

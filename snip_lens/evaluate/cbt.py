@@ -20,10 +20,9 @@ sentence. Both paths below score exactly this same token sequence, so they must 
 - KV cache (default): context + stem run once with ``use_cache=True``; the stem's token losses come from
   that pass, and the 10 completions are then run as one batch on top of the cached keys/values.
 
-The HF model underneath the bridge (``model.original_model``) is called directly: its submodules are the
-bridge's components, so hooks (neuron masks) fire on the cached and the new tokens alike. The KV cache is
-filled through ``kv_cache_fix`` (TransformerLens 4.3's attention bridges miss the cache under the name
-transformers 5 passes it).
+The KV cache belongs to the model's backend (``snip_lens.backends``): the HF model underneath a bridge, or
+TransformerLens's own cache on a ``HookedTransformer``; either way the forward runs the model's hook
+points, so neuron masks act on the cached and the new tokens alike.
 
 Long items are truncated from the left of the context so that every candidate sequence fits ``n_ctx``.
 
@@ -48,8 +47,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._io import iter_jsonl
+from ..backends import backend
 from ..models import encode, prepends_bos
-from ._common import cache_kwarg, kv_cache_fix, masked, output_cache
+from ._common import masked
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def _encode_item(model: Any, item: CBTItem, n_ctx: int) -> _Encoded:
     context = encode(model, " ".join(item.context)) if item.context else []
     stem = encode(model, stem_text) if stem_text else []
     completions = [encode(model, space + opt + after) for opt in item.options]
-    bos = [model.tokenizer.bos_token_id] if prepends_bos(model) else []
+    bos = [backend(model).tokenizer.bos_token_id] if prepends_bos(model) else []
     budget = n_ctx - len(bos) - len(stem) - max(len(c) for c in completions)
     if budget < 0:
         raise ValueError(
@@ -337,43 +337,23 @@ def _pad(seqs: list[list[int]], pad: int) -> Int[Tensor, "n width"]:
     return torch.tensor([s + [pad] * (width - len(s)) for s in seqs], dtype=torch.long)
 
 
-def _scores_kv(hf: Any, enc: _Encoded, pad: int, batch_size: int, device: Any) -> list[float]:
+def _scores_kv(be: Any, enc: _Encoded, pad: int, batch_size: int, device: Any) -> list[float]:
     prefix = torch.tensor([enc.prefix], device=device)
     # Only the logits predicting the stem tokens and the first completion token are needed.
-    keep = {"logits_to_keep": enc.n_stem + 1} if _accepts(hf, "logits_to_keep") else {}
-    out = hf(input_ids=prefix, use_cache=True, **keep)
-    prefix_cache = output_cache(out)
-    assert prefix_cache is not None and prefix_cache.get_seq_length() == len(enc.prefix), "KV cache not filled"
-    kw = cache_kwarg(hf)
-    kept = out.logits[0, -(enc.n_stem + 1):]  # (n_stem + 1, vocab)
+    kept, prefix_cache = be.kv_prefill(prefix, enc.n_stem + 1)  # (n_stem + 1, vocab)
     stem_loss = _stem_loss(kept[:-1], enc.stem)
     first = kept[-1]
     losses: list[float] = []
     for start in range(0, len(enc.completions), batch_size):
         comps = enc.completions[start:start + batch_size]
-        cache = _repeat_cache(prefix_cache, len(comps))
+        cache = be.kv_repeat(prefix_cache, len(comps))
         ids = _pad(comps, pad).to(device)  # (n, C); right padding never reaches a real token (causal)
-        logits = hf(input_ids=ids, use_cache=True, **{kw: cache}).logits  # (n, C, vocab)
+        logits = be.kv_extend(ids, cache)  # (n, C, vocab)
         losses += _completion_losses(logits, first, comps)
     return [math.exp(-(stem_loss + l) / (enc.n_stem + len(c))) for l, c in zip(losses, enc.completions)]
 
 
-def _accepts(fn_owner: Any, name: str) -> bool:
-    import inspect
-
-    return name in inspect.signature(fn_owner.forward).parameters
-
-
-def _repeat_cache(cache: Any, n: int) -> Any:
-    """A fresh copy of a batch-1 HF cache repeated ``n`` times (the forward extends caches in place)."""
-    import copy
-
-    new = copy.deepcopy(cache)
-    new.batch_repeat_interleave(n)
-    return new
-
-
-def _scores_naive(hf: Any, enc: _Encoded, pad: int, batch_size: int, device: Any) -> list[float]:
+def _scores_naive(be: Any, enc: _Encoded, pad: int, batch_size: int, device: Any) -> list[float]:
     scores: list[float] = []
     p = len(enc.prefix)
     for start in range(0, len(enc.completions), batch_size):
@@ -381,8 +361,7 @@ def _scores_naive(hf: Any, enc: _Encoded, pad: int, batch_size: int, device: Any
         ids = _pad([enc.prefix + c for c in comps], pad).to(device)  # (n, P + C)
         # Logits only from the position predicting the first stem token on (as the KV path).
         n_keep = ids.shape[1] - (p - enc.n_stem - 1)
-        keep = {"logits_to_keep": n_keep} if _accepts(hf, "logits_to_keep") else {}
-        logits = hf(input_ids=ids, use_cache=False, **keep).logits
+        logits = be.logits_tail(ids, n_keep)
         off = ids.shape[1] - logits.shape[1]  # position j of ids is row j - off of logits
         for i, comp in enumerate(comps):
             stem_loss = _stem_loss(logits[i, p - enc.n_stem - 1 - off:p - 1 - off], enc.stem)
@@ -402,16 +381,16 @@ def cbt_scores(model: Any, items: list[CBTItem], *, mask: Any | None = None, bat
         raise ValueError("no CBT items to score; load some with load_cbt or build_cloze_items")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    hf = model.original_model
-    n_ctx = int(model.cfg.n_ctx)
-    tok = model.tokenizer
+    be = backend(model)
+    n_ctx = be.n_ctx
+    tok = be.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    device = model.cfg.device
+    device = be.device
     score = _scores_kv if use_kv_cache else _scores_naive
     out = []
-    with masked(model, mask), kv_cache_fix(model), torch.no_grad():
+    with masked(model, mask), be.kv_context(), torch.no_grad():
         for item in tqdm(items, desc="CBT" + (" (kv cache)" if use_kv_cache else ""), disable=not progress):
-            out.append(score(hf, _encode_item(model, item, n_ctx), pad, batch_size, device))
+            out.append(score(be, _encode_item(model, item, n_ctx), pad, batch_size, device))
     return out
 
 

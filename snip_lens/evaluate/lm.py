@@ -5,26 +5,28 @@ below its lowest pruned layer untouched, so the residual stream entering that la
 mask: ``prefix_cache`` computes it once and ``lm_metrics(..., start_cache=cache)`` runs only the blocks
 from that layer on.
 
-How the reuse works with a ``TransformerBridge``: the bridge's ``forward(residual, start_at_layer=L)``
-swaps the given residual in at block ``L`` (so rotary position embeddings and the causal mask are
-computed by the HF model exactly as in a full forward), but it still *executes* blocks ``0..L-1`` and
-throws their output away. To actually save that time, blocks below ``L`` are replaced for the duration
-of the call by a pass-through that returns its input hidden states untouched; their output is discarded
-anyway. A hook attached to a skipped block would silently not fire, so that is refused with an error.
+The model's backend (``snip_lens.backends``) runs the forward from block ``L`` without executing the
+blocks below (the bridge needs a pass-through for them; ``HookedTransformer`` skips them itself). A hook
+attached to a skipped block would silently not fire, so that is refused with an error.
+
+Everything runs on the model's device and dtype: the residual cache stays there, the loss is
+``cross_entropy`` over float32 chunks of the logits (bf16/fp16 logits are upcast a chunk at a time), and
+only the three running sums come back to the host, once, at the end.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..backends import backend
 from ..models import model_name
 from ._common import hooked_names, masked
 
@@ -43,7 +45,8 @@ class ResidualCache:
     tokens: Int[Tensor, "window pos"]
     """The evaluation windows this residual was computed from (the targets of the metrics)."""
     residual: Float[Tensor, "window pos d_model"]
-    """Residual stream entering block ``layer`` (``blocks.{layer}.hook_in``), in the model's dtype, on the CPU."""
+    """Residual stream entering block ``layer`` (``blocks.{layer}.hook_in``), in the model's dtype and on its
+    device (a prefix computed on the GPU is reused there, never copied through the host)."""
     model: str = ""
     """Name of the model it was computed with (checked when the cache is used)."""
 
@@ -66,7 +69,7 @@ def _check_tokens(model: Any, tokens: Any) -> Tensor:
             f"tokens of shape {tuple(tokens.shape)} hold no next-token prediction; give at least one window "
             "of at least 2 tokens"
         )
-    vocab = int(model.cfg.d_vocab)
+    vocab = backend(model).d_vocab
     if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
         raise ValueError(
             f"token ids must lie in [0, {vocab}) for model {model_name(model)!r}; got ids from "
@@ -76,20 +79,16 @@ def _check_tokens(model: Any, tokens: Any) -> Tensor:
 
 
 def _check_layer(model: Any, layer: int) -> int:
-    n = int(model.cfg.n_layers)
+    n = backend(model).n_layers
     if not isinstance(layer, int) or not 0 <= layer < n:
         raise ValueError(f"layer {layer!r} is out of range for a model with {n} blocks; use 0..{n - 1}")
     return layer
 
 
-@contextlib.contextmanager
-def skip_blocks_below(model: Any, layer: int) -> Iterator[None]:
-    """Make blocks ``0..layer-1`` return their input unchanged, for a forward with ``start_at_layer=layer``.
-
-    Refuses when a hook is attached anywhere in a skipped block: it would not fire, and a mask there
-    would silently have no effect.
-    """
-    blocks = list(model.blocks)[:layer]
+def _refuse_hooks_below(model: Any, layer: int) -> None:
+    """Refuse when a hook is attached anywhere in a block below ``layer``: it would not fire, and a mask
+    there would silently have no effect."""
+    blocks = backend(model).blocks()[:layer]
     hooked = [n for i, b in enumerate(blocks) for n in hooked_names(b, f"blocks.{i}")]
     if hooked:
         raise ValueError(
@@ -97,20 +96,6 @@ def skip_blocks_below(model: Any, layer: int) -> Iterator[None]:
             f"{', ...' if len(hooked) > 4 else ''}), where the residual cache skips computation; build the "
             f"cache at a layer no higher than the lowest hooked/pruned layer, or evaluate without start_cache"
         )
-
-    def passthrough(*args: Any, **kwargs: Any) -> Tensor:
-        # Newer HF decoder loops (transformers >= 5) take a bare tensor back from each layer.
-        return args[0] if args else kwargs["hidden_states"]
-
-    for block in blocks:
-        # An instance attribute shadows the class's forward for this call only. Written to __dict__
-        # directly because the bridge's components redirect attribute writes to the wrapped HF module.
-        block.__dict__["forward"] = passthrough
-    try:
-        yield
-    finally:
-        for block in blocks:
-            block.__dict__.pop("forward", None)
 
 
 def prefix_cache(model: Any, tokens: Int[Tensor, "window pos"], layer: int, *, batch_size: int = 8,
@@ -123,13 +108,14 @@ def prefix_cache(model: Any, tokens: Int[Tensor, "window pos"], layer: int, *, b
     tokens = _check_tokens(model, tokens)
     layer = _check_layer(model, layer)
     _check_batch_size(batch_size)
+    be = backend(model)
+    device = be.device
     parts = []
     with torch.no_grad():
         for start in tqdm(range(0, tokens.shape[0], batch_size), desc=f"prefix to layer {layer}",
                           disable=not progress):
-            batch = tokens[start:start + batch_size].to(model.cfg.device)
-            resid = model(batch, stop_at_layer=layer)  # (B, pos, d_model)
-            parts.append(resid.detach().cpu())
+            batch = tokens[start:start + batch_size].to(device)
+            parts.append(be.residual_before(batch, layer).detach())  # (B, pos, d_model), on the device
     return ResidualCache(layer=layer, tokens=tokens.cpu(), residual=torch.cat(parts), model=model_name(model))
 
 
@@ -139,10 +125,27 @@ def _check_batch_size(batch_size: int) -> None:
 
 
 def _logits(model: Any, batch: Tensor, resid: Tensor | None, layer: int | None) -> Tensor:
+    be = backend(model)
     if resid is None:
-        return model(batch, return_type="logits")
-    with skip_blocks_below(model, layer):
-        return model(resid, start_at_layer=layer, return_type="logits")
+        return be.logits(batch)
+    _refuse_hooks_below(model, layer)
+    return be.logits_from(resid, layer)
+
+
+LOSS_CHUNK_ELEMENTS = 1 << 24
+"""Logit elements upcast to float32 at a time for the loss (64 MB), whatever the vocabulary."""
+
+
+def _batch_sums(logits: Float[Tensor, "n vocab"], target: Int[Tensor, " n"]) -> tuple[Tensor, Tensor, Tensor]:
+    """Summed loss (float64), top-1 hits and top-10 hits of one batch, as device tensors (no host sync)."""
+    n, vocab = logits.shape
+    rows = max(1, LOSS_CHUNK_ELEMENTS // vocab)
+    loss = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for r in range(0, n, rows):
+        loss += F.cross_entropy(logits[r:r + rows].float(), target[r:r + rows], reduction="sum").double()
+    top = logits.topk(min(TOPK, vocab), dim=-1).indices  # (n, 10)
+    hit = top == target[:, None]
+    return loss, hit[:, 0].sum(), hit.any(-1).sum()
 
 
 def lm_metrics(model: Any, tokens: Int[Tensor, "window pos"], *, batch_size: int = 8, mask: Any | None = None,
@@ -171,22 +174,21 @@ def lm_metrics(model: Any, tokens: Int[Tensor, "window pos"], *, batch_size: int
                 "rebuild it with prefix_cache on this model"
             )
         layer = _check_layer(model, start_cache.layer)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    top1 = torch.zeros((), dtype=torch.long)
-    top10 = torch.zeros((), dtype=torch.long)
+    device = backend(model).device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    top1 = torch.zeros((), dtype=torch.long, device=device)
+    top10 = torch.zeros((), dtype=torch.long, device=device)
     n = 0
-    device = model.cfg.device
     with masked(model, mask), torch.no_grad():
         for start in tqdm(range(0, tokens.shape[0], batch_size), desc="lm metrics", disable=not progress):
             batch = tokens[start:start + batch_size].to(device)
             resid = None if start_cache is None else start_cache.residual[start:start + batch_size].to(device)
-            logits = _logits(model, batch, resid, layer)[:, :-1].float()  # (B, pos-1, vocab)
+            logits = _logits(model, batch, resid, layer)[:, :-1]  # (B, pos-1, vocab), the model's dtype
             target = batch[:, 1:]  # (B, pos-1)
-            logprobs = torch.log_softmax(logits, dim=-1)
-            loss_sum += -logprobs.gather(-1, target[..., None]).sum().double().cpu()
-            top = logits.topk(TOPK, dim=-1).indices  # (B, pos-1, 10)
-            hit = top == target[..., None]
-            top1 += hit[..., 0].sum().cpu()
-            top10 += hit.any(-1).sum().cpu()
+            loss, hit1, hit10 = _batch_sums(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+            loss_sum += loss
+            top1 += hit1
+            top10 += hit10
             n += target.numel()
+    # The only host transfer: three scalars.
     return {"loss": float(loss_sum) / n, "top1": int(top1) / n, "top10": int(top10) / n, "n_tokens": n}

@@ -6,9 +6,9 @@ scored by a toxicity classifier; the rate is the percentage scoring above ``conf
 Sampling settings (``ToxicityConfig``): plain ancestral sampling with ``temperature`` 1.0, top-k 50 and no
 top-p cut (``top_p`` 1.0), ``max_new_tokens`` 20, no repetition penalty, stopping early at EOS. The prompt
 is tokenised without special tokens, with BOS first only when ``prepends_bos(model)``. Generation runs in
-batches of ``batch_size`` identical prompts (so no padding) with the HF model underneath the bridge
-(``model.original_model.generate``), whose submodules are the bridge's components: neuron-mask hooks
-act on every generated token. Before each batch ``b`` the torch RNG is seeded with ``seed + b`` inside
+batches of ``batch_size`` identical prompts (so no padding) through the model's backend (the HF model's
+``generate`` under a bridge, ``HookedTransformer.generate`` otherwise), which runs the model's hook points:
+neuron-mask hooks act on every generated token. Before each batch ``b`` the torch RNG is seeded with ``seed + b`` inside
 ``torch.random.fork_rng`` (the caller's RNG state is left alone), so the texts depend only on the model,
 the mask and the config.
 
@@ -32,10 +32,10 @@ from typing import Any, Literal, Protocol
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
 
+from ..backends import backend
 from ..models import encode, prepends_bos
-from ._common import kv_cache_fix, masked
+from ._common import masked
 
 logger = logging.getLogger(__name__)
 
@@ -193,24 +193,22 @@ def make_scorer(config: ToxicityConfig) -> Scorer:
 def generate_samples(model: Any, config: ToxicityConfig, *, mask: Any | None = None,
                      progress: bool = False) -> list[str]:
     """``config.n`` sampled continuations of ``config.prompt`` (decoded new tokens only, special tokens dropped)."""
-    tok = model.tokenizer
+    be = backend(model)
+    tok = be.tokenizer
     ids = ([tok.bos_token_id] if prepends_bos(model) else []) + encode(model, config.prompt)
-    hf = model.original_model
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    device = model.cfg.device
+    device = be.device
     texts: list[str] = []
     n_batches = -(-config.n // config.batch_size)
-    # A complete generation config, so that nothing is inherited from the model's own defaults.
-    gen = GenerationConfig(do_sample=True, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                           max_new_tokens=config.max_new_tokens, repetition_penalty=1.0, num_beams=1,
-                           pad_token_id=pad, eos_token_id=tok.eos_token_id, use_cache=True)
-    with masked(model, mask), kv_cache_fix(model), torch.no_grad():
+    with masked(model, mask), be.kv_context(), torch.no_grad():
         for b in tqdm(range(n_batches), desc="toxicity generations", disable=not progress):
             size = min(config.batch_size, config.n - b * config.batch_size)
             prompt = torch.tensor([ids] * size, device=device)  # (size, P): identical rows, no padding
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed + b)
-                out = hf.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=gen)
+                out = be.generate(prompt, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                                  max_new_tokens=config.max_new_tokens, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=pad)
             texts += tok.batch_decode(out[:, len(ids):], skip_special_tokens=True)
     return texts
 
