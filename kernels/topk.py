@@ -12,6 +12,10 @@ after the first batches is a handful per column, and merges those. ``topk_desc``
 vectorised building blocks (``torch.topk`` with an exact fallback for columns whose tie straddles the cut);
 ``topk_desc_reference`` / ``merge_topk_reference`` are plain per-column loops that define the expected
 result.
+
+On an accelerator every data-dependent branch above (``nonzero``, ``.any()``, ``unique``) waits for the
+device. ``update_topk_sync_free`` gives the same result with a fixed sequence of kernels and no host
+sync: a stable sort of the batch (exact tie order) and a merge; that is what collection uses off the CPU.
 """
 
 from __future__ import annotations
@@ -110,11 +114,11 @@ def update_topk(values: Float[Tensor, "k col"], index: Int[Tensor, "k col"], x: 
     counts = torch.bincount(inv, minlength=ucols.numel())
     starts = torch.cumsum(counts, 0) - counts
     g = inv[order]
-    rank = torch.arange(n_cand) - starts[g]  # rank of each candidate inside its column
+    rank = torch.arange(n_cand, device=x.device) - starts[g]  # rank of each candidate inside its column
     keep = rank < k
     depth = int(min(k, int(counts.max())))
-    cand_v = torch.full((depth, ucols.numel()), -torch.inf, dtype=values.dtype)
-    cand_i = torch.full((depth, ucols.numel()), NO_INDEX, dtype=torch.long)
+    cand_v = torch.full((depth, ucols.numel()), -torch.inf, dtype=values.dtype, device=x.device)
+    cand_i = torch.full((depth, ucols.numel()), NO_INDEX, dtype=torch.long, device=x.device)
     cand_v[rank[keep], g[keep]] = vals[order[keep]]
     cand_i[rank[keep], g[keep]] = row_index[rows[order[keep]]]
     v, i, _ = merge_topk(values[:, ucols], index[:, ucols], cand_v, cand_i, k)
@@ -122,6 +126,18 @@ def update_topk(values: Float[Tensor, "k col"], index: Int[Tensor, "k col"], x: 
     out_v[:, ucols] = v
     out_i[:, ucols] = i
     return out_v, out_i
+
+
+def update_topk_sync_free(values: Float[Tensor, "k col"], index: Int[Tensor, "k col"], x: Float[Tensor, "row col"],
+                          row_index: Int[Tensor, " row"]) -> tuple[Float[Tensor, "k col"], Int[Tensor, "k col"]]:
+    """``update_topk`` without any host synchronisation (for CUDA): same inputs, same result."""
+    k = values.shape[0]
+    if x.shape[0] == 0:
+        return values, index
+    # A stable descending sort keeps equal values in row order: exactly the tie rule, no fallback needed.
+    bv, bi = torch.sort(x, dim=0, descending=True, stable=True)
+    v, i, _ = merge_topk(values, index, bv[:k], row_index[bi[:k]], k)
+    return v, i
 
 
 # ---- references -------------------------------------------------------------------------------------

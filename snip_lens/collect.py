@@ -21,6 +21,11 @@ With ``out_dir`` the run is resumable: after every shard of windows the whole ru
 atomically (temp file + ``os.replace``) to ``checkpoint.safetensors``; a run killed at any point and
 started again resumes from the last shard and gives the same records as an uninterrupted run (ties are
 broken by token order and shards always start a new batch, so the arithmetic is identical).
+
+Device and dtype: the running state, scratch buffers and kernels live on the device of the activations
+(the model's), in float32 (float64 for the moments) whatever the model's dtype. The random candidates are
+drawn on the CPU from seeded generators (so CUDA and CPU runs sample the same tokens) and copied over once
+per batch. Off the CPU the hooks use the sync-free top-k path: no host synchronisation inside the hooks.
 """
 
 from __future__ import annotations
@@ -43,9 +48,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import models
+from .backends import backend
 from ._io import atomic_write, atomic_write_text
 from .corpus import TokenWindows
-from .kernels.topk import NO_INDEX, update_topk
+from .kernels.topk import NO_INDEX, update_topk, update_topk_sync_free
 from .types import ActivationRecord, NeuronId, NeuronRecords
 
 logger = logging.getLogger(__name__)
@@ -335,11 +341,21 @@ class _StopForward(Exception):
 class _State:
     """Running top-k, random candidates and moments; every tensor is O(layers x neurons x k x context)."""
 
-    def __init__(self, cfg: CollectConfig, d_mlp: int, corpora: list[str]):
+    def __init__(self, cfg: CollectConfig, d_mlp: int, corpora: list[str], device: torch.device | str = "cpu",
+                 sync_free: bool | None = None):
         L, N, k, C, R = len(cfg.layers), d_mlp, cfg.top_k, cfg.context_len, cfg.n_candidates
         self.cfg, self.N = cfg, N
+        self.device = torch.device(device)
+        self.sync_free = self.device.type != "cpu" if sync_free is None else sync_free
+        """Use the kernels without host synchronisation (always off the CPU; on the CPU only for tests)."""
         self._buf: Tensor | None = None
         self._mask: Tensor | None = None
+        # Tokens seen per (corpus, layer row), mirrored on the host so the hooks never read a device scalar.
+        self._count: dict[tuple[int, int], float] = {}
+        with torch.device(self.device):
+            self._init_tensors(L, N, k, C, R, corpora)
+
+    def _init_tensors(self, L: int, N: int, k: int, C: int, R: int, corpora: list[str]) -> None:
         self.t: dict[str, Tensor] = {
             "top_v": torch.full((L, k, N), -math.inf), "top_i": torch.full((L, k, N), NO_INDEX),
             "top_ctx": torch.full((L, k, N, C), math.nan),
@@ -365,8 +381,8 @@ class _State:
     def _buffers(self, shape: torch.Size) -> tuple[Tensor, Tensor]:
         # Reused scratch space: a fresh 6 MB temporary per reduction costs page faults on every batch.
         if self._buf is None or self._buf.shape != shape:
-            self._buf = torch.empty(shape)
-            self._mask = torch.empty(shape, dtype=torch.bool)
+            self._buf = torch.empty(shape, device=self.device)
+            self._mask = torch.empty(shape, dtype=torch.bool, device=self.device)
         assert self._mask is not None
         return self._buf, self._mask
 
@@ -375,13 +391,15 @@ class _State:
         # batch sums free of cancellation; batches are then merged in float64 (Chan et al.).
         t, m = self.t, x.shape[0]
         buf, mask = self._buffers(x.shape)
-        n_a = float(t[f"s{ci}.n"][li])
+        n_a = self._count.get((ci, li), 0.0)
         shift = (t[f"s{ci}.mean"][li] if n_a else x[0].double()).float()
-        s1 = torch.zeros(self.N, dtype=torch.float64)
+        s1 = torch.zeros(self.N, dtype=torch.float64, device=x.device)
         s2, sum_abs, n_pos = s1.clone(), s1.clone(), s1.clone()
-        # Row chunks that stay in cache: each statistic is a pass over the chunk, not over the batch.
-        for c in range(0, m, STATS_CHUNK):
-            xc, bc, mc = x[c:c + STATS_CHUNK], buf[c:c + STATS_CHUNK], mask[c:c + STATS_CHUNK]
+        # Row chunks that stay in cache: each statistic is a pass over the chunk, not over the batch (on an
+        # accelerator one pass over the whole batch: fewer kernel launches).
+        chunk = STATS_CHUNK if not self.sync_free else max(m, 1)
+        for c in range(0, m, chunk):
+            xc, bc, mc = x[c:c + chunk], buf[c:c + chunk], mask[c:c + chunk]
             torch.sub(xc, shift, out=bc)  # (chunk, neuron) centred
             s1 += bc.sum(0)
             bc.square_()
@@ -397,6 +415,7 @@ class _State:
         t[f"s{ci}.mean"][li] += delta * (m / n_t)
         t[f"s{ci}.m2"][li] += m2_b + delta.square() * (n_a * m / n_t)
         t[f"s{ci}.n"][li] = n_t
+        self._count[(ci, li)] = n_t
         t[f"s{ci}.sum_abs"][li] += sum_abs
         t[f"s{ci}.n_pos"][li] += n_pos
         torch.maximum(t[f"s{ci}.max"][li], x.amax(0).double(), out=t[f"s{ci}.max"][li])
@@ -436,12 +455,47 @@ class _State:
         t[key_n][li] = new_key
         t[idx_n][li] = new_idx
 
+    def _apply_sync_free(self, li: int, names: tuple[str, str, str, str | None, str], new_key: Tensor,
+                         new_idx: Tensor, x: Tensor, base: int, n_pos: int) -> None:
+        """``_apply`` with a fixed sequence of kernels over every column (no ``nonzero``: no host sync)."""
+        key_n, idx_n, slot_n, val_n, ctx_n = names
+        t = self.t
+        size = new_idx.shape[0]
+        fresh = (new_idx >= base) & (new_idx != NO_INDEX)  # (rank, neuron) entries from this batch
+        slots = t[slot_n][li]  # (rank, neuron) slot of each old rank
+        kept_rank = (torch.cumsum((~fresh).long(), 0) - 1).clamp(min=0)
+        n_new = fresh.sum(0, keepdim=True)
+        freed_rank = (size - n_new + torch.cumsum(fresh.long(), 0) - 1).clamp(0, size - 1)
+        new_slots = torch.where(fresh, torch.gather(slots, 0, freed_rank), torch.gather(slots, 0, kept_rank))
+        t[slot_n][li] = new_slots
+        rows = (new_idx - base).clamp(0, x.shape[0] - 1)  # (rank, neuron) token row in x where fresh
+        cols = torch.arange(self.N, device=x.device).expand_as(rows)
+        # new_slots is a permutation of the slots in every column: each slot is written exactly once.
+        ctx = self._context(x, rows.reshape(-1), cols.reshape(-1), n_pos).view(size, self.N, -1)  # (rank, N, C)
+        store = t[ctx_n][li]  # (slot, neuron, ctx)
+        idx3 = new_slots.unsqueeze(2).expand_as(ctx)
+        store.scatter_(0, idx3, torch.where(fresh.unsqueeze(2), ctx, torch.gather(store, 0, idx3)))
+        if val_n is not None:
+            vstore = t[val_n][li]
+            vstore.scatter_(0, new_slots, torch.where(fresh, x[rows, cols], torch.gather(vstore, 0, new_slots)))
+        t[key_n][li] = new_key
+        t[idx_n][li] = new_idx
+
     def update_records(self, li: int, x: Float[Tensor, "tok neuron"], base: int, n_pos: int,
                        rand_rows: Tensor | None, rand_keys: Tensor | None) -> None:
         t = self.t
         old_i = t["top_i"][li]
+        row_index = torch.arange(base, base + x.shape[0], device=x.device)
+        if self.sync_free:
+            v, i = update_topk_sync_free(t["top_v"][li], old_i, x, row_index)
+            self._apply_sync_free(li, ("top_v", "top_i", "top_slot", None, "top_ctx"), v, i, x, base, n_pos)
+            if rand_rows is not None and rand_keys is not None:
+                kv, ki = update_topk_sync_free(t["rnd_key"][li], t["rnd_i"][li], rand_keys[li], rand_rows + base)
+                self._apply_sync_free(li, ("rnd_key", "rnd_i", "rnd_slot", "rnd_v", "rnd_ctx"), kv, ki, x, base,
+                                      n_pos)
+            return
         _, mask = self._buffers(x.shape)
-        v, i = update_topk(t["top_v"][li], old_i, x, torch.arange(base, base + x.shape[0]), mask_out=mask)
+        v, i = update_topk(t["top_v"][li], old_i, x, row_index, mask_out=mask)
         if i is not old_i:  # update_topk hands back its input when nothing changed
             self._apply(li, ("top_v", "top_i", "top_slot", None, "top_ctx"), v, i, x, base, n_pos)
         if rand_rows is not None and rand_keys is not None:
@@ -452,8 +506,23 @@ class _State:
 
     # -- results --
 
+    def host_tensors(self) -> dict[str, Tensor]:
+        """The running state on the CPU (for checkpoints and the final records)."""
+        return {k: v.detach().cpu() for k, v in self.t.items()}
+
+    def load_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Replace the running state (from a checkpoint), on this state's device."""
+        for k in self.t:
+            self.t[k] = tensors[k].to(self.device)
+        self._count = {}
+        for k, v in tensors.items():
+            if k.startswith("s") and k.endswith(".n"):
+                ci = int(k[1:-2])
+                for li, n in enumerate(v.tolist()):
+                    self._count[(ci, li)] = float(n)
+
     def stats(self, ci: int) -> NeuronStats:
-        t = self.t
+        t = {k: v.cpu() for k, v in self.t.items() if k.startswith(f"s{ci}.")}
         n = t[f"s{ci}.n"].unsqueeze(1).expand(-1, self.N)
         safe = n.clamp(min=1)
         return NeuronStats(count=n.clone(), mean=t[f"s{ci}.mean"].clone(),
@@ -483,7 +552,7 @@ def _config_hash(cfg: CollectConfig, model_name: str, d_mlp: int, corpora: dict[
                         sort_keys=True).encode())
     for name, tw in corpora.items():
         h.update(json.dumps([name, list(tw.tokens.shape)]).encode())
-        h.update(tw.tokens.to(torch.int64).contiguous().numpy().tobytes())
+        h.update(tw.tokens.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -507,7 +576,8 @@ def _normalise_corpus(corpus: Any) -> dict[str, TokenWindows]:
 
 def _token_vocab(model: Any, windows: Tensor) -> dict[int, str]:
     ids = torch.unique(windows).tolist()
-    return {int(i): model.tokenizer.decode([int(i)]) for i in ids}
+    tok = backend(model).tokenizer
+    return {int(i): tok.decode([int(i)]) for i in ids}
 
 
 def collect(model: Any, corpus: TokenWindows | dict[str, TokenWindows], *, layers: list[int] | None = None,
@@ -541,7 +611,8 @@ def collect(model: Any, corpus: TokenWindows | dict[str, TokenWindows], *, layer
     names = list(corpora)
     rec_name = RECORDS_CORPUS if RECORDS_CORPUS in corpora else names[0]
     rec_ci = names.index(rec_name)
-    vocab_size = int(model.cfg.d_vocab)
+    be = backend(model)
+    vocab_size = be.d_vocab
     for name, tw in corpora.items():
         lo, hi = int(tw.tokens.min()), int(tw.tokens.max())
         if lo < 0 or hi >= vocab_size:
@@ -553,7 +624,8 @@ def collect(model: Any, corpus: TokenWindows | dict[str, TokenWindows], *, layer
     mname = models.model_name(model)
     chash = _config_hash(cfg, mname, d_mlp, corpora)
 
-    state = _State(cfg, d_mlp, names)
+    device = be.device
+    state = _State(cfg, d_mlp, names, device)
     start_ci, start_w = 0, 0
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
@@ -599,7 +671,8 @@ def collect(model: Any, corpus: TokenWindows | dict[str, TokenWindows], *, layer
 
     fwd_hooks = [(models.hook_name(layer), make_hook(layer)) for layer in cfg.layers]
     try:
-        with torch.inference_mode():
+        # The hooks stay on for the whole run (not re-attached per batch); removed on exit, errors included.
+        with torch.inference_mode(), be.temporary_hooks(fwd_hooks):
             for ci in range(start_ci, len(names)):
                 tw = corpora[names[ci]]
                 n_pos = tw.n_ctx
@@ -611,8 +684,8 @@ def collect(model: Any, corpus: TokenWindows | dict[str, TokenWindows], *, layer
                         batch_ctx.update(ci=ci, base=b0 * n_pos, n_pos=n_pos, rand_rows=None, rand_keys=None)
                         if ci == rec_ci and cfg.n_random:
                             rows, keys = _random_candidates(cfg, b0, b1 - b0, n_pos, L, d_mlp)
-                            batch_ctx.update(rand_rows=rows, rand_keys=keys)
-                        _forward(model, tw.tokens[b0:b1], fwd_hooks)
+                            batch_ctx.update(rand_rows=rows.to(device), rand_keys=keys.to(device))
+                        _forward(be, tw.tokens[b0:b1].to(device))
                         bar.update((b1 - b0) * n_pos)
                     if out is not None:
                         _save_checkpoint(out / CHECKPOINT, chash, state, ci, shard_end)
@@ -631,13 +704,12 @@ def collect(model: Any, corpus: TokenWindows | dict[str, TokenWindows], *, layer
     return result
 
 
-def _forward(model: Any, tokens: Tensor, fwd_hooks: list) -> None:
-    """Run the model until the last hooked layer raises ``_StopForward``; hooks are removed after."""
-    with model.hooks(fwd_hooks=fwd_hooks):
-        try:
-            model(tokens, return_type=None)
-        except _StopForward:
-            pass
+def _forward(be: Any, tokens: Tensor) -> None:
+    """Run the model until the last hooked layer raises ``_StopForward``."""
+    try:
+        be.run(tokens)
+    except _StopForward:
+        pass
 
 
 def _prepare_out_dir(out: Path, chash: str, overwrite: bool) -> ActivationRecords | None:
@@ -672,7 +744,7 @@ def _prepare_out_dir(out: Path, chash: str, overwrite: bool) -> ActivationRecord
 
 def _save_checkpoint(path: Path, chash: str, state: _State, ci: int, next_window: int) -> None:
     meta = {"config_hash": chash, "corpus": str(ci), "next_window": str(next_window)}
-    _atomic_save_tensors({k: v.contiguous() for k, v in state.t.items()}, path, metadata=meta)
+    _atomic_save_tensors({k: v.contiguous() for k, v in state.host_tensors().items()}, path, metadata=meta)
 
 
 def _load_checkpoint(path: Path, chash: str, state: _State) -> tuple[int, int]:
@@ -681,14 +753,13 @@ def _load_checkpoint(path: Path, chash: str, state: _State) -> tuple[int, int]:
         if meta.get("config_hash") != chash:
             raise ValueError(f"checkpoint {str(path)!r} belongs to a different collection; delete it or use "
                              "another output directory")
-        for k in state.t:
-            state.t[k] = fh.get_tensor(k)
+        state.load_tensors({k: fh.get_tensor(k) for k in state.t})
     return int(meta["corpus"]), int(meta["next_window"])
 
 
 def _finalise(state: _State, cfg: CollectConfig, mname: str, d_mlp: int, names: list[str], rec_ci: int,
               rec: TokenWindows, chash: str, model: Any) -> ActivationRecords:
-    t, n_pos = dict(state.t), rec.n_ctx
+    t, n_pos = state.host_tensors(), rec.n_ctx
     C = cfg.context_len
     # Payloads from storage slots into rank order.
     t["top_ctx"] = torch.gather(t["top_ctx"], 1, t["top_slot"].unsqueeze(3).expand(-1, -1, -1, C))  # (L,k,N,C)

@@ -2,7 +2,8 @@
 
 The tokenizer is a byte-level BPE trained in a second on ``pydoc_data.topics`` (English prose that ships
 with Python), saved and reloaded (the bridge needs a saved tokenizer). Models are real HF architectures
-(GPT-2: plain MLP; Llama: gated MLP) wrapped in a ``TransformerBridge`` exactly as ``load_model`` does.
+(GPT-2: plain MLP; Llama: gated MLP) wrapped in a ``TransformerBridge`` exactly as ``load_model`` does;
+``tiny_hooked_model`` builds the same shapes as a TransformerLens 2.x/3.x ``HookedTransformer``.
 """
 
 from __future__ import annotations
@@ -67,3 +68,31 @@ def tiny_model(arch: Literal["gpt2", "llama"] = "llama", **kwargs: Any) -> Any:
     """A tiny ``TransformerBridge`` (default: 3 layers x 64 neurons) named ``tiny-<arch>``."""
     hf = tiny_hf_model(arch, **kwargs)
     return bridge_from_hf(hf, tiny_tokenizer(kwargs.get("vocab_size", 512)), name=f"tiny-{arch}")
+
+
+def tiny_hooked_model(arch: Literal["gpt2", "llama"] = "llama", *, n_layers: int = 3, d_model: int = 32,
+                      d_mlp: int = 64, n_ctx: int = 256, seed: int = 0, vocab_size: int = 512,
+                      device: str = "cpu") -> Any:
+    """A tiny TransformerLens 2.x/3.x ``HookedTransformer`` built from a config (random weights, no download).
+
+    ``"llama"``: RMSNorm, rotary, gated SiLU MLP; ``"gpt2"``: LayerNorm, learned positions, GELU MLP. Its
+    tokenizer is ``tiny_tokenizer``; it is named ``tiny-hooked-<arch>``. Raises ``ImportError`` on
+    TransformerLens 4.x, which has no ``HookedTransformer``.
+    """
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError as exc:
+        raise ImportError("HookedTransformer needs TransformerLens 2.x/3.x (4.x is bridge-only); "
+                          "`python3 dev.py test-hooked` runs these tests in such an environment") from exc
+    common = dict(n_layers=n_layers, d_model=d_model, d_head=d_model // 4, n_heads=4, d_mlp=d_mlp,
+                  d_vocab=vocab_size, n_ctx=n_ctx, seed=seed, device=device, default_prepend_bos=False,
+                  model_name=f"tiny-hooked-{arch}")
+    if arch == "llama":
+        cfg = HookedTransformerConfig(act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
+                                      gated_mlp=True, rotary_dim=d_model // 4, final_rms=True, **common)
+    elif arch == "gpt2":
+        cfg = HookedTransformerConfig(act_fn="gelu_new", normalization_type="LN",
+                                      positional_embedding_type="standard", **common)
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose 'gpt2' or 'llama'")
+    return HookedTransformer(cfg, tokenizer=tiny_tokenizer(vocab_size)).eval()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from snip_lens.kernels.topk import (NO_INDEX, merge_topk, merge_topk_reference, topk_desc,
-                                    topk_desc_reference, update_topk)
+                                    topk_desc_reference, update_topk, update_topk_sync_free)
 
 
 @pytest.mark.parametrize("rows,cols,k", [(50, 7, 5), (5, 3, 5), (3, 4, 6), (200, 16, 20), (1, 2, 1)])
@@ -97,3 +97,23 @@ def test_update_topk_does_not_modify_inputs_and_handles_empty_batches():
     assert update_topk(v2, i2, x[:0], torch.arange(0))[0] is v2
     ref_v, ref_i = topk_desc_reference(x, 3)
     assert torch.equal(v2, ref_v) and torch.equal(i2, ref_i)
+
+
+@pytest.mark.parametrize("levels", [None, 4])
+def test_update_topk_sync_free_equals_reference_stream(levels):
+    """The accelerator path (stable sort + merge, no host sync) gives the same stream result, ties included."""
+    g = torch.Generator().manual_seed(11 + (levels or 0))
+    rows, cols, k = 300, 17, 6
+    x = torch.randn(rows, cols, generator=g) if levels is None else torch.randint(
+        0, levels, (rows, cols), generator=g).float()
+    x[:, 3] = 0.0
+    vals = torch.full((k, cols), -float("inf"))
+    idx = torch.full((k, cols), NO_INDEX)
+    v_fast, i_fast = vals, idx
+    for start, size in [(0, 2), (2, 40), (42, 8), (50, 1), (51, 100), (151, 149)]:
+        row_index = torch.arange(size) * 3 + 1000 * start
+        vals, idx = update_topk_sync_free(vals, idx, x[start:start + size], row_index)
+        v_fast, i_fast = update_topk(v_fast, i_fast, x[start:start + size], row_index)
+        assert torch.equal(vals, v_fast) and torch.equal(idx, i_fast)
+    ref_v, ref_i = topk_desc_reference(x, k)
+    assert torch.equal(vals, ref_v)
