@@ -98,8 +98,9 @@ def main(argv: list[str]) -> int:
         py = setup_tl3()
         env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
                "SNIP_LENS_REQUIRE_HOOKED": "1"}
-        return subprocess.call([str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", *(rest or HOOKED_TESTS)],
-                               cwd=ROOT, env=env)
+        paths = [a for a in rest if a.startswith("tests") or a.endswith(".py")]
+        args = rest if paths else [*HOOKED_TESTS, *rest]
+        return subprocess.call([str(py), "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=ROOT, env=env)
     setup()
     env = dict(os.environ)
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -421,12 +421,17 @@ class _State:
         torch.maximum(t[f"s{ci}.max"][li], x.amax(0).double(), out=t[f"s{ci}.max"][li])
 
     def _context(self, x: Tensor, rows: Tensor, cols: Tensor, n_pos: int) -> Tensor:
-        """Activations of neuron ``cols[e]`` around token ``rows[e]``: (entry, ctx), NaN outside the window."""
+        """Activations of neuron ``cols[e]`` around token ``rows[e]``: (entry, ctx), NaN outside the window.
+
+        Gathers only the entries' own ``ctx`` values (no padded copy of the whole batch).
+        """
         before, after = self.cfg.context
-        xw = x.view(-1, n_pos, self.N)  # (window, pos, neuron)
-        padded = torch.nn.functional.pad(xw, (0, 0, before, after), value=math.nan)  # (window, pos+ctx-1, neuron)
-        windows = padded.unfold(1, before + 1 + after, 1)  # (window, pos, neuron, ctx), a view
-        return windows[rows // n_pos, rows % n_pos, cols]
+        offsets = torch.arange(-before, after + 1, device=x.device)  # (ctx,)
+        pos = (rows % n_pos).unsqueeze(1) + offsets  # (entry, ctx) position inside the window
+        inside = (pos >= 0) & (pos < n_pos)
+        src = (rows - rows % n_pos).unsqueeze(1) + pos.clamp(0, n_pos - 1)  # (entry, ctx) row in x
+        vals = x[src, cols.unsqueeze(1).expand_as(src)]
+        return torch.where(inside, vals, torch.full((), math.nan, device=x.device, dtype=x.dtype))
 
     def _apply(self, li: int, names: tuple[str, str, str, str | None, str], new_key: Tensor, new_idx: Tensor,
                x: Tensor, base: int, n_pos: int) -> None:

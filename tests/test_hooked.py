@@ -294,9 +294,11 @@ def _reference_cbt(model, item):
     bos = [model.tokenizer.bos_token_id] if prepends_bos(model) else []
     ctx = encode(model, " ".join(item.context)) if item.context else []
     stem = encode(model, (" " if item.context else "") + before)
+    comps = [encode(model, space + opt + after) for opt in item.options]
+    budget = model.cfg.n_ctx - len(bos) - len(stem) - max(map(len, comps))
+    ctx = ctx[max(0, len(ctx) - budget):]  # the documented left truncation
     out = []
-    for opt in item.options:
-        comp = encode(model, space + opt + after)
+    for comp in comps:
         ids = torch.tensor([bos + ctx + stem + comp])
         with torch.no_grad():
             logp = torch.log_softmax(model(ids)[0, :-1], -1)
@@ -307,7 +309,10 @@ def _reference_cbt(model, item):
 
 def test_cbt_kv_cache_naive_and_reference_agree_with_and_without_mask(arch):
     model = _model(arch)
-    items = build_cloze_items(TEXTS + _prose()[:3], "P", n_items=3, seed=0, n_context=3)
+    import pydoc_data.topics
+
+    prose = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
+    items = build_cloze_items(prose, "P", n_items=3, seed=0, n_context=3)
     kv = cbt_scores(model, items, batch_size=4)
     naive = cbt_scores(model, items, use_kv_cache=False, batch_size=3)
     for item, a, b in zip(items, kv, naive):
