@@ -62,11 +62,6 @@ META_FILE = "records.json"
 FORMAT_VERSION = 1
 STATS_CHUNK = 128
 """Token rows per cache-sized chunk of the statistics pass."""
-HOOK_THREADS = int(os.environ.get("SNIP_LENS_HOOK_THREADS", "0"))
-"""Threads for the per-batch reductions inside the hooks; 0 keeps torch's setting (the forward pass keeps its
-own either way). On a machine whose cores other processes hold, 1 avoids OpenMP passes stalling on a busy
-core (measured: 10-50x slower reductions there); on an idle 2-core machine 2 threads made collection 9% faster."""
-"""Token rows per cache-sized chunk of the statistics pass."""
 
 
 # ---- config -----------------------------------------------------------------------------------------
@@ -312,11 +307,6 @@ class ActivationRecords:
                    vocab={int(k): v for k, v in meta["vocab"].items()}, stats=stats,
                    config_hash=meta.get("config_hash", ""), n_layers=int(meta.get("n_layers", 0)))
 
-
-# The process umask, read once at import (os.umask can only be read by setting it).
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-_FILE_MODE = 0o666 & ~_UMASK
 
 # ---- atomic files -----------------------------------------------------------------------------------
 
@@ -580,17 +570,11 @@ def collect(model: Any, corpus: TokenWindows | dict[str, TokenWindows], *, layer
         def hook(act: Tensor, hook: Any) -> None:
             x = act.detach().reshape(-1, d_mlp).float().contiguous()  # (batch*pos, neuron)
             ci = batch_ctx["ci"]
-            # The reductions here are memory-bound passes of a few ms; splitting them over OpenMP threads
-            # gains little and, when another process holds a core, stalls each pass waiting for it.
-            threads = torch.get_num_threads()
-            torch.set_num_threads(HOOK_THREADS or threads)
-            try:
-                state.update_stats(ci, li, x)
-                if ci == rec_ci:
-                    state.update_records(li, x, batch_ctx["base"], batch_ctx["n_pos"], batch_ctx["rand_rows"],
-                                         batch_ctx["rand_keys"])
-            finally:
-                torch.set_num_threads(threads)
+            # torch's thread count is the user's (it is process-wide): the hooks never change it.
+            state.update_stats(ci, li, x)
+            if ci == rec_ci:
+                state.update_records(li, x, batch_ctx["base"], batch_ctx["n_pos"], batch_ctx["rand_rows"],
+                                     batch_ctx["rand_keys"])
             if layer == last:
                 raise _StopForward
             return None
