@@ -63,7 +63,11 @@ def tiny_hf_model(arch: Literal["gpt2", "llama"] = "llama", *, n_layers: int = 3
     return model.eval()
 
 
-def tiny_model(arch: Literal["gpt2", "llama"] = "llama", **kwargs: Any) -> Any:
-    """A tiny ``TransformerBridge`` (default: 3 layers x 64 neurons) named ``tiny-<arch>``."""
+def tiny_model(arch: Literal["gpt2", "llama"] = "llama", *, prepend_bos: bool | None = None, **kwargs: Any) -> Any:
+    """A tiny ``TransformerBridge`` (default: 3 layers x 64 neurons) named ``tiny-<arch>``.
+
+    ``prepend_bos=False`` makes a model that takes no BOS (as SmolLM2); the default prepends one.
+    """
     hf = tiny_hf_model(arch, **kwargs)
-    return bridge_from_hf(hf, tiny_tokenizer(kwargs.get("vocab_size", 512)), name=f"tiny-{arch}")
+    return bridge_from_hf(hf, tiny_tokenizer(kwargs.get("vocab_size", 512)), name=f"tiny-{arch}",
+                          prepend_bos=prepend_bos)

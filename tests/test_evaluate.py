@@ -178,8 +178,9 @@ def reference_scores(model, item: CBTItem) -> list[float]:
         ids = torch.tensor([bos + ctx + stem + comp])
         with torch.no_grad():
             logp = torch.log_softmax(model(ids)[0, :-1], -1)
-        nll = -logp.gather(-1, ids[0, 1:, None])[:, 0]
-        scored = nll[-(len(stem) + len(comp)):]
+        nll = -logp.gather(-1, ids[0, 1:, None])[:, 0]  # loss of tokens 1.. (token 0 has no prediction)
+        n_scored = min(len(stem) + len(comp), len(nll))
+        scored = nll[len(nll) - n_scored:]
         out.append(math.exp(float(scored.mean())) ** -1)
     return out
 
@@ -203,6 +204,21 @@ def test_cbt_kv_naive_and_reference_agree(model, prose_items):
     assert acc_kv["predictions"] == [max(range(10), key=s.__getitem__) for s in naive]
     assert acc_kv["n_items"] == 6
     assert acc_kv["accuracy"] == sum(p == it.label for p, it in zip(acc_kv["predictions"], items)) / 6
+
+
+def test_cbt_item_without_context_on_a_model_without_bos():
+    """SmolLM2 takes no BOS: an item with no context then starts at the question, whose first token is unscored."""
+    no_bos = tiny_model("llama", n_layers=2, prepend_bos=False)
+    assert not prepends_bos(no_bos)
+    items = load_cbt(FIXTURES / "cbt_sample.jsonl")
+    assert any(not it.context for it in items)
+    kv = cbt_scores(no_bos, items, batch_size=4)
+    naive = cbt_scores(no_bos, items, use_kv_cache=False, batch_size=3)
+    for item, a, b in zip(items, kv, naive):
+        ref = reference_scores(no_bos, item)
+        assert a == pytest.approx(ref, rel=1e-4)
+        assert b == pytest.approx(ref, rel=1e-4)
+    assert cbt_accuracy(no_bos, items)["predictions"] == cbt_accuracy(no_bos, items, use_kv_cache=False)["predictions"]
 
 
 def test_cbt_mask_changes_scores_and_both_paths_agree_under_it(llama, prose_items):
