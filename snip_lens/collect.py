@@ -13,6 +13,10 @@ streaming pass over the corpus with forward hooks on ``blocks.{l}.mlp.hook_post`
 - per neuron and per named corpus: token count, mean, mean |act|, std, max, and frequency of act > 0
   (batch moments merged in float64 with Chan's formula).
 
+A BOS token prepended to a window (position 0, on models that take one, such as Gemma) is not text: no
+record is centred on it, no context shows it, and it counts in no statistic (its activation is typically
+an attention-sink outlier that would otherwise top many neurons' lists).
+
 Memory is O(layers x neurons x (top_k + n_random) x context) whatever the number of tokens: each batch is
 reduced inside the hook and then dropped. The forward pass is stopped by an exception right after the
 last requested layer's hook, so later layers and the unembedding never run.
@@ -59,7 +63,8 @@ RANDOM_MARGIN = 2
 CHECKPOINT = "checkpoint.safetensors"
 TENSORS_FILE = "activations.safetensors"
 META_FILE = "records.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: prepended BOS positions are left out of records and statistics (1 counted them)."""
 STATS_CHUNK = 128
 """Token rows per cache-sized chunk of the statistics pass."""
 
@@ -537,8 +542,10 @@ def collect(model: Any, corpus: TokenWindows | dict[str, TokenWindows], *, layer
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"corpus {name!r} holds token ids {lo}..{hi}, outside the model's vocabulary "
                              f"0..{vocab_size - 1}; tokenise it with this model's tokenizer")
-    if corpora[rec_name].n_tokens < top_k:
-        raise ValueError(f"records corpus {rec_name!r} has {corpora[rec_name].n_tokens} tokens, fewer than "
+    bos_id = model.tokenizer.bos_token_id if models.prepends_bos(model) else None
+    n_text = corpora[rec_name].n_tokens - len(_bos_rows(corpora[rec_name].tokens, bos_id))
+    if n_text < top_k:
+        raise ValueError(f"records corpus {rec_name!r} has {n_text} text tokens (BOS not counted), fewer than "
                          f"top_k={top_k}; use more text or a smaller top_k")
     mname = models.model_name(model)
     chash = _config_hash(cfg, mname, d_mlp, corpora)
@@ -571,7 +578,12 @@ def collect(model: Any, corpus: TokenWindows | dict[str, TokenWindows], *, layer
             x = act.detach().reshape(-1, d_mlp).float().contiguous()  # (batch*pos, neuron)
             ci = batch_ctx["ci"]
             # torch's thread count is the user's (it is process-wide): the hooks never change it.
-            state.update_stats(ci, li, x)
+            bos = batch_ctx["bos_rows"]
+            if bos.numel():  # prepended BOS: out of the statistics, and -inf so that no top-k list takes it
+                state.update_stats(ci, li, x[batch_ctx["text_rows"]])
+                x = x.index_fill(0, bos, -math.inf)
+            else:
+                state.update_stats(ci, li, x)
             if ci == rec_ci:
                 state.update_records(li, x, batch_ctx["base"], batch_ctx["n_pos"], batch_ctx["rand_rows"],
                                      batch_ctx["rand_keys"])
@@ -592,9 +604,15 @@ def collect(model: Any, corpus: TokenWindows | dict[str, TokenWindows], *, layer
                     shard_end = min(shard_start + shard_windows, len(tw))
                     for b0 in range(max(shard_start, w0), shard_end, batch_size):
                         b1 = min(b0 + batch_size, shard_end)
-                        batch_ctx.update(ci=ci, base=b0 * n_pos, n_pos=n_pos, rand_rows=None, rand_keys=None)
+                        bos = _bos_rows(tw.tokens[b0:b1], bos_id)
+                        text_rows = _text_rows(b1 - b0, n_pos, bos)
+                        batch_ctx.update(ci=ci, base=b0 * n_pos, n_pos=n_pos, rand_rows=None, rand_keys=None,
+                                         bos_rows=bos, text_rows=text_rows)
                         if ci == rec_ci and cfg.n_random:
                             rows, keys = _random_candidates(cfg, b0, b1 - b0, n_pos, L, d_mlp)
+                            if bos.numel():  # a BOS position is never a random record
+                                usable = ~torch.isin(rows, bos)
+                                rows, keys = rows[usable], keys[:, usable]
                             batch_ctx.update(rand_rows=rows, rand_keys=keys)
                         _forward(model, tw.tokens[b0:b1], fwd_hooks)
                         bar.update((b1 - b0) * n_pos)
@@ -613,6 +631,22 @@ def collect(model: Any, corpus: TokenWindows | dict[str, TokenWindows], *, layer
             {"config": asdict(cfg), "model": mname, "corpora": {n: list(corpora[n].tokens.shape) for n in names},
              "records_corpus": rec_name, "config_hash": chash}, indent=2))
     return result
+
+
+def _bos_rows(tokens: Int[Tensor, "window pos"], bos_id: int | None) -> Int[Tensor, " n"]:
+    """Flat token rows (window * pos + 0) of the windows that start with a prepended BOS."""
+    if bos_id is None:
+        return torch.zeros(0, dtype=torch.long)
+    return (tokens[:, 0] == bos_id).nonzero().squeeze(1) * tokens.shape[1]
+
+
+def _text_rows(n_windows: int, n_pos: int, bos: Tensor) -> Tensor | None:
+    """Flat token rows that are text (all but ``bos``); None when every row is."""
+    if not bos.numel():
+        return None
+    keep = torch.ones(n_windows * n_pos, dtype=torch.bool)
+    keep[bos] = False
+    return keep.nonzero().squeeze(1)
 
 
 def _forward(model: Any, tokens: Tensor, fwd_hooks: list) -> None:
@@ -677,6 +711,8 @@ def _finalise(state: _State, cfg: CollectConfig, mname: str, d_mlp: int, names: 
     # Payloads from storage slots into rank order.
     t["top_ctx"] = torch.gather(t["top_ctx"], 1, t["top_slot"].unsqueeze(3).expand(-1, -1, -1, C))  # (L,k,N,C)
     t["rnd_ctx"] = torch.gather(t["rnd_ctx"], 1, t["rnd_slot"].unsqueeze(3).expand(-1, -1, -1, C))
+    for name in ("top_ctx", "rnd_ctx"):  # a prepended BOS inside a context (-inf in the hooks) is not shown
+        t[name] = t[name].masked_fill(t[name] == -math.inf, math.nan)
     t["rnd_v"] = torch.gather(t["rnd_v"], 1, t["rnd_slot"])
     top_i = t["top_i"]  # (layer, k, neuron)
     top_window = (top_i // n_pos).permute(0, 2, 1).contiguous()
