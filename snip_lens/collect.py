@@ -482,17 +482,34 @@ def _config_hash(cfg: CollectConfig, model_name: str, d_mlp: int, corpora: dict[
     return h.hexdigest()
 
 
-def _normalise_corpus(corpus: Any) -> dict[str, TokenWindows]:
+def _as_windows(model: Any, corpus: Any, name: str, n_ctx: int, seed: int, max_doc_tokens: int | None) -> Any:
+    """Texts (a list of strings) or a source name become windows exactly as ``snip collect`` makes them."""
+    from .corpus import load_corpus, make_windows
+
+    if isinstance(corpus, str):
+        return load_corpus(model, corpus, n_ctx=n_ctx, seed=seed, name=name, max_doc_tokens=max_doc_tokens)
+    if isinstance(corpus, (list, tuple)) and corpus and all(isinstance(t, str) for t in corpus):
+        return make_windows(model, list(corpus), n_ctx=n_ctx, seed=seed, name=name, max_doc_tokens=max_doc_tokens)
+    return corpus
+
+
+def _normalise_corpus(corpus: Any, model: Any = None, n_ctx: int = 128, seed: int = 0,
+                      max_doc_tokens: int | None = 512) -> dict[str, TokenWindows]:
+    if isinstance(corpus, (str, list, tuple)):
+        name = corpus if isinstance(corpus, str) else RECORDS_CORPUS
+        corpus = _as_windows(model, corpus, name, n_ctx, seed, max_doc_tokens)
     if isinstance(corpus, TokenWindows):
         corpora = {corpus.name or RECORDS_CORPUS: corpus}
     elif isinstance(corpus, dict) and corpus:
-        corpora = dict(corpus)
+        corpora = {name: _as_windows(model, tw, name, n_ctx, seed, max_doc_tokens) for name, tw in corpus.items()}
         for name, tw in corpora.items():
             if not isinstance(tw, TokenWindows):
-                raise ValueError(f"corpus {name!r} is a {type(tw).__name__}, not TokenWindows; "
-                                 "build it with snip_lens.corpus.load_corpus or make_windows")
+                raise ValueError(f"corpus {name!r} is a {type(tw).__name__}, not TokenWindows, texts or a source; "
+                                 "give a list of strings, a source name, or windows from "
+                                 "snip_lens.corpus.load_corpus / make_windows")
     else:
-        raise ValueError(f"corpus must be TokenWindows or a non-empty dict of name -> TokenWindows; got "
+        raise ValueError(f"corpus must be TokenWindows, a non-empty list of strings, a source name, or a non-empty "
+                         f"dict of name -> one of those; got "
                          f"{type(corpus).__name__ if not isinstance(corpus, dict) else 'an empty dict'}")
     for name, tw in corpora.items():
         if len(tw) == 0 or tw.n_ctx == 0:
@@ -505,15 +522,18 @@ def _token_vocab(model: Any, windows: Tensor) -> dict[int, str]:
     return {int(i): model.tokenizer.decode([int(i)]) for i in ids}
 
 
-def collect(model: Any, corpus: TokenWindows | dict[str, TokenWindows], *, layers: list[int] | None = None,
+def collect(model: Any, corpus: TokenWindows | list[str] | str | dict[str, Any], *, layers: list[int] | None = None,
             top_k: int = 20, context: tuple[int, int] = (32, 8), n_random: int = 5, batch_size: int = 8,
             out_dir: str | os.PathLike | None = None, progress: bool = True, seed: int = 0,
             shard_windows: int = 256, overwrite: bool = False,
-            on_shard: Callable[[int], None] | None = None) -> ActivationRecords:
+            on_shard: Callable[[int], None] | None = None, n_ctx: int = 128,
+            max_doc_tokens: int | None = 512) -> ActivationRecords:
     """Stream ``corpus`` through ``model`` and collect neuron records and statistics (see module docstring).
 
     ``corpus``: one ``TokenWindows``, or a dict name -> ``TokenWindows`` whose statistics are kept per
-    name; the records (top-k and random) come from the corpus named ``"records"`` if there is one, else
+    name; a list of strings (documents) or a source name (``"prose"``, a file, a directory; see
+    ``snip_lens.corpus``) may stand for any ``TokenWindows``: it is cut into windows of ``n_ctx`` tokens with
+    ``max_doc_tokens`` and ``seed`` as ``snip collect`` does (a list alone is named ``"records"``); the records (top-k and random) come from the corpus named ``"records"`` if there is one, else
     from the first. ``layers``: layer indices (default all). ``out_dir``: directory for resumable
     checkpoints (one per ``shard_windows`` windows) and the final ``ActivationRecords``; a directory that
     holds results of a different config or corpus is refused unless ``overwrite``. ``on_shard`` is called
@@ -532,7 +552,7 @@ def collect(model: Any, corpus: TokenWindows | dict[str, TokenWindows], *, layer
         raise ValueError(f"shard_windows must be a positive number of windows; got {shard_windows}")
     cfg = CollectConfig(layers=tuple(sorted(set(int(x) for x in layers))), top_k=top_k,
                         context=(int(context[0]), int(context[1])), n_random=n_random, seed=seed)
-    corpora = _normalise_corpus(corpus)
+    corpora = _normalise_corpus(corpus, model, n_ctx, seed, max_doc_tokens)
     names = list(corpora)
     rec_name = RECORDS_CORPUS if RECORDS_CORPUS in corpora else names[0]
     rec_ci = names.index(rec_name)

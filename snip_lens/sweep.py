@@ -66,6 +66,9 @@ class DataConfig:
     modules) cannot fill every window: more documents, more varied windows. None keeps whole documents."""
     text_field: str = "text"
     """Field holding the text in JSONL files and HF datasets."""
+    glob: str | None = None
+    """Read only the files matching this pattern from a directory corpus (``"*.c"``, ``"docs/**/*.rst"``);
+    None reads every text file. Applies to whichever of forget / retain is a directory."""
     seed: int = 0
     """Seed of every random choice (document split, window order, random baseline, sampling)."""
 
@@ -177,7 +180,8 @@ def load_side_texts(spec: str, data: DataConfig) -> list[str]:
     if spec == "civil-toxic" or spec.startswith("civil-toxic:"):
         path = spec.split(":", 1)[1] if ":" in spec else None
         return toxic_comments(path, n=data.max_docs or 500, seed=data.seed)
-    return load_texts(spec, text_field=data.text_field, max_docs=data.max_docs, seed=data.seed)
+    glob = data.glob if data.glob is not None and Path(spec).expanduser().is_dir() else None
+    return load_texts(spec, text_field=data.text_field, max_docs=data.max_docs, seed=data.seed, glob=glob)
 
 
 def cbt_item_text(item: Any) -> str:
@@ -289,6 +293,9 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
 
     # -- data: split by document, then windows ----------------------------------------------------------
     d = config.data
+    if d.glob is not None and not any(Path(s).expanduser().is_dir() for s in (d.forget, d.retain)):
+        raise ValueError(f"glob {d.glob!r} narrows a directory corpus, but neither forget ({d.forget!r}) nor "
+                         f"retain ({d.retain!r}) is a directory; drop --glob or give a directory")
     forget_texts = load_side_texts(d.forget, d)
     retain_texts = load_side_texts(d.retain, d)
     if d.forget == d.retain or forget_texts == retain_texts:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from snip_lens.collect import ActivationRecords, collect, parse_layers
-from snip_lens.corpus import TokenWindows, make_windows
+from snip_lens.corpus import TokenWindows, load_corpus, make_windows
 from snip_lens.models import hook_name, prepends_bos
 from snip_lens.testing import tiny_model
 from snip_lens.types import NeuronId
@@ -392,6 +392,45 @@ def test_cli_collect_equals_the_library_call(tmp_path, capsys):
     assert "top_k must be a positive integer" in capsys.readouterr().err
     assert main(argv[:-3] + ["--layers", "0-5", "--out", str(tmp_path / "bad")]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_collect_takes_texts_or_a_source_and_makes_windows_as_snip_collect(model, tmp_path, capsys):
+    from snip_lens.cli import main
+
+    texts = _texts()
+    got = collect(model, texts, top_k=3, context=(2, 1), n_random=1, n_ctx=24, progress=False)
+    want = collect(model, make_windows(model, texts, n_ctx=24, name="records", max_doc_tokens=512), top_k=3,
+                   context=(2, 1), n_random=1, progress=False)
+    _assert_same(got, want)
+    assert got.records_corpus == "records"
+    # A source name, here a folder of extensionless and .c files narrowed by a glob, in a dict with texts.
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "README").write_text(texts[0])
+    (tmp_path / "docs" / "a.c").write_text(texts[1])
+    src = str(tmp_path / "docs")
+    both = collect(model, {"records": src, "retain": texts[2:4]}, layers=[1], top_k=3, context=(2, 1), n_random=0,
+                   n_ctx=16, progress=False)
+    ref = collect(model, {"records": load_corpus(model, src, n_ctx=16, name="records", max_doc_tokens=512),
+                          "retain": make_windows(model, texts[2:4], n_ctx=16, name="retain", max_doc_tokens=512)},
+                  layers=[1], top_k=3, context=(2, 1), n_random=0, progress=False)
+    _assert_same(both, ref)
+    with pytest.raises(ValueError, match="list of strings"):
+        collect(model, [1, 2], progress=False)
+    # snip collect --glob reads only the matching files of a directory corpus.
+    mdir = tmp_path / "tiny"
+    from snip_lens.testing import tiny_hf_model, tiny_tokenizer
+
+    tiny_hf_model("llama", n_layers=1, d_mlp=16).save_pretrained(mdir)
+    tiny_tokenizer().save_pretrained(mdir)
+    argv = ["collect", "--model", str(mdir), "--corpus", src, "--glob", "*.c", "--n-ctx", "16", "--top-k", "2",
+            "--n-random", "0", "--no-progress", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    from snip_lens.models import load_model
+
+    only_c = collect(load_model(str(mdir)), [texts[1]], top_k=2, n_random=0, n_ctx=16, progress=False)
+    assert torch.equal(ActivationRecords.load(tmp_path / "out").windows, only_c.windows)
+    assert main(argv[:3] + ["--corpus", "prose", "--glob", "*.c", "--out", str(tmp_path / "bad")]) == 2
+    assert "no --corpus is a directory" in capsys.readouterr().err
 
 
 @pytest.mark.slow

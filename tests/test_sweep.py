@@ -194,3 +194,16 @@ def test_evaluator_reuses_lower_layers_without_changing_metrics(model):
             assert got[side]["top1"] == want["top1"] and got[side]["top10"] == want["top10"]
             assert abs(got[side]["loss"] - want["loss"]) < 1e-5
     assert set(ev._prefix) == {("forget", 1), ("retain", 1)}
+
+
+def test_forget_directory_of_extensionless_and_source_files_with_glob(tmp_path):
+    """--forget DIR reads every text file (no extension, .c, ...); --glob narrows only the directory side."""
+    from snip_lens.sweep import load_side_texts
+
+    (tmp_path / "README").write_text("plain prose with no extension")
+    (tmp_path / "lib.c").write_text("int add(int a, int b) { return a + b; }")
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01\x02")
+    assert load_side_texts(str(tmp_path), _data()) == ["plain prose with no extension",
+                                                       "int add(int a, int b) { return a + b; }"]
+    assert load_side_texts(str(tmp_path), _data(glob="*.c")) == ["int add(int a, int b) { return a + b; }"]
+    assert load_side_texts("prose", _data(glob="*.c", max_docs=3)) == load_side_texts("prose", _data(max_docs=3))
