@@ -55,6 +55,8 @@ def _sweep_args(sp: argparse.ArgumentParser, *, demo: bool) -> None:
     sp.add_argument("--toxicity-n", type=int, default=1000)
     sp.add_argument("--toxicity-scorer", default="detoxify", choices=["detoxify", "profanity"])
     sp.add_argument("--detoxify-checkpoint", help="local detoxify checkpoint (offline)")
+    sp.add_argument("--detoxify-config", help="local directory with the checkpoint's transformer config and "
+                    "tokenizer files, e.g. bert-base-uncased's (with --detoxify-checkpoint: no network at all)")
 
 
 def _split(text: str) -> list[str]:
@@ -76,7 +78,7 @@ def _sweep_config(args: argparse.Namespace) -> "object":
         embedder=args.embedder, keywords=_split(args.keywords), hybrid_weight=args.hybrid_weight,
         batch_size=args.batch_size, cbt=_split(args.cbt), cbt_source=args.cbt_source, cbt_items=args.cbt_items,
         toxicity=args.toxicity, toxicity_n=args.toxicity_n, toxicity_scorer=args.toxicity_scorer,
-        detoxify_checkpoint=args.detoxify_checkpoint, seed=args.seed)
+        detoxify_checkpoint=args.detoxify_checkpoint, detoxify_config=args.detoxify_config, seed=args.seed)
 
 
 def _run_sweep_cmd(args: argparse.Namespace) -> int:

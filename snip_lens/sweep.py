@@ -133,6 +133,9 @@ class SweepConfig:
     """Toxicity scorer; detoxify offline needs ``detoxify_checkpoint``."""
     detoxify_checkpoint: str | None = None
     """Local detoxify checkpoint path for offline use."""
+    detoxify_config: str | None = None
+    """Local directory with the config and tokenizer files of the checkpoint's transformer
+    (``bert-base-uncased``); with ``detoxify_checkpoint`` the scorer needs no network at all."""
     seed: int = 0
     """Seed for the random baseline."""
 
@@ -439,6 +442,7 @@ class _Evaluator:
         self.model, self.config, self.progress = model, config, progress
         self.tokens = {"forget": forget_tokens, "retain": retain_tokens}
         self._prefix: dict[tuple[str, int], Any] = {}
+        self._scorer: Any = None  # the toxicity classifier, loaded once for every run of the sweep
         self.cbt_items: dict[str, list] = {}
         if config.cbt:
             from .evaluate import build_cloze_items, load_cbt
@@ -484,9 +488,14 @@ class _Evaluator:
         if self.config.toxicity:
             from .evaluate import ToxicityConfig, toxicity_rate
 
+            from .evaluate.toxicity import make_scorer
+
             tcfg = ToxicityConfig(n=self.config.toxicity_n, scorer=self.config.toxicity_scorer,
-                                  detoxify_checkpoint=self.config.detoxify_checkpoint, seed=self.config.data.seed)
-            tox = toxicity_rate(self.model, tcfg, mask=mask, progress=self.progress)
+                                  detoxify_checkpoint=self.config.detoxify_checkpoint,
+                                  detoxify_config=self.config.detoxify_config, seed=self.config.data.seed)
+            if self._scorer is None:
+                self._scorer = make_scorer(tcfg)
+            tox = toxicity_rate(self.model, tcfg, mask=mask, progress=self.progress, scorer=self._scorer)
             extra["pct_toxic"] = tox["pct_toxic"]
             extra["mean_toxicity"] = tox["mean_toxicity"]
         out["extra"] = extra

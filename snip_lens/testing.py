@@ -7,8 +7,11 @@ with Python), saved and reloaded (the bridge needs a saved tokenizer). Models ar
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -71,3 +74,72 @@ def tiny_model(arch: Literal["gpt2", "llama"] = "llama", *, prepend_bos: bool | 
     hf = tiny_hf_model(arch, **kwargs)
     return bridge_from_hf(hf, tiny_tokenizer(kwargs.get("vocab_size", 512)), name=f"tiny-{arch}",
                           prepend_bos=prepend_bos)
+
+
+DETOXIFY_CLASSES = ("toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate")
+"""The class names of Detoxify's ``original`` checkpoint, in its order."""
+
+
+def tiny_detoxify_checkpoint(directory: str | Path, *, seed: int = 0) -> tuple[Path, Path]:
+    """A Detoxify-format checkpoint of a tiny random BERT and its config/tokenizer directory, built offline.
+
+    The checkpoint has the layout of Detoxify's released ``original`` file (``config.arch.args`` naming
+    ``bert-base-uncased``, ``config.dataset.args.classes``, ``state_dict``); the directory holds a BERT
+    config (with the default two labels, as ``bert-base-uncased``'s own) and a WordPiece tokenizer.
+    Returns ``(checkpoint file, config directory)``.
+    """
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    root = Path(directory)
+    cfg_dir = root / "bert-config"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "you", "are", "nice", "bad", "i", "hate", "the", "a"]
+    (cfg_dir / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizer(str(cfg_dir / "vocab.txt")).save_pretrained(cfg_dir)
+    small = dict(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=32, max_position_embeddings=64)
+    BertConfig(**small).save_pretrained(cfg_dir)  # num_labels 2, as the hub's bert-base-uncased config
+    torch.manual_seed(seed)
+    bert = BertForSequenceClassification(BertConfig(**small, num_labels=len(DETOXIFY_CLASSES))).eval()
+    ckpt = root / "toxic_tiny.ckpt"
+    torch.save({"config": {"arch": {"args": {"model_type": "bert-base-uncased",
+                                             "model_name": "BertForSequenceClassification",
+                                             "tokenizer_name": "BertTokenizer", "num_classes": len(DETOXIFY_CLASSES)}},
+                           "dataset": {"args": {"classes": list(DETOXIFY_CLASSES)}}},
+                "state_dict": bert.state_dict()}, ckpt)
+    return ckpt, cfg_dir
+
+
+@contextlib.contextmanager
+def no_network() -> Iterator[list[str]]:
+    """Refuse every connection to a non-loopback address for the duration; yields the list of refused ones.
+
+    A test that something runs offline checks that the list stays empty (the refusal alone may be caught
+    and retried by the code under test). Loopback stays open for local test servers.
+    """
+    import socket
+
+    refused: list[str] = []
+    real_connect, real_create = socket.socket.connect, socket.create_connection
+
+    def loopback(address: Any) -> bool:
+        host = address[0] if isinstance(address, tuple) else str(address)
+        return isinstance(address, str) or host in ("localhost", "::1") or str(host).startswith("127.")
+
+    def connect(self: socket.socket, address: Any) -> Any:
+        if not loopback(address):
+            refused.append(repr(address))
+            raise OSError(f"network access refused in an offline test: {address!r}")
+        return real_connect(self, address)
+
+    def create_connection(address: Any, *args: Any, **kwargs: Any) -> Any:
+        if not loopback(address):
+            refused.append(repr(address))
+            raise OSError(f"network access refused in an offline test: {address!r}")
+        return real_create(address, *args, **kwargs)
+
+    socket.socket.connect, socket.create_connection = connect, create_connection  # type: ignore[method-assign]
+    try:
+        yield refused
+    finally:
+        socket.socket.connect, socket.create_connection = real_connect, real_create  # type: ignore[method-assign]

@@ -406,31 +406,32 @@ def test_detoxify_scorer_errors_offline(tmp_path, monkeypatch):
         toxicity_rate(tiny_model("gpt2"), ToxicityConfig(n=1, scorer="detoxify"))
 
 
-def test_detoxify_scorer_runs_a_local_checkpoint(tmp_path):
-    """A genuine Detoxify checkpoint file in its own format (a tiny random BERT), loaded fully offline."""
+def test_detoxify_checkpoint_and_config_dir_load_with_no_network(tmp_path):
+    """A Detoxify-format checkpoint naming bert-base-uncased (as the released one) plus a local config
+    directory: loaded and scored with every non-loopback connection refused, equal to a plain BERT forward."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "you", "are", "nice", "bad"]
-    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
-    BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
-    classes = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
-    cfg = BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, num_labels=len(classes))
-    cfg.save_pretrained(tmp_path)
-    torch.manual_seed(0)
-    bert = BertForSequenceClassification(cfg).eval()
-    ckpt = tmp_path / "tiny.ckpt"
-    torch.save({"config": {"arch": {"args": {"model_type": str(tmp_path), "model_name": "BertForSequenceClassification",
-                                             "tokenizer_name": "BertTokenizer", "num_classes": len(classes)}},
-                           "dataset": {"args": {"classes": classes}}},
-                "state_dict": bert.state_dict()}, ckpt)
-    scorer = DetoxifyScorer(ckpt, config_dir=tmp_path, batch_size=2)
-    texts = ["you are nice", "you are bad", "bad bad"]
-    got = scorer(texts)
-    tok = BertTokenizer.from_pretrained(tmp_path)
+    from snip_lens.testing import no_network, tiny_detoxify_checkpoint
+
+    ckpt, cfg_dir = tiny_detoxify_checkpoint(tmp_path)
+    texts = ["you are nice", "you are bad", "i hate the bad"]
+    with no_network() as refused:
+        scorer = DetoxifyScorer(ckpt, config_dir=cfg_dir, batch_size=2)
+        got = scorer(texts)
+    assert refused == []
+    saved = torch.load(ckpt, weights_only=True)
+    bert = BertForSequenceClassification(BertConfig.from_pretrained(cfg_dir, num_labels=6)).eval()
+    bert.load_state_dict(saved["state_dict"])
+    tok = BertTokenizer.from_pretrained(cfg_dir)
     with torch.no_grad():
         ref = torch.sigmoid(bert(**tok(texts, return_tensors="pt", padding=True)).logits[:, 0])
     assert got == pytest.approx(ref.tolist(), rel=1e-5)
+    assert len(set(got)) == 3
+    with pytest.raises(ValueError, match="is not a Detoxify checkpoint"):
+        torch.save({"state_dict": {}}, tmp_path / "bad.ckpt")
+        DetoxifyScorer(tmp_path / "bad.ckpt", config_dir=cfg_dir)
+    with pytest.raises(FileNotFoundError, match="config directory"):
+        DetoxifyScorer(ckpt, config_dir=tmp_path / "nope")
 
 
 # ---- real model ----------------------------------------------------------------------------------------

@@ -207,3 +207,46 @@ def test_forget_directory_of_extensionless_and_source_files_with_glob(tmp_path):
                                                        "int add(int a, int b) { return a + b; }"]
     assert load_side_texts(str(tmp_path), _data(glob="*.c")) == ["int add(int a, int b) { return a + b; }"]
     assert load_side_texts("prose", _data(glob="*.c", max_docs=3)) == load_side_texts("prose", _data(max_docs=3))
+
+
+def test_snip_run_scores_toxicity_with_a_local_detoxify_checkpoint_offline_loading_it_once(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """`snip run --toxicity --detoxify-checkpoint CKPT --detoxify-config DIR`: no connection leaves the machine,
+    the classifier is loaded once for the baseline and every (method, k), and its rates are the real ones."""
+    from snip_lens.cli import main
+    from snip_lens.evaluate import toxicity as tox
+    from snip_lens.models import load_model
+    from snip_lens.testing import no_network, tiny_detoxify_checkpoint, tiny_hf_model, tiny_tokenizer
+
+    ckpt, cfg_dir = tiny_detoxify_checkpoint(tmp_path)
+    mdir = tmp_path / "tiny"
+    tiny_hf_model("llama", n_layers=2, d_mlp=32).save_pretrained(mdir)
+    tiny_tokenizer().save_pretrained(mdir)
+    loads = []
+    real_init = tox.DetoxifyScorer.__init__
+
+    def counting_init(self, *args, **kwargs):
+        loads.append(args)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(tox.DetoxifyScorer, "__init__", counting_init)
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(mdir), "--forget", "code", "--retain", "prose", "--max-docs", "40",
+            "--n-ctx", "32", "--select-windows", "8", "--eval-windows", "4", "--methods", "random,activation",
+            "--k", "5%,10%", "--toxicity", "--toxicity-n", "6", "--toxicity-scorer", "detoxify",
+            "--detoxify-checkpoint", str(ckpt), "--detoxify-config", str(cfg_dir), "--out", str(out)]
+    with no_network() as refused:
+        assert main(argv) == 0, capsys.readouterr().err
+    assert refused == []
+    assert len(loads) == 1  # once per sweep, not per (method, k)
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["runs"]) == 4
+    model = load_model(str(mdir))
+    scorer = tox.DetoxifyScorer(ckpt, config_dir=cfg_dir)
+    cfg = tox.ToxicityConfig(n=6, scorer="detoxify", detoxify_checkpoint=str(ckpt), detoxify_config=str(cfg_dir))
+    for run in [dict(res["baseline"], method=None)] + res["runs"]:
+        mask = None if run["method"] is None else NeuronMask.load(out / "masks" / f"{run['method']}_k{run['k']}.safetensors",
+                                                                   model=model)
+        want = tox.toxicity_rate(model, cfg, mask=mask, progress=False, scorer=scorer)
+        assert run["extra"]["pct_toxic"] == want["pct_toxic"]
+        assert run["extra"]["mean_toxicity"] == pytest.approx(want["mean_toxicity"], rel=1e-6)
