@@ -260,7 +260,14 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
     from .concepts import extract_concepts
     from .corpus import TokenWindows, make_windows
     from .embed import get_embedder
-    from .explain import ExplainConfig, explain, import_explanations, load_explanations, save_explanations
+    from .explain import (
+        ExplainConfig,
+        explain,
+        import_explanations,
+        load_explanations,
+        retry_failed,
+        save_explanations,
+    )
     from .score import NeuronScores, score_neurons
     from .types import DatasetConcepts
 
@@ -337,16 +344,21 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
         # -- step 1b: explanations ---------------------------------------------------------------------
         t = time.perf_counter()
         expl_path = out / "explanations.jsonl"
+        ecfg = ExplainConfig(kind=config.explainer, llm=_llm_config(config) if config.explainer == "openai" else None)
         if expl_path.exists():  # written by an earlier run of this very config (a changed config clears it)
             explanations = load_explanations(expl_path)
+            if not config.import_explanations:  # the rerun retries exactly the failures, as explain advises
+                explanations, n_retried = retry_failed(explanations, records, ecfg,
+                                                       cache_dir=out / "cache" / "explain", progress=progress,
+                                                       where=str(expl_path))
+                if n_retried:
+                    save_explanations(expl_path, explanations)
         else:
             if config.import_explanations:
                 explanations = import_explanations(config.import_explanations,
                                                    min_score=config.min_explanation_score, n_layers=n_layers,
                                                    d_mlp=d_mlp)
             else:
-                ecfg = ExplainConfig(kind=config.explainer,
-                                     llm=_llm_config(config) if config.explainer == "openai" else None)
                 explanations = explain(records, ecfg, cache_dir=out / "cache" / "explain", progress=progress)
             save_explanations(expl_path, explanations)
         timings["explain"] = time.perf_counter() - t

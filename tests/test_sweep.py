@@ -250,3 +250,46 @@ def test_snip_run_scores_toxicity_with_a_local_detoxify_checkpoint_offline_loadi
         want = tox.toxicity_rate(model, cfg, mask=mask, progress=False, scorer=scorer)
         assert run["extra"]["pct_toxic"] == want["pct_toxic"]
         assert run["extra"]["mean_toxicity"] == pytest.approx(want["mean_toxicity"], rel=1e-6)
+
+
+def test_rerun_retries_exactly_the_failed_explanations_and_says_so(model, tmp_path, monkeypatch, caplog):
+    """explain advises 'rerun the same command to retry them': the rerun asks the LLM again for the failed
+    neurons only, keeps the successes, and logs that it is retrying."""
+    import zlib
+
+    from snip_lens.loopback import LoopbackServer
+
+    monkeypatch.setenv("SNIP_TEST_KEY", "sk-test")
+    state = {"first": True}
+    asked: list[str] = []
+    failed: list[str] = []
+
+    def answer(messages):
+        text = messages[-1]["content"]
+        if "<start>" not in text:  # not an explanation prompt
+            return "1"
+        asked.append(text)
+        if state["first"] and zlib.crc32(text.encode()) % 3 == 0:
+            failed.append(text)
+            return ""  # unparseable: recorded as that neuron's failure
+        return f"tokens like {zlib.crc32(text.encode()) % 97} in text"
+
+    cfg = SweepConfig(model="tiny", data=_data(), ks=["5%"], methods=["snip", "random"], explainer="openai",
+                      llm_model="loopback-chat", concepts="distinctive", api_key_env="SNIP_TEST_KEY")
+    with LoopbackServer(answer=answer) as server:
+        cfg.base_url = server.base_url
+        run_sweep(cfg, tmp_path, model=model, progress=False)
+        first = {(e["layer"], e["index"]): e for e in map(json.loads, (tmp_path / "explanations.jsonl").open())}
+        n_failed = sum(e["error"] is not None for e in first.values())
+        assert n_failed == len(failed) > 0 and len(asked) == 64
+        state["first"] = False
+        asked.clear()
+        with caplog.at_level("WARNING", logger="snip_lens.explain"):
+            run_sweep(cfg, tmp_path, model=model, progress=False)
+    assert sorted(asked) == sorted(failed)  # exactly the failures were asked again
+    assert f"retrying {n_failed} failed" in caplog.text
+    second = {(e["layer"], e["index"]): e for e in map(json.loads, (tmp_path / "explanations.jsonl").open())}
+    assert all(e["error"] is None and e["explanation"] for e in second.values())
+    for key, e in first.items():
+        if e["error"] is None:
+            assert second[key] == e  # successes kept as they were
