@@ -533,11 +533,12 @@ def collect(model: Any, corpus: TokenWindows | list[str] | str | dict[str, Any],
     ``corpus``: one ``TokenWindows``, or a dict name -> ``TokenWindows`` whose statistics are kept per
     name; a list of strings (documents) or a source name (``"prose"``, a file, a directory; see
     ``snip_lens.corpus``) may stand for any ``TokenWindows``: it is cut into windows of ``n_ctx`` tokens with
-    ``max_doc_tokens`` and ``seed`` as ``snip collect`` does (a list alone is named ``"records"``); the records (top-k and random) come from the corpus named ``"records"`` if there is one, else
-    from the first. ``layers``: layer indices (default all). ``out_dir``: directory for resumable
-    checkpoints (one per ``shard_windows`` windows) and the final ``ActivationRecords``; a directory that
-    holds results of a different config or corpus is refused unless ``overwrite``. ``on_shard`` is called
-    with the number of windows done after each checkpoint.
+    ``max_doc_tokens`` and ``seed`` as ``snip collect`` does (a list alone is named ``"records"``). The
+    records (top-k and random) come from the corpus named ``"records"`` if there is one, else from the
+    first. ``layers``: layer indices (default all). ``out_dir``: directory for resumable checkpoints (one
+    per ``shard_windows`` windows) and the final ``ActivationRecords``; a directory that holds results of
+    a different config or corpus is refused unless ``overwrite``. ``on_shard`` is called with the number
+    of windows done after each checkpoint.
     """
     n_model_layers, d_mlp = models.n_layers(model), models.d_mlp(model)
     if layers is None:
@@ -600,8 +601,8 @@ def collect(model: Any, corpus: TokenWindows | list[str] | str | dict[str, Any],
             # torch's thread count is the user's (it is process-wide): the hooks never change it.
             bos = batch_ctx["bos_rows"]
             if bos.numel():  # prepended BOS: out of the statistics, and -inf so that no top-k list takes it
-                state.update_stats(ci, li, x[batch_ctx["text_rows"]])
-                x = x.index_fill(0, bos, -math.inf)
+                state.update_stats(ci, li, x[batch_ctx["text_rows"].to(x.device)])
+                x = x.index_fill(0, bos.to(x.device), -math.inf)
             else:
                 state.update_stats(ci, li, x)
             if ci == rec_ci:

@@ -782,17 +782,23 @@ def explain_to_file(out: str | os.PathLike[str], *, records: Any = None, config:
     if outp.exists() and not overwrite:
         # The same command again retries what failed (what explain() advises); anything else is refused.
         config = config or ExplainConfig()
-        meta = {"explain": config.to_json(), "prompt_version": PROMPT_VERSION,
-                "records": getattr(records, "config_hash", None)}
+        if import_path is not None:
+            meta = {"import": str(import_path), "min_score": min_score}
+        else:
+            meta = {"explain": config.to_json(), "prompt_version": PROMPT_VERSION,
+                    "records": getattr(records, "config_hash", None)}
         try:
             old_meta = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             old_meta = None
-        same = (import_path is None and records is not None and isinstance(old_meta, dict)
+        same = (isinstance(old_meta, dict) and (import_path is not None or records is not None)
                 and {k: old_meta.get(k) for k in meta} == json.loads(json.dumps(meta, default=str)))
         if not same:
             raise FileExistsError(f"{outp} already exists and holds explanations of another command (see "
                                   f"{cfg_path.name}); pass --overwrite to replace it or choose another --out")
+        if import_path is not None:  # an import has no per-neuron failures to retry
+            logger.info("%s already holds this import; nothing to do", outp)
+            return load_explanations(outp)
         root = Path(cache_dir) if cache_dir is not None else outp.with_name(outp.name + ".cache")
         result, n_retried = retry_failed(load_explanations(outp), records, config, neurons=neurons, cache_dir=root,
                                          progress=progress, where=str(outp))

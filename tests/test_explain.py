@@ -470,6 +470,9 @@ def test_cli_openai_against_loopback_and_import(records_dir, tmp_path, capsys):
     fixture = str(FIXTURES / "explanations_openai.jsonl")
     assert main(["explain", "--import", fixture, "--min-score", "0.3", "--out", str(imp)]) == 0
     assert [e.neuron for e in load_explanations(imp)] == [NeuronId(0, 7), NeuronId(1, 3)]
+    assert main(["explain", "--import", fixture, "--min-score", "0.3", "--out", str(imp)]) == 0  # same import again
+    assert main(["explain", "--import", fixture, "--min-score", "0.5", "--out", str(imp)]) == 2  # another one
+    assert "--overwrite" in capsys.readouterr().err
     # the records' model has 16 neurons per layer: neuron 0:7 fits, 2:60 does not
     rc = main(["explain", "--records", str(records_dir), "--import", fixture, "--out", str(tmp_path / "j.jsonl")])
     assert rc == 2

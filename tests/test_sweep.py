@@ -305,8 +305,8 @@ def test_snip_run_scores_toxicity_with_a_local_detoxify_checkpoint_offline_loadi
     scorer = tox.DetoxifyScorer(ckpt, config_dir=cfg_dir)
     cfg = tox.ToxicityConfig(n=6, scorer="detoxify", detoxify_checkpoint=str(ckpt), detoxify_config=str(cfg_dir))
     for run in [dict(res["baseline"], method=None)] + res["runs"]:
-        mask = None if run["method"] is None else NeuronMask.load(out / "masks" / f"{run['method']}_k{run['k']}.safetensors",
-                                                                   model=model)
+        mask = None if run["method"] is None else NeuronMask.load(
+            out / "masks" / f"{run['method']}_k{run['k']}.safetensors", model=model)
         want = tox.toxicity_rate(model, cfg, mask=mask, progress=False, scorer=scorer)
         assert run["extra"]["pct_toxic"] == want["pct_toxic"]
         assert run["extra"]["mean_toxicity"] == pytest.approx(want["mean_toxicity"], rel=1e-6)

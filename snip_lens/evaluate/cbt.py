@@ -15,7 +15,8 @@ concatenated (no special tokens; BOS first when ``prepends_bos(model)``):
 The score of a candidate is ``exp(-mean token loss)`` over the tokens of the question sentence (stem +
 completion; context tokens are conditioning only), the CBT convention of scoring the whole question
 sentence. When nothing precedes the question (an item without context on a model without BOS, such as
-SmolLM2), its first token has no prediction and is conditioning only: the score is over the rest. Both paths below score exactly this same token sequence, so they must give the same argmax:
+SmolLM2), its first token has no prediction and is conditioning only: the score is over the rest.
+Both paths below score exactly this same token sequence, so they must give the same argmax:
 
 - naive: one full forward per candidate over context + stem + completion;
 - KV cache (default): context + stem run once with ``use_cache=True``; the stem's token losses come from

@@ -141,7 +141,7 @@ DETOXIFY_CLASS_NAMES = {"toxic": "toxicity", "identity_hate": "identity_attack",
 
 
 def _load_detoxify_checkpoint(path: Path) -> dict:
-    """A Detoxify checkpoint: ``{"config": {"arch": {"args": ...}, "dataset": {"args": {"classes"}}}, "state_dict"}``."""
+    """A Detoxify checkpoint's parts: the ``config.arch.args`` of its transformer, its class names, its weights."""
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a Lightning checkpoint may hold objects beyond tensors and dicts
