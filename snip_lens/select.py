@@ -57,6 +57,19 @@ def parse_k(k: int | float | str, n_total: int) -> int:
     return int(k)
 
 
+def explanation_quality(explanations: Iterable[NeuronExplanation], n_layers: int, d_mlp: int
+                        ) -> torch.Tensor | None:
+    """Each neuron's explanation score (e.g. OpenAI's simulation correlation), -inf where unknown; None if none
+    is known. SNIP's declared secondary signal: among equal cosines, the better-explained neuron first."""
+    out = _empty(n_layers, d_mlp)
+    known = False
+    for nid, e in _explanation_grid(explanations, n_layers, d_mlp).items():
+        if e.score is not None and math.isfinite(e.score):
+            out[nid.layer, nid.index] = float(e.score)
+            known = True
+    return out if known else None
+
+
 def _empty(n_layers: int, d_mlp: int) -> torch.Tensor:
     return torch.full((n_layers, d_mlp), float("-inf"), dtype=torch.float64)
 
@@ -77,16 +90,17 @@ def random_scores(n_layers: int, d_mlp: int, *, seed: int = 0, model_name: str =
     """Uniform random scores from a seeded generator: the top k is a uniform random set of k neurons."""
     g = torch.Generator().manual_seed(seed)
     scores = torch.rand((n_layers, d_mlp), generator=g, dtype=torch.float64)
-    return NeuronScores(scores=scores, method="random", labels={}, model_name=model_name)
+    return NeuronScores(scores=scores, method="random", labels={}, model_name=model_name, tie_seed=seed)
 
 
 def keyword_scores(explanations: Iterable[NeuronExplanation], keywords: Sequence[str], *, n_layers: int,
-                   d_mlp: int, model_name: str = "") -> NeuronScores:
+                   d_mlp: int, model_name: str = "", seed: int = 0) -> NeuronScores:
     """Neurons whose explanation contains a keyword (whole word, case-insensitive), ranked by explanation score.
 
-    As in the paper's keyword baseline, selection is by keyword; the order among selected neurons follows the
-    explanation's own quality score (neurons without one rank after those with one). Unmatched neurons are
-    never chosen before matched ones.
+    As in the paper's keyword baseline, selection is by keyword: every matched neuron scores 1 and every
+    unmatched one has no score (never chosen). Among the matched ones the declared secondary signal, the
+    explanation's own quality score, decides (those without one come after those with one), then a random
+    draw seeded with ``seed``.
     """
     kws = [k.strip() for k in keywords if k and k.strip()]
     if not kws:
@@ -94,26 +108,30 @@ def keyword_scores(explanations: Iterable[NeuronExplanation], keywords: Sequence
     pattern = re.compile(r"\b(" + "|".join(re.escape(k) for k in kws) + r")\b", re.IGNORECASE)
     grid = _explanation_grid(explanations, n_layers, d_mlp)
     scores = _empty(n_layers, d_mlp)
+    quality = _empty(n_layers, d_mlp)
     labels: dict[NeuronId, str] = {}
     for nid, e in grid.items():
         m = pattern.search(e.explanation or "")
         if m:
-            # Matched neurons sit in [1, 2]: above every unmatched one, ordered by explanation score.
-            quality = e.score if e.score is not None and math.isfinite(e.score) else 0.0
-            scores[nid.layer, nid.index] = 1.0 + max(0.0, min(1.0, quality))
+            scores[nid.layer, nid.index] = 1.0
+            if e.score is not None and math.isfinite(e.score):
+                quality[nid.layer, nid.index] = float(e.score)
             labels[nid] = m.group(0).lower()
     if not labels:
         logger.warning("no explanation contains any of the keywords %s", kws)
-    return NeuronScores(scores=scores, method="keyword", labels=labels, model_name=model_name)
+    return NeuronScores(scores=scores, method="keyword", labels=labels, model_name=model_name, secondary=quality,
+                        secondary_name="explanation score", tie_seed=seed)
 
 
 def activation_scores(records: Any, *, forget: str = "forget", retain: str = "retain", eps: float = 1e-6,
-                      statistic: str = "mean_abs", model_name: str = "") -> NeuronScores:
+                      statistic: str = "mean_abs", model_name: str = "", seed: int = 0) -> NeuronScores:
     """Pochinkov & Schoots (2024): importance on forget data relative to retain data, per neuron.
 
     ``statistic="mean_abs"``: mean |activation| on forget / (mean |activation| on retain + eps).
     ``statistic="freq_pos"``: the frequency of act > 0 instead (their frequency variant).
-    ``records`` is an ``ActivationRecords`` collected on both corpora under the names given.
+    ``records`` is an ``ActivationRecords`` collected on both corpora under the names given. Equal ratios
+    (e.g. neurons silent on both corpora) are ordered by the declared secondary signal, the statistic on the
+    forget corpus alone (the neuron that does more on the forget data first), then by a draw seeded with ``seed``.
     """
     stats = getattr(records, "stats", None) or {}
     missing = [n for n in (forget, retain) if n not in stats]
@@ -128,10 +146,13 @@ def activation_scores(records: Any, *, forget: str = "forget", retain: str = "re
     layers = list(records.layers)
     n_layers = int(getattr(records, "n_layers", 0) or (max(layers) + 1))
     scores = _empty(n_layers, f.shape[-1])
+    forget_stat = _empty(n_layers, f.shape[-1])
     for i, layer in enumerate(layers):
         scores[layer] = ratio[i]
+        forget_stat[layer] = f[i]
     method = "activation" if statistic == "mean_abs" else "activation-freq"
-    return NeuronScores(scores=scores, method=method, labels={}, model_name=model_name or records.model_name)
+    return NeuronScores(scores=scores, method=method, labels={}, model_name=model_name or records.model_name,
+                        secondary=forget_stat, secondary_name=f"{statistic} on {forget}", tie_seed=seed)
 
 
 def _standardise(scores: torch.Tensor) -> torch.Tensor:
@@ -168,7 +189,7 @@ def hybrid_scores(snip: NeuronScores, activation: NeuronScores, *, weight: float
     combined = torch.log(ratio.clamp_min(0) + eps) + weight * _standardise(snip.scores)
     combined[~torch.isfinite(ratio)] = float("-inf")
     return NeuronScores(scores=combined, method="hybrid", labels=dict(snip.labels),
-                        model_name=snip.model_name or activation.model_name)
+                        model_name=snip.model_name or activation.model_name, tie_seed=activation.tie_seed)
 
 
 JUDGE_PROMPT_VERSION = "judge-v1"

@@ -3,7 +3,9 @@
 ``run_sweep`` runs every selection method at every k on held-out forget and retain data and writes
 
 - ``results.json``: ``{"model", "n_neurons", "baseline": {"forget", "retain"}, "runs": [{"method", "k",
-  "forget": {"loss", "top1", "top10"}, "retain": {...}, "extra": {...}}]}`` (CBT / toxicity under ``extra``),
+  "forget": {"loss", "top1", "top10"}, "retain": {...}, "extra": {...}, "ties_at_cut": {...}}], "skipped":
+  [{"method", "k", "reason"}]}`` (CBT / toxicity under ``extra``; ``ties_at_cut`` says how many neurons the
+  tie-break decided between, see ``NeuronScores.cut_ties``; ``skipped`` the runs a method could not fill),
 - ``plots/*.png`` (metric vs k, one line per method), ``report.md`` / ``report.html`` (what was removed),
 - ``masks/<method>_k<k>.safetensors`` (each run's mask), ``config.json`` (the resolved config, no secrets),
 - the intermediate artifacts (activation records, explanations, concepts, scores) so a rerun reuses them.
@@ -27,11 +29,22 @@ from tqdm.auto import tqdm
 
 from . import models as M
 from ._io import atomic_write_json, iter_jsonl
-from .report import MethodDetail, PrunedNeuron, format_table, plot_results, results_table, write_report
+from .report import (
+    MethodDetail,
+    PrunedNeuron,
+    format_table,
+    neuron_evidence,
+    plot_results,
+    results_table,
+    write_report,
+)
 from .select import (
+    JUDGE_SHORTLISTS,
     METHODS,
     activation_scores,
+    explanation_quality,
     hybrid_scores,
+    judge_shortlist,
     keyword_scores,
     llm_judge_scores,
     mask_from_scores,
@@ -361,17 +374,25 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
         scores["snip"] = score_neurons(explanations, concepts, embedder, n_layers=n_layers, d_mlp=d_mlp)
         timings["score"] = time.perf_counter() - t
 
-    if any(m in config.methods for m in ("activation", "hybrid")):
-        scores["activation"] = activation_scores(records, model_name=name)
+        quality = explanation_quality(explanations, n_layers, d_mlp)
+        snip = scores["snip"]
+        scores["snip"] = NeuronScores(snip.scores, snip.method, snip.labels, snip.model_name or name,
+                                      secondary=quality, secondary_name="explanation score" if quality is not None
+                                      else "", tie_seed=config.seed)
+
+    if any(m in config.methods for m in ("activation", "hybrid")) or (
+            "llm-judge" in config.methods and "activation" in config.judge_shortlist):
+        scores["activation"] = activation_scores(records, model_name=name, seed=config.seed)
     if "activation-freq" in config.methods:
-        scores["activation-freq"] = activation_scores(records, statistic="freq_pos", model_name=name)
+        scores["activation-freq"] = activation_scores(records, statistic="freq_pos", model_name=name,
+                                                      seed=config.seed)
     if "hybrid" in config.methods:
         scores["hybrid"] = hybrid_scores(scores["snip"], scores["activation"], weight=config.hybrid_weight)
     if "random" in config.methods:
         scores["random"] = random_scores(n_layers, d_mlp, seed=config.seed, model_name=name)
     if "keyword" in config.methods:
         scores["keyword"] = keyword_scores(explanations, config.keywords, n_layers=n_layers, d_mlp=d_mlp,
-                                           model_name=name)
+                                           model_name=name, seed=config.seed)
     if "llm-judge" in config.methods:
         from .llm import OpenAIChatClient
 
@@ -388,24 +409,43 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
     # -- evaluation ----------------------------------------------------------------------------------------
     t = time.perf_counter()
     evaluator = _Evaluator(model, win["forget_eval"].tokens, win["retain_eval"].tokens, config, progress)
-    results: dict[str, Any] = {"model": name, "n_neurons": n_neurons,
-                               "baseline": evaluator.run(None), "runs": []}
+    results: dict[str, Any] = {"model": name, "n_neurons": n_neurons, "select": config.select,
+                               "tie_break": {m: scores[m].tie_break for m in config.methods},
+                               "baseline": evaluator.run(None), "runs": [], "skipped": []}
+    if "llm-judge" in config.methods:
+        results["judge"] = {"candidates": n_judge, "shortlist": config.judge_shortlist}
     (out / "masks").mkdir(exist_ok=True)
     details: list[MethodDetail] = []
     expl_by_id = {e.neuron: e for e in explanations}
     bar = tqdm(total=len(config.methods) * len(ks), desc="evaluate", unit="run", disable=not progress)
     for method in config.methods:
         s = scores[method]
+        done = 0
         for k in ks:
             bar.set_postfix_str(f"{method} k={k}")
-            mask = mask_from_scores(model, s, k)
+            try:
+                mask = mask_from_scores(model, s, k, select=config.select)
+            except ValueError as exc:
+                # The method ranked fewer neurons than k (keywords matched few explanations, judge answers
+                # failed): record why and go on, so the other runs are not lost.
+                logger.warning("%s k=%d skipped: %s", method, k, exc)
+                results["skipped"].append({"method": method, "k": k, "k_percent": 100.0 * k / n_neurons,
+                                           "reason": str(exc)})
+                bar.update(1)
+                continue
             mask.save(out / "masks" / f"{method}_k{k}.safetensors")
             r = evaluator.run(mask)
-            results["runs"].append({"method": method, "k": k, "k_percent": 100.0 * k / n_neurons, **r})
+            # how many neurons the tie-break (secondary signal, then the seeded draw) decided between
+            ties = s.cut_ties(k, config.select).to_json()
+            results["runs"].append({"method": method, "k": k, "k_percent": 100.0 * k / n_neurons, **r,
+                                    "ties_at_cut": ties})
             logger.info("%s k=%d forget top1 %.3f retain top1 %.3f", method, k, r["forget"]["top1"],
                         r["retain"]["top1"])
+            done = k
             bar.update(1)
-        top = s.top_k(max(ks))
+        if not done:
+            continue
+        top = s.top_k(done, config.select)
         hist: dict[int, int] = {}
         for nid in top:
             hist[nid.layer] = hist.get(nid.layer, 0) + 1

@@ -60,6 +60,7 @@ def test_keyword_scores_select_matches_ranked_by_explanation_score():
     ]
     s = keyword_scores(ex, ["python"], n_layers=2, d_mlp=3)
     assert s.top_k(2) == [NeuronId(1, 0), NeuronId(0, 0)]
+    assert s.secondary_name == "explanation score"
     assert int(torch.isfinite(s.scores).sum()) == 2
     assert s.labels[NeuronId(1, 0)] == "python"
     with pytest.raises(ValueError, match="keyword"):
@@ -80,7 +81,9 @@ def test_activation_scores_are_the_forget_retain_ratio():
     s = activation_scores(rec, eps=0.0)
     expected = torch.tensor([[1.0, 2.0, 0.5], [2.0, 1.0, 0.25]], dtype=torch.float64)
     assert torch.allclose(s.scores, expected, atol=1e-5)
-    assert s.top_k(2) == [NeuronId(0, 1), NeuronId(1, 0)]  # tie at 2.0 broken by (layer, index)
+    # tie at 2.0: the declared secondary signal (mean |act| on forget: 4.0 > 2.0) decides, not (layer, index)
+    assert s.top_k(2) == [NeuronId(1, 0), NeuronId(0, 1)]
+    assert s.secondary_name == "mean_abs on forget"
     f = activation_scores(rec, statistic="freq_pos")
     assert f.method == "activation-freq"
     with pytest.raises(ValueError, match="'forget'"):
@@ -166,3 +169,11 @@ def test_mask_from_scores_prunes_the_top_k():
         mask_from_scores(model, partial, 2)
     with pytest.raises(ValueError, match="larger than"):
         mask_from_scores(model, s, 33)
+
+
+def test_keyword_matches_without_a_score_tie_and_a_seeded_draw_orders_them():
+    ex = [_expl(layer, i, "python code") for layer in range(3) for i in range(20)]
+    a = keyword_scores(ex, ["python"], n_layers=3, d_mlp=20, seed=0).top_k(10)
+    assert a == keyword_scores(ex, ["python"], n_layers=3, d_mlp=20, seed=0).top_k(10)
+    assert a != keyword_scores(ex, ["python"], n_layers=3, d_mlp=20, seed=1).top_k(10)
+    assert a != [NeuronId(0, i) for i in range(10)] and len({n.layer for n in a}) > 1

@@ -10,6 +10,7 @@ import torch
 from snip_lens.mask import NeuronMask
 from snip_lens.sweep import DataConfig, SweepConfig, run_sweep, split_documents, summary_table
 from snip_lens.testing import tiny_model
+from snip_lens.types import NeuronId
 
 KS = ["5%", "10%"]
 
@@ -149,6 +150,14 @@ def test_paper_path_with_an_openai_compatible_server(model, tmp_path, monkeypatc
                           judge_candidates=20)
         res = run_sweep(cfg, tmp_path, model=model, progress=False)
     assert [r["method"] for r in res["runs"]] == ["snip", "llm-judge", "random"]
+    # every explanation is the same, so every SNIP cosine ties: the seeded draw decides, not (layer, index)
+    snip_run = res["runs"][0]
+    assert snip_run["ties_at_cut"] == {"tied": 64, "selected": 3, "tied_after_secondary": 64}
+    snip_mask = NeuronMask.load(tmp_path / "masks" / "snip_k3.safetensors")
+    assert sorted(snip_mask.neurons) != [NeuronId(0, 0), NeuronId(0, 1), NeuronId(0, 2)]
+    assert res["tie_break"]["snip"] == "a random draw (seed 0)"
+    assert res["tie_break"]["llm-judge"].startswith("snip+activation shortlist position")
+    assert res["judge"] == {"candidates": 20, "shortlist": "snip+activation"}
     concepts = json.loads((tmp_path / "concepts.json").read_text())["concepts"]
     assert [c.lower() for c in concepts] == ["python keywords", "function definitions", "indentation"]
     expl = [json.loads(line) for line in (tmp_path / "explanations.jsonl").read_text().splitlines()]
@@ -194,3 +203,16 @@ def test_evaluator_reuses_lower_layers_without_changing_metrics(model):
             assert got[side]["top1"] == want["top1"] and got[side]["top10"] == want["top10"]
             assert abs(got[side]["loss"] - want["loss"]) < 1e-5
     assert set(ev._prefix) == {("forget", 1), ("retain", 1)}
+
+
+def test_results_record_the_ties_at_each_cut(offline_run):
+    _, cfg, res = offline_run
+    assert set(res["tie_break"]) == set(cfg.methods)
+    assert res["tie_break"]["activation"] == "mean_abs on forget, then a random draw (seed 0)"
+    assert res["tie_break"]["keyword"] == "explanation score, then a random draw (seed 0)"
+    for r in res["runs"]:
+        ties = r["ties_at_cut"]
+        assert set(ties) == {"tied", "selected", "tied_after_secondary"}
+        assert 0 <= ties["selected"] <= min(ties["tied"], r["k"]) and ties["tied_after_secondary"] <= ties["tied"]
+        if r["method"] == "random":
+            assert ties["tied"] == 0
