@@ -48,6 +48,13 @@ def _sweep_args(sp: argparse.ArgumentParser, *, demo: bool) -> None:
     sp.add_argument("--embedder", default="local", help="local | openai:text-embedding-3-small | a directory")
     sp.add_argument("--keywords", default="", help="comma-separated keywords for the keyword method")
     sp.add_argument("--hybrid-weight", type=float, default=0.05)
+    sp.add_argument("--judge-candidates", type=int,
+                    help="neurons the llm-judge rates, one LLM call each (default: the largest k)")
+    sp.add_argument("--judge-shortlist", default="snip+activation",
+                    choices=["snip+activation", "snip", "activation", "random"],
+                    help="how the judge's shortlist is chosen (default: SNIP's and activation's tops in turn)")
+    sp.add_argument("--select", default="global", choices=["global", "per-layer"],
+                    help="top-k over all neurons, or k/L per layer (masks that `snip export --compact` shrinks fully)")
     sp.add_argument("--cbt", default="", help="CBT configs to evaluate, e.g. P,V")
     sp.add_argument("--cbt-source", default="hf", help="hf | a JSONL file in the HF cbt schema | prose")
     sp.add_argument("--cbt-items", type=int, default=200)
@@ -73,6 +80,7 @@ def _sweep_config(args: argparse.Namespace) -> "object":
         import_explanations=args.import_explanations, min_explanation_score=args.min_explanation_score,
         concepts=args.concepts, llm_model=args.llm_model, base_url=args.base_url, api_key_env=args.api_key_env,
         embedder=args.embedder, keywords=_split(args.keywords), hybrid_weight=args.hybrid_weight,
+        judge_candidates=args.judge_candidates, judge_shortlist=args.judge_shortlist, select=args.select,
         batch_size=args.batch_size, cbt=_split(args.cbt), cbt_source=args.cbt_source, cbt_items=args.cbt_items,
         toxicity=args.toxicity, toxicity_n=args.toxicity_n, toxicity_scorer=args.toxicity_scorer,
         detoxify_checkpoint=args.detoxify_checkpoint, seed=args.seed)

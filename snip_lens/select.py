@@ -218,21 +218,80 @@ def parse_judge_score(text: str) -> float:
     return float(m.group(1))
 
 
+JUDGE_SHORTLISTS = ("snip+activation", "snip", "activation", "random")
+"""How the LLM judge's shortlist is chosen (see ``judge_shortlist``)."""
+
+
+def judge_shortlist(n: int, explanations: Iterable[NeuronExplanation], *, how: str = "snip+activation",
+                    snip: NeuronScores | None = None, activation: NeuronScores | None = None, seed: int = 0,
+                    n_layers: int, d_mlp: int) -> list[NeuronId]:
+    """The ``n`` neurons the LLM judge rates, in shortlist order (the judge's declared tie-break).
+
+    Rating every neuron costs one LLM call each, so the judge rates a shortlist of neurons that have an
+    explanation (the judge reads it):
+
+    - ``"snip+activation"`` (default): the top of the SNIP ranking and the top of the activation ranking
+      taken in turn (duplicates once), so the shortlist does not depend on SNIP's ranking only;
+    - ``"snip"``: the top of the SNIP ranking (the judge then only re-orders SNIP's choice);
+    - ``"activation"``: the top of the activation ranking (Pochinkov & Schoots);
+    - ``"random"``: a seeded random draw (independent of every other method, but most calls are spent on
+      neurons no method would prune).
+    """
+    if how not in JUDGE_SHORTLISTS:
+        raise ValueError(f"unknown judge shortlist {how!r}; choose one of {', '.join(JUDGE_SHORTLISTS)}")
+    explained = sorted(_explanation_grid(explanations, n_layers, d_mlp))
+    if n < 1 or n > len(explained):
+        raise ValueError(f"the LLM judge's shortlist of {n} neurons must be between 1 and the {len(explained)} neurons "
+                         "with an explanation; lower --judge-candidates (or k)")
+    if how == "random":
+        g = torch.Generator().manual_seed(seed)
+        return [explained[int(i)] for i in torch.randperm(len(explained), generator=g)[:n]]
+    need = {"snip": [snip], "activation": [activation], "snip+activation": [snip, activation]}[how]
+    if any(x is None for x in need):
+        raise ValueError(f"judge shortlist {how!r} needs the {how.replace('+', ' and ')} scores")
+    has_expl = torch.zeros((n_layers, d_mlp), dtype=torch.bool)
+    for nid in explained:
+        has_expl[nid.layer, nid.index] = True
+    rankings = []
+    for sc in need:
+        ranked = sc.top_k(int(torch.isfinite(sc.scores).sum()))
+        rankings.append([nid for nid in ranked if has_expl[nid.layer, nid.index]])
+    out: list[NeuronId] = []
+    seen: set[NeuronId] = set()
+    pos = [0] * len(rankings)
+    while len(out) < n and any(p < len(r) for p, r in zip(pos, rankings)):
+        for j, r in enumerate(rankings):
+            while pos[j] < len(r) and r[pos[j]] in seen:
+                pos[j] += 1
+            if pos[j] < len(r) and len(out) < n:
+                out.append(r[pos[j]])
+                seen.add(r[pos[j]])
+                pos[j] += 1
+    if len(out) < n:
+        raise ValueError(f"judge shortlist {how!r} found only {len(out)} ranked neurons with an explanation, not {n}; "
+                         "lower --judge-candidates or use --judge-shortlist random")
+    return out
+
+
 def llm_judge_scores(explanations: Iterable[NeuronExplanation], samples: Sequence[str], client: Any, *,
                      n_layers: int, d_mlp: int, model_name: str = "", candidates: Iterable[NeuronId] | None = None,
-                     cache_dir: Any = None, progress: bool = True) -> NeuronScores:
+                     cache_dir: Any = None, progress: bool = True, seed: int = 0,
+                     shortlist_name: str = "shortlist") -> NeuronScores:
     """LLM-judge baseline: ask ``client`` (with ``async generate(messages)``) for a 0-10 rating per neuron.
 
     Rating all neurons of a model costs one call per neuron; ``candidates`` limits the calls to a shortlist
-    (e.g. the top neurons of another method). Neurons not rated, or whose answer could not be parsed, get
-    -inf and are never pruned by this method. Answers are cached per neuron/explanation/samples.
+    (see ``judge_shortlist``). Neurons not rated, or whose answer could not be parsed, get -inf and are never
+    pruned by this method. Answers are cached per neuron/explanation/samples. The ratings are integers, so
+    many neurons tie: ties go to the neuron earlier in ``candidates`` (the declared secondary signal,
+    ``"<shortlist_name> position"``), then to a draw seeded with ``seed``.
     """
     from .llm import DiskCache, run_all
 
     if not samples:
         raise ValueError("the LLM judge needs forget samples to show the model; got none")
     grid = _explanation_grid(explanations, n_layers, d_mlp)
-    todo = [n for n in (candidates if candidates is not None else grid) if n in grid]
+    listed = list(candidates) if candidates is not None else None
+    todo = [n for n in (listed if listed is not None else grid) if n in grid]
     cache = DiskCache(cache_dir) if cache_dir is not None else None
     scores = _empty(n_layers, d_mlp)
     samples = list(samples)
@@ -259,7 +318,13 @@ def llm_judge_scores(explanations: Iterable[NeuronExplanation], samples: Sequenc
     for nid, value in results:
         if value is not None:
             scores[nid.layer, nid.index] = value
-    return NeuronScores(scores=scores, method="llm-judge", labels={}, model_name=model_name)
+    secondary = None
+    if listed is not None:
+        secondary = _empty(n_layers, d_mlp)
+        for pos, nid in enumerate(listed):  # earlier in the shortlist = higher
+            secondary[nid.layer, nid.index] = float(len(listed) - pos)
+    return NeuronScores(scores=scores, method="llm-judge", labels={}, model_name=model_name, secondary=secondary,
+                        secondary_name=f"{shortlist_name} position" if listed is not None else "", tie_seed=seed)
 
 
 def mask_from_scores(model: Any, scores: NeuronScores, k: int | str, *, mode: str = "zero",

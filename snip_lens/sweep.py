@@ -123,8 +123,15 @@ class SweepConfig:
     """Keywords for the keyword baseline."""
     hybrid_weight: float = 0.05
     """Weight of the concept term in the hybrid method (see ``select.hybrid_scores``)."""
-    judge_candidates: int = 2000
-    """The llm-judge rates this many neurons (the top of the snip ranking), not all of them."""
+    judge_candidates: int | None = None
+    """The llm-judge rates this many neurons (a shortlist, see ``judge_shortlist``), one LLM call each; at
+    least the largest k (checked before any LLM call). None: exactly the largest k."""
+    judge_shortlist: Literal["snip+activation", "snip", "activation", "random"] = "snip+activation"
+    """How the judge's shortlist is chosen (``select.judge_shortlist``): by default the tops of the SNIP and
+    activation rankings in turn, so that the judge's ranking does not depend on SNIP's alone."""
+    select: Literal["global", "per-layer"] = "global"
+    """Top-k over all neurons ("global"), or k/L in each of the L layers ("per-layer": masks that an export
+    compacts fully, see ``snip export --compact``)."""
     top_k_records: int = 20
     """Top activating records kept per neuron for the explainer."""
     batch_size: int = 8
@@ -164,6 +171,14 @@ class SweepConfig:
             raise ValueError("explainer 'openai' needs llm_model (CLI: --llm-model gpt-4o-mini)")
         if self.concepts == "llm" and not self.llm_model:
             raise ValueError("concepts 'llm' needs llm_model (CLI: --llm-model gpt-4o-mini)")
+        if self.judge_candidates is not None and (not isinstance(self.judge_candidates, int)
+                                                  or self.judge_candidates < 1):
+            raise ValueError(f"SweepConfig.judge_candidates={self.judge_candidates!r} must be a positive number of "
+                             "neurons, or None for the largest k (CLI: --judge-candidates 5000)")
+        if self.judge_shortlist not in JUDGE_SHORTLISTS:
+            raise ValueError(f"unknown judge_shortlist {self.judge_shortlist!r}; choose from {list(JUDGE_SHORTLISTS)}")
+        if self.select not in ("global", "per-layer"):
+            raise ValueError(f"unknown select {self.select!r}; choose 'global' or 'per-layer' (CLI: --select)")
         bad = [c for c in self.cbt if c not in ("P", "V", "NE", "CN")]
         if bad:
             raise ValueError(f"unknown CBT config(s) {bad}; choose from P, V, NE, CN")
@@ -254,6 +269,25 @@ def _llm_config(cfg: SweepConfig) -> Any:
 
     return LLMConfig(model=cfg.llm_model, base_url=cfg.base_url, api_key_env=cfg.api_key_env)
 
+def judge_candidates(config: SweepConfig, ks: list[int], n_neurons: int) -> int:
+    """How many neurons the llm-judge rates: ``config.judge_candidates``, or the largest k when None.
+
+    Raises before any LLM call when the shortlist could not fill the largest k (every judge call would be
+    paid for, then the largest k would fail) or is larger than the model. 0 when llm-judge is not run.
+    """
+    if "llm-judge" not in config.methods:
+        return 0
+    largest = max(ks) if ks else 0
+    n = config.judge_candidates if config.judge_candidates is not None else largest
+    if n < largest:
+        raise ValueError(f"judge_candidates={n} is smaller than the largest k={largest}: the llm-judge could not "
+                         f"prune {largest} neurons from a shortlist of {n}; raise --judge-candidates to at least "
+                         f"{largest} (or leave it unset) or lower the largest k")
+    if n > n_neurons:
+        raise ValueError(f"judge_candidates={n} is more than the model's {n_neurons} neurons; give at most {n_neurons}")
+    return max(n, 1)
+
+
 
 def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, overwrite: bool = False,
               progress: bool = True) -> dict:
@@ -298,6 +332,7 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
     n_neurons = n_layers * d_mlp
     name = M.model_name(model)
     ks = sorted({parse_k(k, n_neurons) for k in config.ks})
+    n_judge = judge_candidates(config, ks, n_neurons)  # checked before any LLM call is paid for
     timings["load_model"] = time.perf_counter() - t0
 
     # -- data: split by document, then windows ----------------------------------------------------------
@@ -397,11 +432,13 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
         from .llm import OpenAIChatClient
 
         samples = random.Random(d.seed).sample(f_sel, min(5, len(f_sel)))
-        shortlist = scores["snip"].top_k(min(config.judge_candidates, n_neurons))
+        shortlist = judge_shortlist(n_judge, explanations, how=config.judge_shortlist, snip=scores.get("snip"),
+                                    activation=scores.get("activation"), seed=config.seed, n_layers=n_layers,
+                                    d_mlp=d_mlp)
         scores["llm-judge"] = llm_judge_scores(
             explanations, [s[:400] for s in samples], OpenAIChatClient(_llm_config(config)), n_layers=n_layers,
             d_mlp=d_mlp, model_name=name, candidates=shortlist, cache_dir=out / "cache" / "judge",
-            progress=progress)
+            progress=progress, seed=config.seed, shortlist_name=f"{config.judge_shortlist} shortlist")
     (out / "scores").mkdir(exist_ok=True)
     for method, s in scores.items():
         s.save(out / "scores" / f"{method}.safetensors")

@@ -11,6 +11,7 @@ from snip_lens.score import NeuronScores
 from snip_lens.select import (
     activation_scores,
     hybrid_scores,
+    judge_shortlist,
     keyword_scores,
     llm_judge_scores,
     mask_from_scores,
@@ -177,3 +178,29 @@ def test_keyword_matches_without_a_score_tie_and_a_seeded_draw_orders_them():
     assert a == keyword_scores(ex, ["python"], n_layers=3, d_mlp=20, seed=0).top_k(10)
     assert a != keyword_scores(ex, ["python"], n_layers=3, d_mlp=20, seed=1).top_k(10)
     assert a != [NeuronId(0, i) for i in range(10)] and len({n.layer for n in a}) > 1
+
+
+def test_judge_shortlist_takes_snip_and_activation_in_turn_and_ties_follow_it():
+    ex = [_expl(layer, i, f"neuron {layer} {i}") for layer in range(2) for i in range(6)]
+    snip = NeuronScores(torch.arange(12, dtype=torch.float64).view(2, 6), "snip")  # best: L1/N5, L1/N4, ...
+    act = NeuronScores(-torch.arange(12, dtype=torch.float64).view(2, 6), "activation")  # best: L0/N0, ...
+    short = judge_shortlist(4, ex, snip=snip, activation=act, n_layers=2, d_mlp=6)
+    assert short == [NeuronId(1, 5), NeuronId(0, 0), NeuronId(1, 4), NeuronId(0, 1)]
+    assert judge_shortlist(2, ex, how="snip", snip=snip, n_layers=2, d_mlp=6) == [NeuronId(1, 5), NeuronId(1, 4)]
+    rnd = judge_shortlist(5, ex, how="random", seed=3, n_layers=2, d_mlp=6)
+    assert rnd == judge_shortlist(5, ex, how="random", seed=3, n_layers=2, d_mlp=6) and len(set(rnd)) == 5
+    with pytest.raises(ValueError, match="between 1 and the 12"):
+        judge_shortlist(13, ex, snip=snip, activation=act, n_layers=2, d_mlp=6)
+    with pytest.raises(ValueError, match="needs the snip and activation scores"):
+        judge_shortlist(2, ex, n_layers=2, d_mlp=6)
+
+    class Flat:  # every neuron gets the same rating: the shortlist order decides
+        model = "flat"
+
+        async def generate(self, messages):
+            return "5"
+
+    s = llm_judge_scores(ex, ["x"], Flat(), n_layers=2, d_mlp=6, candidates=short, progress=False)
+    assert s.top_k(4) == short
+    assert s.secondary_name == "shortlist position" and s.cut_ties(2).to_json() == {
+        "tied": 4, "selected": 2, "tied_after_secondary": 0}

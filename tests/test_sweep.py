@@ -216,3 +216,28 @@ def test_results_record_the_ties_at_each_cut(offline_run):
         assert 0 <= ties["selected"] <= min(ties["tied"], r["k"]) and ties["tied_after_secondary"] <= ties["tied"]
         if r["method"] == "random":
             assert ties["tied"] == 0
+
+
+def test_judge_shortlist_defaults_to_the_largest_k_and_is_checked_before_any_call():
+    from snip_lens.select import parse_k
+    from snip_lens.sweep import judge_candidates
+
+    # the README's GPT-2 command: 12 x 3072 neurons, k up to 10%; the old fixed 2000 failed at 6% (2212)
+    readme = SweepConfig(methods=["snip", "llm-judge"], llm_model="m", ks=["1%", "2%", "4%", "6%", "8%", "10%"])
+    ks = sorted(parse_k(k, 36_864) for k in readme.ks)
+    assert judge_candidates(readme, ks, 36_864) == 3686
+    fixed = SweepConfig(methods=["snip", "llm-judge"], llm_model="m", ks=readme.ks, judge_candidates=2000)
+    with pytest.raises(ValueError, match="judge_candidates=2000 is smaller than the largest k=3686"):
+        judge_candidates(fixed, ks, 36_864)
+    assert judge_candidates(SweepConfig(methods=["random"], ks=readme.ks), ks, 36_864) == 0
+    with pytest.raises(ValueError, match="judge_candidates=0"):
+        SweepConfig(methods=["llm-judge"], llm_model="m", judge_candidates=0)
+    with pytest.raises(ValueError, match="judge_shortlist"):
+        SweepConfig(methods=["llm-judge"], llm_model="m", judge_shortlist="best")  # type: ignore[arg-type]
+    from snip_lens.cli import _sweep_config, build_parser
+
+    args = build_parser().parse_args(["run", "--model", "m", "--forget", "code", "--retain", "prose", "--methods",
+                                      "llm-judge", "--llm-model", "x", "--judge-candidates", "5000",
+                                      "--judge-shortlist", "random", "--select", "per-layer"])
+    cfg = _sweep_config(args)
+    assert (cfg.judge_candidates, cfg.judge_shortlist, cfg.select) == (5000, "random", "per-layer")
