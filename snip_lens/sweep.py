@@ -486,10 +486,10 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
         hist: dict[int, int] = {}
         for nid in top:
             hist[nid.layer] = hist.get(nid.layer, 0) + 1
-        details.append(MethodDetail(method=method, k=max(ks), layer_histogram=hist, neurons=[
+        details.append(MethodDetail(method=method, k=done, layer_histogram=hist, neurons=[
             PrunedNeuron(str(nid), float(s.scores[nid.layer, nid.index]),
                          (expl_by_id[nid].explanation or "") if nid in expl_by_id else "",
-                         s.labels.get(nid, "") or scores.get("snip", s).labels.get(nid, ""))
+                         s.labels.get(nid, ""), neuron_evidence(method, nid, scores))
             for nid in top[:200]]))
     bar.close()
     timings["evaluate"] = time.perf_counter() - t

@@ -59,22 +59,44 @@ def test_results_schema_and_outputs(offline_run, model):
     assert "(none)" in summary_table(res)
 
 
-def test_report_shows_explanations_and_concepts_of_snip_neurons(offline_run):
+def _report_rows(report: str, method: str) -> tuple[list[str], list[list[str]]]:
+    """(header cells, row cells) of one method's neuron table in report.md."""
+    part = report.split(f"## {method}:")[1].split("\n## ")[0]
+    lines = [line for line in part.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return cells[0], [c for c in cells[2:]]
+
+
+def test_report_shows_each_methods_own_evidence(offline_run):
+    from snip_lens.score import NeuronScores
+
     out, _, res = offline_run
     expl = [json.loads(line) for line in (out / "explanations.jsonl").read_text().splitlines()]
     assert len(expl) == 64
     concepts = json.loads((out / "concepts.json").read_text())["concepts"]
     assert concepts
     report = (out / "report.md").read_text()
-    snip_part = report.split("## snip")[1].split("## ")[0]
-    rows = [line for line in snip_part.splitlines() if line.startswith("| L")]
-    assert rows, "the report lists the neurons SNIP pruned"
-    # every listed SNIP neuron names a concept of the forget set and its own explanation
-    texts = {f"L{e['layer']}/N{e['index']}": e["explanation"] for e in expl}
-    for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[3] in concepts
-        assert cells[2] == texts[cells[0]].replace("|", "\\|")
+    texts = {f"L{e['layer']}/N{e['index']}": e["explanation"].replace("|", "\\|") for e in expl}
+    snip = NeuronScores.load(out / "scores" / "snip.safetensors")
+    act = NeuronScores.load(out / "scores" / "activation.safetensors")
+    # SNIP: the matched concept and its cosine, and the neuron's own explanation
+    head, rows = _report_rows(report, "snip")
+    assert head == ["neuron", "cosine", "matched concept", "explanation"] and rows
+    for neuron, cos, concept, text in rows:
+        n = NeuronId.parse(neuron)
+        assert concept in concepts and concept == snip.labels[n]
+        assert float(cos) == pytest.approx(float(snip.scores[n.layer, n.index]), abs=1e-3)
+        assert text == texts[neuron]
+    # activation: its ratio, and no concept it never used
+    head, rows = _report_rows(report, "activation")
+    assert head == ["neuron", "forget/retain ratio", "explanation"] and rows
+    for neuron, ratio, _ in rows:
+        n = NeuronId.parse(neuron)
+        assert float(ratio) == pytest.approx(float(act.scores[n.layer, n.index]), rel=1e-3, abs=1e-3)
+    # random: nothing but the neuron and what it does
+    head, rows = _report_rows(report, "random")
+    assert head == ["neuron", "explanation"] and rows
+    assert "no evidence" in report.split("## random:")[1].split("\n## ")[0]
 
 
 def test_masks_prune_what_the_scores_rank_first(offline_run, model):
