@@ -259,9 +259,15 @@ def _search_cmd(args: argparse.Namespace) -> int:
     from .score import NeuronIndex
 
     embedder = _embedder_from_args(args)
+    index = None
     if args.index and (Path(args.index) / "index.faiss").exists():
         index = NeuronIndex.load(args.index, embedder)
-    else:
+        if args.explanations and not index.built_from(_read_explanations(args.explanations)):
+            # The index is derived from explanations only: rebuild it rather than answer from stale ones.
+            print(f"snip search: index {args.index} was built from other explanations than {args.explanations} "
+                  "(its recorded digest differs); rebuilding it", file=sys.stderr)
+            index = None
+    if index is None:
         if not args.explanations:
             raise ValueError("give --explanations FILE (or --index DIR of a saved index)")
         index = NeuronIndex.build(_read_explanations(args.explanations), embedder, kind=args.kind)

@@ -374,11 +374,20 @@ def score_neurons(explanations: list[NeuronExplanation], concepts: DatasetConcep
 IndexKind = Literal["auto", "flat", "hnsw", "ivf"]
 
 
+def explanations_digest(explanations: list[NeuronExplanation]) -> str:
+    """sha256 of what a ``NeuronIndex`` is built from: every usable (neuron, explanation), last one per neuron."""
+    import hashlib
+
+    by_neuron = {e.neuron: e.explanation for e in explanations if e.ok}
+    payload = json.dumps([[n.layer, n.index, by_neuron[n]] for n in sorted(by_neuron)], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
 class NeuronIndex:
     """Neurons searchable by what their explanations say: a FAISS inner-product index over their vectors."""
 
     def __init__(self, index: Any, neurons: list[NeuronId], explanations: list[str], embedder: Any = None, *,
-                 embedder_name: str = "", kind: str = "flat") -> None:
+                 embedder_name: str = "", kind: str = "flat", digest: str = "") -> None:
         if index.ntotal != len(neurons) or len(neurons) != len(explanations):
             raise ValueError(f"index holds {index.ntotal} vectors for {len(neurons)} neurons and "
                              f"{len(explanations)} explanations; they must match")
@@ -388,6 +397,8 @@ class NeuronIndex:
         self.embedder = embedder
         self.embedder_name = embedder_name or getattr(embedder, "name", "")
         self.kind = kind
+        self.digest = digest
+        """``explanations_digest`` of the explanations it was built from ('' for an index saved without one)."""
 
     def __len__(self) -> int:
         return len(self.neurons)
@@ -428,7 +439,7 @@ class NeuronIndex:
             index.nprobe = min(nlist, 16)
         index.add(vecs)
         logger.info("indexed %d neurons (%s, dim %d)", len(neurons), kind, d)
-        return cls(index, neurons, texts, embedder, kind=kind)
+        return cls(index, neurons, texts, embedder, kind=kind, digest=explanations_digest(usable))
 
     def search(self, query: str, k: int = 10) -> list[tuple[NeuronId, float, str]]:
         """The ``k`` neurons whose explanations are most similar to ``query``: (neuron, cosine, explanation)."""
@@ -462,7 +473,8 @@ class NeuronIndex:
             Path(tmp).unlink(missing_ok=True)
             raise
         meta = {"embedder": self.embedder_name, "kind": self.kind, "dim": int(self.index.d),
-                "neurons": [[n.layer, n.index] for n in self.neurons], "explanations": self.explanations}
+                "neurons": [[n.layer, n.index] for n in self.neurons], "explanations": self.explanations,
+                "explanations_sha256": self.digest}
         atomic_write_text(directory / "neurons.json", json.dumps(meta, ensure_ascii=False))
         return directory
 
@@ -481,4 +493,9 @@ class NeuronIndex:
                              "use the same embedder or rebuild the index")
         index = faiss.read_index(str(directory / "index.faiss"))
         return cls(index, [NeuronId(int(a), int(b)) for a, b in meta["neurons"]], meta["explanations"], embedder,
-                   embedder_name=meta.get("embedder", ""), kind=meta.get("kind", "flat"))
+                   embedder_name=meta.get("embedder", ""), kind=meta.get("kind", "flat"),
+                   digest=meta.get("explanations_sha256", ""))
+
+    def built_from(self, explanations: list[NeuronExplanation]) -> bool:
+        """Whether this index was built from exactly these explanations (False when it recorded no digest)."""
+        return bool(self.digest) and self.digest == explanations_digest(explanations)

@@ -277,3 +277,29 @@ def test_quality_floor_code_concepts_pick_code_neurons():
     s = score_neurons(expl, concepts, LocalEmbedder(progress=False), n_layers=4, d_mlp=4)
     top = s.top_k(len(code))
     assert {n.layer * 4 + n.index for n in top} == set(range(len(code)))
+
+
+def test_cli_search_index_rebuilds_when_the_explanations_differ(tmp_path, capsys):
+    """A saved index answers only for the explanations it was built from (a digest is recorded and checked)."""
+    a = tmp_path / "a.jsonl"
+    a.write_text(json.dumps(NeuronExplanation(NeuronId(0, 1), "numbers and digits", source="t").to_json()) + "\n"
+                 + json.dumps(NeuronExplanation(NeuronId(0, 2), "the word because", source="t").to_json()) + "\n")
+    b = tmp_path / "b.jsonl"
+    b.write_text(json.dumps(NeuronExplanation(NeuronId(2, 5), "numbers and digits", source="t").to_json()) + "\n")
+    index = tmp_path / "index"
+    common = ["--index", str(index), "--embedder", "local", "--no-cache", "-k", "1"]
+    assert main(["search", "numbers", "--explanations", str(a), *common]) == 0
+    assert capsys.readouterr().out.startswith("L0/N1\t")
+    meta = json.loads((index / "neurons.json").read_text())
+    from snip_lens.explain import load_explanations
+    from snip_lens.score import explanations_digest
+
+    assert meta["explanations_sha256"] == explanations_digest(load_explanations(a))
+    assert main(["search", "numbers", "--explanations", str(a), *common]) == 0  # same explanations: reused
+    captured = capsys.readouterr()
+    assert captured.out.startswith("L0/N1\t") and "rebuilding" not in captured.err
+    assert main(["search", "numbers", "--explanations", str(b), *common]) == 0  # other explanations: rebuilt
+    captured = capsys.readouterr()
+    assert captured.out.startswith("L2/N5\t") and "built from other explanations" in captured.err
+    assert main(["search", "numbers", *common]) == 0  # no --explanations: the saved index as it is
+    assert capsys.readouterr().out.startswith("L2/N5\t")
