@@ -73,6 +73,7 @@ def _sweep_config(args: argparse.Namespace) -> "object":
 
     data = DataConfig(forget=args.forget, retain=args.retain, n_ctx=args.n_ctx, select_windows=args.select_windows,
                       eval_windows=args.eval_windows, max_docs=getattr(args, "max_docs", None),
+                      retain_max_docs=getattr(args, "retain_max_docs", None),
                       max_doc_tokens=args.max_doc_tokens or None,
                       text_field=getattr(args, "text_field", "text"), seed=args.seed)
     return SweepConfig(
@@ -114,7 +115,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--forget", required=True,
                     help="code | prose | FILE | DIR | hf:NAME[:CONFIG] | cbt:P[:FILE] | civil-toxic[:FILE]")
     sp.add_argument("--retain", required=True, help="same forms as --forget")
-    sp.add_argument("--max-docs", type=int, help="cap on documents read per corpus")
+    sp.add_argument("--max-docs", type=int, help="cap on forget documents: a seeded random draw (default: all)")
+    sp.add_argument("--retain-max-docs", type=int,
+                    help="cap on retain documents (default: all; hf: datasets take their first rows)")
     sp.add_argument("--text-field", default="text", help="text field of JSONL files / HF datasets")
     _sweep_args(sp, demo=False)
     sp.set_defaults(func=_run_sweep_cmd)

@@ -73,7 +73,11 @@ class DataConfig:
     eval_fraction: float = 0.3
     """Fraction of each corpus's documents held out for evaluation."""
     max_docs: int | None = None
-    """Cap on documents read per corpus (None: all)."""
+    """Cap on FORGET documents (None: all): a seeded random draw of that many (the paper's "100 randomly
+    selected CBT training samples" is ``forget="cbt:P", max_docs=100``). The retain side has its own cap."""
+    retain_max_docs: int | None = None
+    """Cap on RETAIN documents (None: all), a seeded random draw like ``max_docs`` (Hugging Face datasets
+    take their first rows instead, so as not to download them whole)."""
     max_doc_tokens: int | None = 512
     """Tokens kept from the start of each document, so that a few long files (the stdlib has 5,000-line
     modules) cannot fill every window: more documents, more varied windows. None keeps whole documents."""
@@ -86,6 +90,11 @@ class DataConfig:
         for name in ("n_ctx", "select_windows", "eval_windows"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"DataConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_docs", "retain_max_docs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 2):
+                raise ValueError(f"DataConfig.{name}={v!r} must be None or at least 2 documents (some are held out "
+                                 "for evaluation)")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"DataConfig.eval_fraction must be in (0, 1), got {self.eval_fraction}")
 
@@ -191,8 +200,8 @@ class SweepConfig:
 # ---- data ------------------------------------------------------------------------------------------
 
 
-def load_side_texts(spec: str, data: DataConfig) -> list[str]:
-    """Texts of one corpus spec, including the experiment-specific sources of the paper."""
+def load_side_texts(spec: str, data: DataConfig, max_docs: int | None = None) -> list[str]:
+    """Texts of one corpus spec (at most ``max_docs``, a seeded random draw), including the paper's sources."""
     from .corpus import load_texts
 
     if spec.startswith("cbt:"):
@@ -200,12 +209,25 @@ def load_side_texts(spec: str, data: DataConfig) -> list[str]:
 
         _, config, *rest = spec.split(":", 2)
         source = rest[0] if rest else "hf"
-        items = load_cbt(source, config=config, split="train", max_items=data.max_docs)
+        items = load_cbt(source, config=config, split="train")
+        if max_docs is not None and max_docs < len(items):
+            # "randomly selected CBT training samples": a seeded draw, kept in file order
+            items = [items[i] for i in sorted(random.Random(data.seed).sample(range(len(items)), max_docs))]
         return [cbt_item_text(it) for it in items]
     if spec == "civil-toxic" or spec.startswith("civil-toxic:"):
         path = spec.split(":", 1)[1] if ":" in spec else None
-        return toxic_comments(path, n=data.max_docs or 500, seed=data.seed)
-    return load_texts(spec, text_field=data.text_field, max_docs=data.max_docs, seed=data.seed)
+        return toxic_comments(path, n=max_docs or 500, seed=data.seed)
+    return load_texts(spec, text_field=data.text_field, max_docs=max_docs, seed=data.seed)
+
+
+def load_sides(data: DataConfig) -> tuple[list[str], list[str]]:
+    """(forget texts, retain texts), each side with its own cap (``max_docs``, ``retain_max_docs``)."""
+    forget = load_side_texts(data.forget, data, data.max_docs)
+    retain = load_side_texts(data.retain, data, data.retain_max_docs)
+    if data.forget == data.retain or forget == retain:
+        raise ValueError(f"forget ({data.forget!r}) and retain ({data.retain!r}) data are identical: unlearning "
+                         "needs a retain set that differs from what should be forgotten")
+    return forget, retain
 
 
 def cbt_item_text(item: Any) -> str:
@@ -337,11 +359,7 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
 
     # -- data: split by document, then windows ----------------------------------------------------------
     d = config.data
-    forget_texts = load_side_texts(d.forget, d)
-    retain_texts = load_side_texts(d.retain, d)
-    if d.forget == d.retain or forget_texts == retain_texts:
-        raise ValueError(f"forget ({d.forget!r}) and retain ({d.retain!r}) data are identical: unlearning needs "
-                         "a retain set that differs from what should be forgotten")
+    forget_texts, retain_texts = load_sides(d)
     f_sel, f_eval = split_documents(forget_texts, d.eval_fraction, d.seed)
     r_sel, r_eval = split_documents(retain_texts, d.eval_fraction, d.seed)
     win = {

@@ -263,3 +263,30 @@ def test_judge_shortlist_defaults_to_the_largest_k_and_is_checked_before_any_cal
                                       "--judge-shortlist", "random", "--select", "per-layer"])
     cfg = _sweep_config(args)
     assert (cfg.judge_candidates, cfg.judge_shortlist, cfg.select) == (5000, "random", "per-layer")
+
+
+def test_max_docs_caps_the_forget_side_only_and_cbt_samples_are_random(tmp_path):
+    from snip_lens.evaluate import build_cloze_items, save_cbt_jsonl
+    from snip_lens.sweep import load_side_texts, load_sides
+
+    retain = tmp_path / "retain.jsonl"
+    retain.write_text("\n".join(json.dumps({"text": f"retain document number {i}."}) for i in range(30)))
+    forget, kept = load_sides(DataConfig(forget="code", retain=str(retain), max_docs=5))
+    assert len(forget) == 5 and len(kept) == 30  # --max-docs no longer cuts the retain corpus too
+    _, kept = load_sides(DataConfig(forget="code", retain=str(retain), max_docs=5, retain_max_docs=7))
+    assert len(kept) == 7
+    # "100 randomly selected CBT training samples": a seeded draw, not the first items of the file
+    story = [" ".join(f"The {a} sat on the {b} ." for a in ("cat", "dog", "hen") for b in ("mat", "rug", str(i)))
+             for i in range(40)]
+    items = build_cloze_items(story, "P", n_items=40, seed=0, n_context=2)
+    path = tmp_path / "cbt.jsonl"
+    save_cbt_jsonl(items, path)
+    from snip_lens.sweep import cbt_item_text
+
+    data = DataConfig(forget=f"cbt:P:{path}", retain="prose", seed=0)
+    drawn = load_side_texts(data.forget, data, 10)
+    assert len(drawn) == 10 and drawn != [cbt_item_text(it) for it in items[:10]]
+    assert drawn == load_side_texts(data.forget, data, 10)
+    assert drawn != load_side_texts(data.forget, DataConfig(forget=data.forget, seed=1), 10)
+    with pytest.raises(ValueError, match="retain_max_docs=1"):
+        DataConfig(retain_max_docs=1)
