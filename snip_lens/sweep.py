@@ -582,5 +582,8 @@ class _Evaluator:
 
 
 def summary_table(results: dict) -> str:
-    """The short table the CLI prints at the end of a sweep."""
-    return format_table(results_table(results))
+    """The short table the CLI prints at the end of a sweep, and the runs that could not be made."""
+    lines = [format_table(results_table(results))]
+    for r in results.get("skipped", []):
+        lines.append(f"skipped {r['method']} k={r['k']}: {r['reason']}")
+    return "\n".join(lines)
