@@ -328,8 +328,12 @@ def llm_judge_scores(explanations: Iterable[NeuronExplanation], samples: Sequenc
 
 
 def mask_from_scores(model: Any, scores: NeuronScores, k: int | str, *, mode: str = "zero",
-                     values: Any = None) -> Any:
-    """The ``NeuronMask`` of the top-k neurons of ``scores`` (k a count or a percentage like ``"2%"``)."""
+                     values: Any = None, select: str = "global") -> Any:
+    """The ``NeuronMask`` of the top-k neurons of ``scores`` (k a count or a percentage like ``"2%"``).
+
+    ``select="per-layer"`` takes k/L neurons from each of the L layers (see ``NeuronScores.top_k``), whose
+    mask an export can compact fully; ``"global"`` the k best overall.
+    """
     from .mask import NeuronMask
 
     n_total = int(scores.scores.numel())
@@ -338,4 +342,4 @@ def mask_from_scores(model: Any, scores: NeuronScores, k: int | str, *, mode: st
     if count > n_finite:
         raise ValueError(f"k={k} asks for {count} neurons but method {scores.method!r} ranked only {n_finite} "
                          "(the rest have no score, e.g. no explanation or no keyword match); lower k")
-    return NeuronMask.from_neurons(model, scores.top_k(count), mode=mode, values=values)
+    return NeuronMask.from_neurons(model, scores.top_k(count, select), mode=mode, values=values)

@@ -285,12 +285,6 @@ def split_documents(texts: list[str], fraction: float, seed: int) -> tuple[list[
 # ---- the sweep -------------------------------------------------------------------------------------
 
 
-
-def _llm_config(cfg: SweepConfig) -> Any:
-    from .llm import LLMConfig
-
-    return LLMConfig(model=cfg.llm_model, base_url=cfg.base_url, api_key_env=cfg.api_key_env)
-
 def judge_candidates(config: SweepConfig, ks: list[int], n_neurons: int) -> int:
     """How many neurons the llm-judge rates: ``config.judge_candidates``, or the largest k when None.
 
@@ -309,6 +303,12 @@ def judge_candidates(config: SweepConfig, ks: list[int], n_neurons: int) -> int:
         raise ValueError(f"judge_candidates={n} is more than the model's {n_neurons} neurons; give at most {n_neurons}")
     return max(n, 1)
 
+
+
+def _llm_config(cfg: SweepConfig) -> Any:
+    from .llm import LLMConfig
+
+    return LLMConfig(model=cfg.llm_model, base_url=cfg.base_url, api_key_env=cfg.api_key_env)
 
 
 def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, overwrite: bool = False,

@@ -204,3 +204,13 @@ def test_judge_shortlist_takes_snip_and_activation_in_turn_and_ties_follow_it():
     assert s.top_k(4) == short
     assert s.secondary_name == "shortlist position" and s.cut_ties(2).to_json() == {
         "tied": 4, "selected": 2, "tied_after_secondary": 0}
+
+
+def test_mask_from_scores_per_layer_selection():
+    from snip_lens.testing import tiny_model
+
+    model = tiny_model("llama", n_layers=2, d_mlp=16)
+    s = NeuronScores(torch.cat([torch.ones(1, 16) * 5, torch.rand(1, 16)]).double(), "t")
+    assert set(mask_from_scores(model, s, 8).layers) == {0}
+    per = mask_from_scores(model, s, 8, select="per-layer")
+    assert sorted(n.layer for n in per.neurons) == [0] * 4 + [1] * 4

@@ -265,6 +265,34 @@ def test_judge_shortlist_defaults_to_the_largest_k_and_is_checked_before_any_cal
     assert (cfg.judge_candidates, cfg.judge_shortlist, cfg.select) == (5000, "random", "per-layer")
 
 
+def test_export_of_a_real_sweep_mask_says_what_it_could_not_remove(offline_run, model, tmp_path):
+    """A global top-k mask from the sweep prunes layers unevenly; a per-layer one compacts fully."""
+    from snip_lens.export import export_pruned
+    from snip_lens.score import NeuronScores
+    from snip_lens.select import mask_from_scores
+
+    out, _, _ = offline_run
+    scores = NeuronScores.load(out / "scores" / "activation.safetensors")
+    uneven = NeuronMask.load(out / "masks" / "activation_k3.safetensors", model=model)
+    per_layer = [sum(n.layer == layer for n in uneven.neurons) for layer in range(2)]
+    assert per_layer[0] != per_layer[1]  # a real top-k mask: uneven (3 neurons over 2 layers)
+    report = export_pruned(model, uneven, tmp_path / "global", compact=True)
+    assert report.n_removed == 2 * min(per_layer) and report.n_not_removed == 3 - 2 * min(per_layer) > 0
+    assert any(f"{report.n_not_removed} of the 3 removable masked neurons could not be removed" in n
+               for n in report.notes)
+    even = mask_from_scores(model, scores, 6, select="per-layer")
+    report = export_pruned(model, even, tmp_path / "per-layer", compact=True)
+    assert report.width == 32 - 3 and report.n_removed == 6 and report.n_not_removed == 0 and not report.notes
+
+
+def test_per_layer_selection_through_the_sweep(model, tmp_path):
+    cfg = SweepConfig(model="tiny", data=_data(), ks=["10%"], methods=["activation"], select="per-layer")
+    res = run_sweep(cfg, tmp_path, model=model, progress=False)
+    assert res["select"] == "per-layer"
+    mask = NeuronMask.load(tmp_path / "masks" / "activation_k6.safetensors")
+    assert sorted(n.layer for n in mask.neurons) == [0, 0, 0, 1, 1, 1]
+
+
 def test_max_docs_caps_the_forget_side_only_and_cbt_samples_are_random(tmp_path):
     from snip_lens.evaluate import build_cloze_items, save_cbt_jsonl
     from snip_lens.sweep import load_side_texts, load_sides
