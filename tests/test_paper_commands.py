@@ -20,7 +20,7 @@ from snip_lens.loopback import LoopbackServer, default_answer
 from snip_lens.select import parse_k
 
 README = Path(__file__).parent.parent / "README.md"
-N_LAYERS, D_MLP = 4, 64
+N_LAYERS, D_MLP = 2, 64
 
 
 def readme_command(marker: str) -> list[str]:
@@ -155,4 +155,4 @@ def test_judge_shortlist_smaller_than_the_largest_k_fails_before_any_llm_call(as
         assert main(argv) == 2
         assert server.stats.requests == 0  # refused before a single explanation or judge call was paid for
     err = capsys.readouterr().err
-    assert "judge_candidates=5 is smaller than the largest k=26" in err and "--judge-candidates" in err
+    assert "judge_candidates=5 is smaller than the largest k=13" in err and "--judge-candidates" in err
