@@ -1,12 +1,15 @@
 """Neuron selection methods: rank every MLP neuron for pruning, then keep the top k (SNIP step 4).
 
 Every method returns a ``NeuronScores`` (higher = prune first); ``mask_from_scores`` turns the top k into a
-``NeuronMask``. Methods:
+``NeuronMask`` (the k best overall, or with ``select="per-layer"`` k/L in each layer). Equal scores are
+ordered by each method's declared secondary signal, then by a seeded random draw (``NeuronScores``).
+Methods:
 
 - ``snip``: max cosine similarity between the neuron's explanation and any forget-set concept.
 - ``random``: a seeded random permutation (the floor any method must beat).
 - ``keyword``: neurons whose explanation contains one of the given keywords, ranked by explanation score.
-- ``llm-judge``: an LLM rates each neuron 0-10 from forget samples and the neuron's explanation.
+- ``llm-judge``: an LLM rates each neuron of a shortlist (``judge_shortlist``) 0-10 from forget samples and
+  the neuron's explanation.
 - ``activation``: Pochinkov & Schoots (2024) selective pruning, mean |act| on forget divided by mean |act|
   on retain (+eps); ``activation-freq`` uses the frequency of act > 0 instead.
 - ``hybrid``: concept and activation evidence together, see ``hybrid_scores``.
