@@ -12,9 +12,8 @@ import pytest
 
 BENCH = Path(__file__).parent.parent / "benchmarks"
 RESULTS = sorted((BENCH / "results").glob("*.json"))
-# collect.json holds hand-kept entries ("earlier_runs_same_code", "note") until its script is rerun; that
-# rerun is a separate change. Drop this mark once it lands.
-PENDING_RERUN = {"collect"}
+# Results whose script has not been rerun since hand-kept keys were removed (none now).
+PENDING_RERUN: set[str] = set()
 
 
 def _written_keys(script: Path) -> tuple[set[str], list[re.Pattern]]:
