@@ -189,3 +189,19 @@ def test_model_spec_needs_exactly_one_source():
     with pytest.raises(ValueError, match="n_actors"):
         RayExecutor("smollm2-135m", n_actors=0)
     assert RayExecutor("smollm2-135m").model == ModelSpec(name="smollm2-135m")
+
+
+def test_cli_collect_ray_equals_the_single_process_command(executor, tmp_path):
+    from snip_lens.cli import main
+    from snip_lens.testing import tiny_hf_model, tiny_tokenizer
+
+    executor.close()  # its actors hold the cluster's 2 CPUs; the command starts its own (the next user restarts these)
+
+    model_dir = tmp_path / "tiny"  # a directory load_model reads, as the actors must rebuild the model by name
+    tiny_hf_model("llama", n_layers=2, d_model=32, d_mlp=64, seed=0).save_pretrained(model_dir)
+    tiny_tokenizer(512).save_pretrained(model_dir)
+    args = ["collect", "--model", str(model_dir), "--corpus", "prose", "--windows", "6", "--n-ctx", "24",
+            "--top-k", "3", "--context", "2,1", "--batch-size", "2", "--shard-windows", "2", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    assert main(args + ["--out", str(tmp_path / "ray"), "--ray", "--ray-actors", "1"]) == 0
+    assert_same_records(ActivationRecords.load(tmp_path / "ray"), ActivationRecords.load(tmp_path / "one"))
