@@ -151,9 +151,9 @@ def main() -> None:
     # device_map places whole layers on each GPU and runs them in turn: one GPU of a replica works at a time.
     gpu_tps = args.gpu_tflops * 1e12 * args.mfu / flops_tok_70 / overhead
     collect_s = args.probe_tokens / (replicas * gpu_tps)
-    # The driver merges shards while the actors compute; a shard's merge must take well under the time the
-    # replicas need to produce the next one: shard_tokens >= 10 * merge_s * replicas * tokens/s.
-    min_shard_tokens = 10 * merge["merge_s_80_layers"] * replicas * gpu_tps
+    # The driver merges shards while the actors compute; it keeps pace when one shard's merge takes no longer
+    # than the replicas need to produce the next one: shard_tokens >= merge_s * replicas * tokens/s.
+    min_shard_tokens = merge["merge_s_80_layers"] * replicas * gpu_tps
     shard_windows = 2 ** math.ceil(math.log2(max(1.0, min_shard_tokens / args.n_ctx)))
     n_shards = math.ceil(args.probe_tokens / (shard_windows * args.n_ctx))
     ray = coll.get("ray", {})
