@@ -469,24 +469,16 @@ class _State:
                 if size == 0:
                     continue
                 L, _, N = t[key_n].shape
-                sides = []
-                for src in (t, part):
-                    slot = src[slot_n]
-                    ctx = torch.gather(src[ctx_n], 1, slot.unsqueeze(3).expand_as(src[ctx_n]))  # (L, rank, N, C)
-                    val = torch.gather(src[val_n], 1, slot) if val_n is not None else None
-                    sides.append((src[key_n], src[idx_n], val, ctx))
-                flat = lambda x: x.permute(1, 0, 2).reshape(x.shape[1], L * N)  # (rank, L*N)  # noqa: E731
-                key, idx, src_row = merge_topk(flat(sides[0][0]), flat(sides[0][1]), flat(sides[1][0]),
-                                               flat(sides[1][1]), size)
-                unflat = lambda x: x.reshape(size, L, N).permute(1, 0, 2).contiguous()  # noqa: E731
-                t[key_n], t[idx_n] = unflat(key), unflat(idx)
-                C = sides[0][3].shape[3]
-                ctx_all = torch.cat([sides[0][3], sides[1][3]], 1).permute(1, 0, 2, 3).reshape(-1, L * N, C)
-                ctx = torch.gather(ctx_all, 0, src_row.unsqueeze(2).expand(-1, -1, C))  # (size, L*N, C)
-                t[ctx_n] = ctx.reshape(size, L, N, C).permute(1, 0, 2, 3).contiguous()
-                if val_n is not None:
-                    val_all = torch.cat([sides[0][2], sides[1][2]], 1).permute(1, 0, 2).reshape(-1, L * N)
-                    t[val_n] = unflat(torch.gather(val_all, 0, src_row))
+                for li in range(L):  # one layer at a time: the context payloads are the bulk of the state
+                    key, idx, src = merge_topk(t[key_n][li], t[idx_n][li], part[key_n][li], part[idx_n][li], size)
+                    # Rank row of cat([ours, theirs]) -> storage slot of cat([our slots, their slots]).
+                    slots = torch.cat([t[slot_n][li], part[slot_n][li] + size], 0)  # (2 size, N)
+                    store = torch.gather(slots, 0, src)  # (size, N)
+                    ctx = torch.cat([t[ctx_n][li], part[ctx_n][li]], 0)  # (2 size, N, C) in storage order
+                    t[ctx_n][li] = torch.gather(ctx, 0, store.unsqueeze(2).expand(-1, -1, ctx.shape[2]))
+                    if val_n is not None:
+                        t[val_n][li] = torch.gather(torch.cat([t[val_n][li], part[val_n][li]], 0), 0, store)
+                    t[key_n][li], t[idx_n][li] = key, idx
                 t[slot_n] = torch.arange(size).view(1, size, 1).expand(L, size, N).clone()  # rank order now
         for ci in range(self.n_corpora):
             p = f"s{ci}."
