@@ -41,6 +41,8 @@ def _sweep_args(sp: argparse.ArgumentParser, *, demo: bool) -> None:
     sp.add_argument("--explainer", default="heuristic", choices=["heuristic", "openai", "local"])
     sp.add_argument("--explanations", default="input", choices=["input", "output", "both"],
                     help="evidence explanations rest on: top-activating inputs, VocabProj output tokens, or both")
+    sp.add_argument("--quality-weight", default="none", choices=["none", "embedding", "simulator"],
+                    help="weight SNIP's scores by explanation quality (offline embedding AUROC or LLM simulator)")
     sp.add_argument("--import-explanations", help="published explanations file (OpenAI, DeepDecipher, Neuronpedia)")
     sp.add_argument("--min-explanation-score", type=float)
     sp.add_argument("--concepts", default="auto", choices=["auto", "llm", "distinctive"])
@@ -72,7 +74,7 @@ def _sweep_config(args: argparse.Namespace) -> "object":
                       text_field=getattr(args, "text_field", "text"), seed=args.seed)
     return SweepConfig(
         model=args.model, data=data, methods=_split(args.methods), ks=_split(args.k), explainer=args.explainer,
-        explanations=args.explanations,
+        explanations=args.explanations, quality_weight=args.quality_weight,
         import_explanations=args.import_explanations, min_explanation_score=args.min_explanation_score,
         concepts=args.concepts, llm_model=args.llm_model, base_url=args.base_url, api_key_env=args.api_key_env,
         embedder=args.embedder, keywords=_split(args.keywords), hybrid_weight=args.hybrid_weight,

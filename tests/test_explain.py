@@ -558,3 +558,72 @@ def test_import_neuronpedia_sae_latents_is_refused(tmp_path, layer):
         import_explanations(f)
     msg = str(ei.value)
     assert "np.json[1]" in msg and repr(layer) in msg and "not MLP neurons" in msg and "'<layer>-mlp'" in msg
+
+
+# -- output-centric and combined prompts ----------------------------------------------------------------
+
+def output_evidence():
+    from snip_lens.types import OutputEvidence, TokenWeight
+
+    return OutputEvidence(promoted=[TokenWeight(" def", 1.25), TokenWeight("\n", 0.5)],
+                          suppressed=[TokenWeight(" the", -0.75)], sign=1)
+
+
+def test_golden_output_prompt():
+    from snip_lens.explain import build_output_prompt
+    from snip_lens.explain.prompts import OUTPUT_SYSTEM_PROMPT
+
+    msgs = build_output_prompt(output_evidence())
+    assert msgs[0] == {"role": "system", "content": OUTPUT_SYSTEM_PROMPT}
+    assert OUTPUT_SYSTEM_PROMPT.startswith("We're studying neurons in a neural network. When a neuron activates")
+    assert msgs[1] == {"role": "user", "content":
+                       "\n\nNeuron 1\nPromoted tokens:\n<start>\n def\t1.25\n\\n\t0.5\n<end>\nSuppressed tokens:\n"
+                       "<start>\n the\t-0.75\n<end>\n\nExplanation of neuron 1 behavior: the main thing this neuron "
+                       "does is"}
+
+
+def test_golden_both_prompt_shows_both_kinds_of_evidence():
+    from snip_lens.explain import build_both_prompt
+    from snip_lens.explain.prompts import BOTH_SYSTEM_PROMPT
+
+    msgs = build_both_prompt(dense_records(), output_evidence())
+    assert msgs == [
+        {"role": "system", "content": BOTH_SYSTEM_PROMPT},
+        {"role": "user", "content":
+            "\n\nNeuron 1\nActivations:\n<start>\ndef\t10\n foo\t0\n(\t0\nself\t5\n):\t1\n<end>\n<start>\n"
+            " return\t2\n x\t0\n<end>\n\nPromoted tokens:\n<start>\n def\t1.25\n\\n\t0.5\n<end>\n"
+            "Suppressed tokens:\n<start>\n the\t-0.75\n<end>\n\nExplanation of neuron 1 behavior: the main thing "
+            "this neuron does is"},
+    ]
+    assert "looks for" in BOTH_SYSTEM_PROMPT and "promotes and suppresses" in BOTH_SYSTEM_PROMPT
+    assert parse_explanation(" the main thing this neuron does is predict ' def' after newlines.") == \
+        "predict ' def' after newlines"
+    with pytest.raises(ValueError, match="no activation records"):
+        build_both_prompt([], output_evidence())
+
+
+def _tok(t: str) -> str:
+    return t.replace("\n", "\\n").replace("\t", "\\t")
+
+
+def test_llm_explainer_with_both_kinds_over_http(tmp_path):
+    from snip_lens.testing import tiny_model
+
+    model = tiny_model("llama", n_layers=1, d_mlp=8)
+    orig = unique_records(3)
+    recs = [NeuronRecords(NeuronId(0, i), r.top) for i, r in enumerate(orig)]  # layer 0 of a one-layer model
+    marker = {NeuronId(0, i): f" tok{r.neuron.layer}x{r.neuron.index}\t10\n" for i, r in enumerate(orig)}
+    with LoopbackServer(answer=lambda m: " promotes what follows the strongest token.") as srv:
+        cfg = ExplainConfig(kind="openai", explanations="both", llm=llm_config(srv, api_key_env=None, timeout=5.0))
+        out = explain(recs, cfg, model=model, cache_dir=tmp_path, progress=False)
+        prompts = list(srv.stats.chat_prompts)
+    assert all(e.ok and e.kind == "both" and e.explanation == "promotes what follows the strongest token"
+               for e in out)
+    assert all(e.evidence.input and e.evidence.output for e in out)
+    assert len(prompts) == 3
+    for e in out:  # each neuron's prompt shows its own activations and its own VocabProj tokens
+        p = next(q for q in prompts if marker[e.neuron] in q)
+        top = e.evidence.output.promoted[0]
+        assert "Promoted tokens:\n<start>\n" + f"{_tok(top.token)}\t{top.weight:.3g}\n" in p
+    with pytest.raises(ValueError, match="pass model="):
+        explain(recs, ExplainConfig(explanations="output"), progress=False)
