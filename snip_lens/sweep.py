@@ -94,8 +94,9 @@ class SweepConfig:
     """Neurons to prune: counts ("500") or percentages of all MLP neurons ("2%")."""
     explainer: Literal["heuristic", "openai", "local"] = "heuristic"
     """Who explains neurons (step 1)."""
-    explanations: Literal["input", "output", "both"] = "input"
-    """Evidence the explanations rest on: top-activating inputs, VocabProj output tokens, or both."""
+    explanations: Literal["input", "output", "both"] = "both"
+    """Evidence the explanations rest on: top-activating inputs, VocabProj output tokens, or both (default:
+    both, the ensemble Gur-Arieh et al. 2025 found best on input and output evaluations)."""
     quality_weight: Literal["none", "embedding", "simulator"] = "none"
     """Weight SNIP's scores by explanation quality (offline embedding AUROC, or the LLM simulator)."""
     import_explanations: str | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -94,7 +95,7 @@ def test_report_shows_explanations_and_concepts_of_snip_neurons(offline_run):
     # every listed SNIP neuron names a concept of the forget set and its own explanation
     texts = {f"L{e['layer']}/N{e['index']}": e["explanation"] for e in expl}
     for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", row.strip("|"))]  # escaped pipes stay in a cell
         assert cells[3] in concepts
         assert cells[2] == texts[cells[0]].replace("|", "\\|")
 
