@@ -116,6 +116,11 @@ class SweepConfig:
     """Neurons to prune: counts ("500") or percentages of all MLP neurons ("2%")."""
     explainer: Literal["heuristic", "openai", "local"] = "heuristic"
     """Who explains neurons (step 1)."""
+    explanations: Literal["input", "output", "both"] = "both"
+    """Evidence the explanations rest on: top-activating inputs, VocabProj output tokens, or both (default:
+    both, the ensemble Gur-Arieh et al. 2025 found best on input and output evaluations)."""
+    quality_weight: Literal["none", "embedding", "simulator"] = "none"
+    """Weight SNIP's scores by explanation quality (offline embedding AUROC, or the LLM simulator)."""
     import_explanations: str | None = None
     """Use published explanations from this file instead of explaining (OpenAI/DeepDecipher/Neuronpedia)."""
     min_explanation_score: float | None = None
@@ -182,6 +187,14 @@ class SweepConfig:
             raise ValueError("the keyword method needs keywords: set keywords (CLI: --keywords python,code)")
         if "llm-judge" in self.methods and not self.llm_model:
             raise ValueError("the llm-judge method needs an LLM: set llm_model (CLI: --llm-model gpt-4o-mini)")
+        if self.explanations not in ("input", "output", "both"):
+            raise ValueError(f"SweepConfig.explanations must be 'input', 'output' or 'both', got "
+                             f"{self.explanations!r} (CLI: --explanations input|output|both)")
+        if self.quality_weight not in ("none", "embedding", "simulator"):
+            raise ValueError(f"SweepConfig.quality_weight must be 'none', 'embedding' or 'simulator', got "
+                             f"{self.quality_weight!r}")
+        if self.quality_weight == "simulator" and not self.llm_model:
+            raise ValueError("quality_weight 'simulator' needs llm_model (CLI: --llm-model gpt-4o-mini)")
         if self.explainer == "openai" and not self.llm_model:
             raise ValueError("explainer 'openai' needs llm_model (CLI: --llm-model gpt-4o-mini)")
         if self.concepts == "llm" and not self.llm_model:
@@ -410,13 +423,14 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
         # -- step 1b: explanations ---------------------------------------------------------------------
         t = time.perf_counter()
         expl_path = out / "explanations.jsonl"
-        ecfg = ExplainConfig(kind=config.explainer, llm=_llm_config(config) if config.explainer == "openai" else None)
+        ecfg = ExplainConfig(kind=config.explainer, explanations=config.explanations,
+                             llm=_llm_config(config) if config.explainer == "openai" else None)
         if expl_path.exists():  # written by an earlier run of this very config (a changed config clears it)
             explanations = load_explanations(expl_path)
             if not config.import_explanations:  # the rerun retries exactly the failures, as explain advises
                 explanations, n_retried = retry_failed(explanations, records, ecfg,
                                                        cache_dir=out / "cache" / "explain", progress=progress,
-                                                       where=str(expl_path))
+                                                       where=str(expl_path), model=model)
                 if n_retried:
                     save_explanations(expl_path, explanations)
         else:
@@ -425,7 +439,8 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
                                                    min_score=config.min_explanation_score, n_layers=n_layers,
                                                    d_mlp=d_mlp)
             else:
-                explanations = explain(records, ecfg, cache_dir=out / "cache" / "explain", progress=progress)
+                explanations = explain(records, ecfg, cache_dir=out / "cache" / "explain", progress=progress,
+                                       model=model)
             save_explanations(expl_path, explanations)
         timings["explain"] = time.perf_counter() - t
 
@@ -447,13 +462,18 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
         embedder = get_embedder(config.embedder, cache_dir=out / "cache" / "embed", base_url=config.base_url,
                                 api_key_env=config.api_key_env, progress=progress)
         scores["snip"] = score_neurons(explanations, concepts, embedder, n_layers=n_layers, d_mlp=d_mlp)
+        if config.quality_weight != "none":
+            scores["snip"] = _quality_weighted(config, explanations, records, concepts, embedder, scores["snip"],
+                                               max(ks), out / "explanations.jsonl", n_layers, d_mlp)
         timings["score"] = time.perf_counter() - t
 
         quality = explanation_quality(explanations, n_layers, d_mlp)
         snip = scores["snip"]
+        # published explanation scores, when there are any, break ties; else score_neurons' own signal
         scores["snip"] = NeuronScores(snip.scores, snip.method, snip.labels, snip.model_name or name,
-                                      secondary=quality, secondary_name="explanation score" if quality is not None
-                                      else "", tie_seed=config.seed)
+                                      secondary=quality if quality is not None else snip.secondary,
+                                      secondary_name="explanation score" if quality is not None
+                                      else snip.secondary_name, tie_seed=config.seed)
 
     if any(m in config.methods for m in ("activation", "hybrid")) or (
             "llm-judge" in config.methods and "activation" in config.judge_shortlist):
@@ -528,7 +548,7 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
             hist[nid.layer] = hist.get(nid.layer, 0) + 1
         details.append(MethodDetail(method=method, k=done, layer_histogram=hist, neurons=[
             PrunedNeuron(str(nid), float(s.scores[nid.layer, nid.index]),
-                         (expl_by_id[nid].explanation or "") if nid in expl_by_id else "",
+                         _with_quality(expl_by_id[nid]) if nid in expl_by_id else "",
                          s.labels.get(nid, ""), neuron_evidence(method, nid, scores))
             for nid in top[:200]]))
     bar.close()
@@ -539,6 +559,41 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
     plots = plot_results(results, out / "plots")
     write_report(results, details, out, plots=plots, concepts=concepts.concepts if concepts else None)
     return results
+
+
+def _with_quality(e: Any) -> str:
+    """An explanation as the report shows it: the sentence, then its quality scores when it has any."""
+    text = e.explanation or ""
+    if e.quality:
+        text += " [quality " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(e.quality.items())) + "]"
+    return text
+
+
+def _quality_weighted(config: SweepConfig, explanations: list, records: Any, concepts: Any, embedder: Any,
+                      plain: Any, max_k: int, expl_path: Path, n_layers: int, d_mlp: int) -> Any:
+    """SNIP scores weighted by explanation quality, scored for every neuron the sweep could prune.
+
+    Quality is computed for the top ``QUALITY_CANDIDATES_FACTOR x max k`` neurons of the unweighted ranking
+    (weights only lower scores, and neurons without a quality score get weight 0), attached to the
+    explanations and saved with them (the explanations file is rewritten once).
+    """
+    from .explain import save_explanations
+    from .quality import EmbeddingScorer, SimulatorScorer, score_explanations
+    from .score import score_neurons
+
+    name = config.quality_weight
+    n_cand = min(int(torch.isfinite(plain.scores).sum()), QUALITY_CANDIDATES_FACTOR * max_k)
+    candidates = set(plain.top_k(n_cand))
+    todo = [e for e in explanations if e.neuron in candidates and name not in e.quality]
+    if todo:
+        scorer = EmbeddingScorer(embedder) if name == "embedding" else SimulatorScorer(_llm_config(config))
+        score_explanations(todo, records, scorer)
+        save_explanations(expl_path, explanations)
+    return score_neurons(explanations, concepts, embedder, n_layers=n_layers, d_mlp=d_mlp, quality=name)
+
+
+QUALITY_CANDIDATES_FACTOR = 2
+"""With a quality weight, quality is scored for this many times the largest k of SNIP's top neurons."""
 
 
 class _Evaluator:
