@@ -36,6 +36,7 @@ from .select import (
     llm_judge_scores,
     mask_from_scores,
     parse_k,
+    parse_mask_mode,
     random_scores,
 )
 
@@ -132,8 +133,12 @@ class SweepConfig:
     """Local detoxify checkpoint path for offline use."""
     seed: int = 0
     """Seed for the random baseline."""
+    mask_mode: str = "zero"
+    """How pruned neurons are masked: "zero", "mean" (their mean activation on the retain selection windows)
+    or "scale:F" (activation times F; negative F flips it)."""
 
     def __post_init__(self) -> None:
+        parse_mask_mode(self.mask_mode)
         if isinstance(self.data, dict):
             self.data = DataConfig(**self.data)
         unknown = [m for m in self.methods if m not in METHODS]
@@ -367,6 +372,15 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
         scores["activation-freq"] = activation_scores(records, statistic="freq_pos", model_name=name)
     if "hybrid" in config.methods:
         scores["hybrid"] = hybrid_scores(scores["snip"], scores["activation"], weight=config.hybrid_weight)
+    if "attribution" in config.methods:
+        from .attribution import attribution_scores
+
+        t = time.perf_counter()
+        saved = out / "scores" / "attribution.safetensors"  # cleared with the rest when the config changes
+        scores["attribution"] = (NeuronScores.load(saved) if saved.exists() else attribution_scores(
+            model, win["forget_sel"].tokens, win["retain_sel"].tokens, batch_size=config.batch_size,
+            progress=progress))
+        timings["attribution"] = time.perf_counter() - t
     if "random" in config.methods:
         scores["random"] = random_scores(n_layers, d_mlp, seed=config.seed, model_name=name)
     if "keyword" in config.methods:
@@ -393,12 +407,15 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
     (out / "masks").mkdir(exist_ok=True)
     details: list[MethodDetail] = []
     expl_by_id = {e.neuron: e for e in explanations}
+    mask_mode, factor = parse_mask_mode(config.mask_mode)
+    mask_values = (factor if mask_mode == "scale" else
+                   records.stats["retain"].mean.double() if mask_mode == "mean" else None)
     bar = tqdm(total=len(config.methods) * len(ks), desc="evaluate", unit="run", disable=not progress)
     for method in config.methods:
         s = scores[method]
         for k in ks:
             bar.set_postfix_str(f"{method} k={k}")
-            mask = mask_from_scores(model, s, k)
+            mask = mask_from_scores(model, s, k, mode=mask_mode, values=mask_values)
             mask.save(out / "masks" / f"{method}_k{k}.safetensors")
             r = evaluator.run(mask)
             results["runs"].append({"method": method, "k": k, "k_percent": 100.0 * k / n_neurons, **r})
