@@ -40,6 +40,8 @@ def _sweep_args(sp: argparse.ArgumentParser, *, demo: bool) -> None:
     sp.add_argument("--batch-size", type=int, default=8)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--explainer", default="heuristic", choices=["heuristic", "openai", "local"])
+    sp.add_argument("--explanations", default="input", choices=["input", "output", "both"],
+                    help="evidence explanations rest on: top-activating inputs, VocabProj output tokens, or both")
     sp.add_argument("--import-explanations", help="published explanations file (OpenAI, DeepDecipher, Neuronpedia)")
     sp.add_argument("--min-explanation-score", type=float)
     sp.add_argument("--concepts", default="auto", choices=["auto", "llm", "distinctive"])
@@ -73,6 +75,7 @@ def _sweep_config(args: argparse.Namespace) -> "object":
                       text_field=getattr(args, "text_field", "text"), seed=args.seed)
     return SweepConfig(
         model=args.model, data=data, methods=_split(args.methods), ks=_split(args.k), explainer=args.explainer,
+        explanations=args.explanations,
         import_explanations=args.import_explanations, min_explanation_score=args.min_explanation_score,
         concepts=args.concepts, llm_model=args.llm_model, base_url=args.base_url, api_key_env=args.api_key_env,
         embedder=args.embedder, keywords=_split(args.keywords), hybrid_weight=args.hybrid_weight,
@@ -294,12 +297,23 @@ def _explain_cmd(args: argparse.Namespace) -> int:
         llm = LLMConfig(model=args.model, base_url=args.base_url, api_key_env=key_env,
                         concurrency=args.concurrency, temperature=args.temperature, max_retries=args.max_retries)
     config = ExplainConfig(kind=args.explainer, llm=llm, local_model=args.local_model,
-                           max_records=args.max_records, few_shot=not args.no_few_shot)
+                           max_records=args.max_records, few_shot=not args.no_few_shot,
+                           explanations=args.explanations)
+    subject = None
+    if config.needs_model and not args.import_file:
+        from .models import load_model
+
+        name = args.subject_model or (records.model_name if records is not None else None)
+        if not name:
+            raise ValueError(f"--explanations {args.explanations} reads the subject model's weights: pass "
+                             "--subject-model NAME (or --records from that model)")
+        subject = load_model(name)
     neurons = [NeuronId.parse(t) for t in args.neurons.split(",") if t.strip()] if args.neurons else None
     try:
         result = explain_to_file(args.out, records=records, config=config, import_path=args.import_file,
                                  min_score=args.min_score, neurons=neurons, cache_dir=args.cache_dir,
-                                 n_layers=args.n_layers, d_mlp=args.d_mlp, overwrite=args.overwrite)
+                                 n_layers=args.n_layers, d_mlp=args.d_mlp, overwrite=args.overwrite,
+                                 model=subject)
     except FileExistsError as exc:
         raise ValueError(str(exc)) from None
     n_ok = sum(e.ok for e in result)
@@ -312,6 +326,10 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--records", help="directory of collected activation records (snip collect)")
     sp.add_argument("--explainer", default="heuristic", choices=["heuristic", "openai", "local"])
     sp.add_argument("--model", default="gpt-4o-mini", help="chat model name for --explainer openai")
+    sp.add_argument("--explanations", default="input", choices=["input", "output", "both"],
+                    help="evidence explanations rest on: top-activating inputs, VocabProj output tokens, or both")
+    sp.add_argument("--subject-model", help="model whose neurons are explained, for output evidence "
+                    "(default: the model the --records come from)")
     sp.add_argument("--base-url", help="OpenAI-compatible server root, e.g. http://localhost:8000/v1")
     sp.add_argument("--api-key-env", default="OPENAI_API_KEY",
                     help="variable holding the API key ('none' for local servers that need no key)")

@@ -86,7 +86,8 @@ class LoopbackServer:
     def __init__(self, *, latency: float = 0.0, fault_rate: float = 0.0, seed: int = 0,
                  hang_seconds: float = 2.0, answer: Callable[[list[dict]], str] = default_answer,
                  embed_dim: int = 16, api_key: str | None = None,
-                 fault_kinds: tuple[str, ...] = FAULT_KINDS) -> None:
+                 fault_kinds: tuple[str, ...] = FAULT_KINDS,
+                 logprobs: Callable[[list[dict]], list[dict]] | None = None) -> None:
         bad = [k for k in fault_kinds if k not in FAULT_KINDS]
         if bad or not fault_kinds:
             raise ValueError(f"fault_kinds must be a non-empty subset of {FAULT_KINDS}, got {fault_kinds!r}")
@@ -99,6 +100,10 @@ class LoopbackServer:
         self.fault_rate = fault_rate
         self.hang_seconds = hang_seconds
         self.answer = answer
+        self.logprobs = logprobs
+        """For requests with ``logprobs: true``: messages -> the answer's ``logprobs.content`` (a list of
+        ``{"token", "logprob", "top_logprobs"}``; the answer text is their tokens joined). None: the answer of
+        ``answer`` split into characters, each certain."""
         self.embed_dim = embed_dim
         self.api_key = api_key
         self.stats = LoopbackStats()
@@ -218,11 +223,20 @@ class LoopbackServer:
                     content = GARBAGE_ANSWERS[g]
                 else:
                     content = server.answer(payload.get("messages") or [])
+                choice: dict = {"index": 0, "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": content}}
+                if payload.get("logprobs") and not garbage:
+                    if server.logprobs is not None:
+                        lp = server.logprobs(payload.get("messages") or [])
+                    else:
+                        lp = [{"token": c, "logprob": 0.0, "top_logprobs": [{"token": c, "logprob": 0.0}]}
+                              for c in content]
+                    choice["logprobs"] = {"content": lp}
+                    choice["message"]["content"] = "".join(t["token"] for t in lp)
                 self._json(200, {
                     "id": "chatcmpl-loopback", "object": "chat.completion", "created": int(time.time()),
                     "model": payload.get("model", "loopback"),
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": content}}],
+                    "choices": [choice],
                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
                 })
 

@@ -217,30 +217,74 @@ def _usable(explanations: list[NeuronExplanation], n_layers: int, d_mlp: int) ->
     return [by_neuron[n] for n in sorted(by_neuron)]
 
 
+SECONDARY_SIGNAL = "mean cosine to all concepts"
+"""SNIP's declared tie-break: among neurons with the same max cosine, the one closer to the forget set's
+concepts on average ranks first (then a seeded random draw, in :class:`NeuronScores`)."""
+
+
+def _secondary_kwargs(secondary: torch.Tensor) -> dict[str, Any]:
+    """The secondary signal as :class:`NeuronScores` takes it (when its tie-break field is present)."""
+    fields = getattr(NeuronScores, "__dataclass_fields__", {})
+    for name in ("secondary", "tie_break", "secondary_scores"):
+        if name in fields:
+            return {name: secondary}
+    return {}
+
+
 def score_neurons(explanations: list[NeuronExplanation], concepts: DatasetConcepts, embedder: Any, *,
-                  n_layers: int, d_mlp: int, model_name: str = "") -> NeuronScores:
+                  n_layers: int, d_mlp: int, model_name: str = "", quality: str | None = None) -> NeuronScores:
     """SNIP importance: per neuron the max cosine between its explanation and any concept (step 3).
 
     Neurons without a usable explanation (failed, empty) score ``-inf``. ``labels`` holds, per scored
-    neuron, the concept that gave its score.
+    neuron, the concept that gave its score. Ties are broken by :data:`SECONDARY_SIGNAL`, returned as the
+    scores' secondary signal. A concept equal to an explanation raises (circular scoring; see
+    :func:`snip_lens.concepts.check_concepts_independent`).
+
+    ``quality`` names an explanation quality score (``"embedding"``, ``"simulator"``; see
+    :mod:`snip_lens.quality`) to weight by: ``score = max cosine x weight``, the weight being the quality
+    rescaled so that chance is 0 and perfect 1 (clipped to [0, 1]); explanations without that score get
+    weight 0 (score 0), so they rank after every explanation with a useful one.
     """
+    from .concepts import check_concepts_independent
+
     usable = _usable(list(explanations), n_layers, d_mlp)
     if not usable:
         raise ValueError(f"none of the {len(list(explanations))} explanations is usable (all failed or empty); "
                          "explain the neurons first (snip explain) or import explanations")
     if not concepts.concepts:
         raise ValueError("no concepts to score against; extract them first (snip concepts)")
+    check_concepts_independent(concepts, usable)
     concept_vecs = embedder.embed(list(concepts.concepts))
     neuron_vecs = embedder.embed([e.explanation for e in usable])
     sims, idx = max_cosine(neuron_vecs, concept_vecs)
+    from .embed import normalize_rows
+
+    mean_sim = (normalize_rows(neuron_vecs) @ normalize_rows(concept_vecs).mean(axis=0)).astype(np.float64)
+    values = sims.astype(np.float64)
+    if quality is not None:
+        from .quality import quality_weight
+
+        w = np.array([quality_weight(quality, e.quality.get(quality)) for e in usable])
+        n_missing = sum(quality not in e.quality for e in usable)
+        if n_missing == len(usable):
+            raise ValueError(f"no explanation has a {quality!r} quality score; score them first "
+                             "(snip_lens.quality.score_explanations) or drop the quality weight")
+        if n_missing:
+            logger.info("%d of %d explanations have no %r quality score: weight 0", n_missing, len(usable), quality)
+        values = values * w
     scores = torch.full((n_layers, d_mlp), MISSING_SCORE, dtype=torch.float64)
+    secondary = torch.full((n_layers, d_mlp), MISSING_SCORE, dtype=torch.float64)
     layers = torch.tensor([e.neuron.layer for e in usable])
     index = torch.tensor([e.neuron.index for e in usable])
-    scores[layers, index] = torch.from_numpy(sims.astype(np.float64))
+    scores[layers, index] = torch.from_numpy(values)
+    secondary[layers, index] = torch.from_numpy(mean_sim)
     labels = {e.neuron: concepts.concepts[int(i)] for e, i in zip(usable, idx)}
     logger.info("scored %d of %d neurons against %d concepts (max %.3f)", len(usable), n_layers * d_mlp,
-                len(concepts.concepts), float(sims.max()))
-    return NeuronScores(scores=scores, method="snip", labels=labels, model_name=model_name)
+                len(concepts.concepts), float(values.max()))
+    out = NeuronScores(scores=scores, method="snip", labels=labels, model_name=model_name,
+                       **_secondary_kwargs(secondary))
+    out.secondary_signal = secondary  # the declared tie-break signal, also for callers of this function
+    return out
 
 
 IndexKind = Literal["auto", "flat", "hnsw", "ivf"]

@@ -92,6 +92,8 @@ class SweepConfig:
     """Neurons to prune: counts ("500") or percentages of all MLP neurons ("2%")."""
     explainer: Literal["heuristic", "openai", "local"] = "heuristic"
     """Who explains neurons (step 1)."""
+    explanations: Literal["input", "output", "both"] = "input"
+    """Evidence the explanations rest on: top-activating inputs, VocabProj output tokens, or both."""
     import_explanations: str | None = None
     """Use published explanations from this file instead of explaining (OpenAI/DeepDecipher/Neuronpedia)."""
     min_explanation_score: float | None = None
@@ -152,6 +154,9 @@ class SweepConfig:
             raise ValueError("the keyword method needs keywords: set keywords (CLI: --keywords python,code)")
         if "llm-judge" in self.methods and not self.llm_model:
             raise ValueError("the llm-judge method needs an LLM: set llm_model (CLI: --llm-model gpt-4o-mini)")
+        if self.explanations not in ("input", "output", "both"):
+            raise ValueError(f"SweepConfig.explanations must be 'input', 'output' or 'both', got "
+                             f"{self.explanations!r} (CLI: --explanations input|output|both)")
         if self.explainer == "openai" and not self.llm_model:
             raise ValueError("explainer 'openai' needs llm_model (CLI: --llm-model gpt-4o-mini)")
         if self.concepts == "llm" and not self.llm_model:
@@ -340,9 +345,10 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
                                                    min_score=config.min_explanation_score, n_layers=n_layers,
                                                    d_mlp=d_mlp)
             else:
-                ecfg = ExplainConfig(kind=config.explainer,
+                ecfg = ExplainConfig(kind=config.explainer, explanations=config.explanations,
                                      llm=_llm_config(config) if config.explainer == "openai" else None)
-                explanations = explain(records, ecfg, cache_dir=out / "cache" / "explain", progress=progress)
+                explanations = explain(records, ecfg, cache_dir=out / "cache" / "explain", progress=progress,
+                                       model=model)
             save_explanations(expl_path, explanations)
         timings["explain"] = time.perf_counter() - t
 

@@ -28,7 +28,8 @@ def model():
 @pytest.fixture(scope="module")
 def offline_run(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
-    cfg = SweepConfig(model="tiny", data=_data(), ks=KS, keywords=["code", "python"],
+    # keywords the offline explanations quote from code and prose records (they name tokens, not domains)
+    cfg = SweepConfig(model="tiny", data=_data(), ks=KS, keywords=["self", "def", "return", "the", "of", "and", "is"],
                       methods=["snip", "hybrid", "activation", "activation-freq", "random", "keyword"])
     return out, cfg, run_sweep(cfg, out, model=model, progress=False)
 
