@@ -223,6 +223,14 @@ def _same(old: Any, new: Any) -> bool:
     return old == new
 
 
+class NotFinished(Exception):
+    """A sweep that has not finished (raised instead of running it, with ``--report-only``)."""
+
+
+REPORT_ONLY = False
+"""Set by ``--report-only``: gather finished sweeps, run nothing."""
+
+
 def run_one(config: Any, out: Path, model: Any) -> dict:
     """``run_sweep`` into ``out``, or its finished ``results.json`` when this config already ran there."""
     from snip_lens.sweep import run_sweep
@@ -231,6 +239,8 @@ def run_one(config: Any, out: Path, model: Any) -> dict:
     new = json.loads(json.dumps(config.to_json(), default=str))
     if done.exists() and (out / "config.json").exists() and _same(json.loads((out / "config.json").read_text()), new):
         return json.loads(done.read_text())
+    if REPORT_ONLY:
+        raise NotFinished(str(out))
     t = time.perf_counter()
     try:
         res = run_sweep(config, out, model=model, progress=True)
@@ -265,11 +275,16 @@ def run_scenario(sc: Scenario, model: Any, work: Path, sizes: dict[str, int], *,
     main = run_one(main_cfg, first, model)
     runs = [{**r, "seed": RANDOM_SEEDS[0]} if r["method"] == "random" else dict(r) for r in main["runs"]]
     configs = {"baselines": main_cfg.to_json()}
+    missing = []
     for seed in RANDOM_SEEDS[1:]:
         d = base / f"random-seed{seed}"
         _share(first, d, ["records"])
         cfg = SweepConfig(data=data, methods=["random"], ks=KS, seed=seed)
-        res = run_one(cfg, d, model)
+        try:
+            res = run_one(cfg, d, model)
+        except NotFinished:
+            missing.append(f"random seed {seed}")
+            continue
         runs += [{**r, "seed": seed} for r in res["runs"]]
     variants = snip_variants() if snip else []
     for i, (label, over) in enumerate(variants):
@@ -280,12 +295,17 @@ def run_scenario(sc: Scenario, model: Any, work: Path, sizes: dict[str, int], *,
         cfg = SweepConfig(data=data, methods=["snip", "hybrid"] if i == 0 else ["snip"], ks=KS,
                           seed=RANDOM_SEEDS[0], **over)
         configs[label] = cfg.to_json()
-        res = run_one(cfg, d, model)
+        try:
+            res = run_one(cfg, d, model)
+        except NotFinished:
+            missing.append(label + (" and hybrid" if i == 0 else ""))
+            continue
         runs += [{**r, "method": label} if r["method"] == "snip" else dict(r) for r in res["runs"]]
     return {"name": sc.name, "key": sc.key, "forget_source": sc.forget_desc, "retain_source": sc.retain_desc,
             "model": main["model"], "n_neurons": main["n_neurons"], "baseline": main["baseline"], "runs": runs,
             "timings_s": main.get("timings_s", {}), "config": configs,
-            "snip_variants": {label: over for label, over in variants}}
+            "snip_variants": {label: over for label, over in variants},
+            "not_run": missing}
 
 
 def run_mask_modes(sc: Scenario, model: Any, work: Path, sizes: dict[str, int]) -> dict:
@@ -304,7 +324,11 @@ def run_mask_modes(sc: Scenario, model: Any, work: Path, sizes: dict[str, int]) 
             continue  # the main sweep measured this mode already
         d = base / f"mask-{mode.replace(':', '')}"
         _share(base / "baselines", d, ["records", "scores"])
-        res = run_one(SweepConfig(data=data, methods=MASK_MODE_METHODS, ks=MASK_MODE_KS, mask_mode=mode), d, model)
+        try:
+            res = run_one(SweepConfig(data=data, methods=MASK_MODE_METHODS, ks=MASK_MODE_KS, mask_mode=mode), d,
+                          model)
+        except NotFinished:
+            continue
         runs += [{**r, "mask_mode": mode} for r in res["runs"]]
         baseline = res["baseline"]
     return {"scenario": sc.name, "methods": MASK_MODE_METHODS, "modes": list(MASK_MODES), "baseline": baseline,
@@ -361,12 +385,14 @@ def targets(sc: dict) -> dict:
                            if r["forget_top1_drop"] > 0 else None,
                            "met": bool(r["forget_drop_x_random"] >= 3 and r["forget_top1_drop"] > 0
                                        and r["retain_top1_drop"] <= r["forget_top1_drop"] / 3)})
-        out[m] = {"checks": checks, "met": bool(checks) and all(c["met"] for c in checks)}
+        if checks:
+            out[m] = {"checks": checks, "met": all(c["met"] for c in checks)}
     hyb = [{"k": k, "hybrid": round(by[("hybrid", k)]["selectivity"], 4),
             "activation": round(by[("activation", k)]["selectivity"], 4),
             "met": by[("hybrid", k)]["selectivity"] >= by[("activation", k)]["selectivity"]}
            for k in ks if ("hybrid", k) in by and ("activation", k) in by]
-    out["hybrid_selectivity_ge_activation"] = {"checks": hyb, "met": all(c["met"] for c in hyb)}
+    if hyb:
+        out["hybrid_selectivity_ge_activation"] = {"checks": hyb, "met": all(c["met"] for c in hyb)}
     return out
 
 
@@ -381,7 +407,7 @@ def table(scenarios: list[dict]) -> str:
                      f"{b['retain']['top10']:.3f} | | | |")
         for r in method_rows(sc):
             lines.append(
-                f"| {sc['name']} | {r['method']} | {r['k_percent']:g}% | {r['forget_loss']:.3f} | "
+                f"| {sc['name']} | {r['method']} | {r['k_percent']:.2g}% | {r['forget_loss']:.3f} | "
                 f"{r['forget_top1']:.3f} | {r['forget_top10']:.3f} | {r['retain_loss']:.3f} | {r['retain_top1']:.3f} | "
                 f"{r['retain_top10']:.3f} | {r['forget_top1_drop']:+.3f} ({r['forget_drop_x_random']:.1f}x) | "
                 f"{r['retain_top1_drop']:+.3f} | {r['selectivity']:+.3f} |")
@@ -393,7 +419,7 @@ def mask_mode_table(mm: dict) -> str:
     lines = ["| method | mask mode | k | forget top-1 drop | retain top-1 drop | forget loss rise | retain loss rise |",
              "|---|---|---|---|---|---|---|"]
     for r in sorted(mm["runs"], key=lambda r: (r["method"], r["k"], MASK_MODES.index(r["mask_mode"]))):
-        lines.append(f"| {r['method']} | {r['mask_mode']} | {r['k_percent']:g}% | "
+        lines.append(f"| {r['method']} | {r['mask_mode']} | {r['k_percent']:.2g}% | "
                      f"{b['forget']['top1'] - r['forget']['top1']:+.3f} | {b['retain']['top1'] - r['retain']['top1']:+.3f} | "
                      f"{r['forget']['loss'] - b['forget']['loss']:+.3f} | {r['retain']['loss'] - b['retain']['loss']:+.3f} |")
     return "\n".join(lines)
@@ -432,8 +458,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-ctx", type=int, default=128)
     p.add_argument("--no-mask-modes", action="store_true", help="skip the mask-mode comparison on scenario a")
     p.add_argument("--no-snip", action="store_true", help="only the non-interpretable methods (a first pass)")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: write the results of the sweeps that finished (the rest listed as not run)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check the pipeline (numbers meaningless)")
     args = p.parse_args(argv)
+    global REPORT_ONLY
+    REPORT_ONLY = args.report_only
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     sizes = {"select_windows": args.select_windows, "eval_windows": args.eval_windows, "n_ctx": args.n_ctx}
     if args.quick:
@@ -450,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         work = work.with_name(work.name + "-quick")
     t0 = time.perf_counter()
-    model = load_model("smollm2-135m")
+    model = None if args.report_only else load_model("smollm2-135m")
     out_json = results_dir / ("unlearning-quick.json" if args.quick else "unlearning.json")
     doc: dict[str, Any] = {
         "benchmark": "benchmarks/unlearning.py", "argv": sys.argv[1:], "sizes": sizes, "ks": KS,
@@ -463,7 +493,11 @@ def main(argv: list[str] | None = None) -> int:
 
     for sc in [s for s in SCENARIOS if s.key in keys]:
         t = time.perf_counter()
-        res = run_scenario(sc, model, work, sizes, snip=not args.no_snip)
+        try:
+            res = run_scenario(sc, model, work, sizes, snip=not args.no_snip)
+        except NotFinished:
+            doc.setdefault("scenarios_not_run", []).append(sc.name)
+            continue
         res["wall_s"] = round(time.perf_counter() - t, 1)
         res["plots"] = plot(res, results_dir / "unlearning" / sc.name)
         res["targets"] = targets(res)
@@ -471,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         doc["load_average_1min"] = round(os.getloadavg()[0], 2)
         atomic_write_json(out_json, doc)  # after every scenario, so a partial run still leaves its results
         print(table([res]), flush=True)
-    if not args.no_mask_modes and "a" in keys:
+    if not args.no_mask_modes and "a" in keys and any(sc["key"] == "a" for sc in doc["scenarios"]):
         doc["mask_modes"] = run_mask_modes(SCENARIOS[0], model, work, sizes)
     doc["wall_s"] = round(time.perf_counter() - t0, 1)
     doc["load_average_1min"] = round(os.getloadavg()[0], 2)
@@ -484,10 +518,14 @@ def main(argv: list[str] | None = None) -> int:
           "is forget drop minus retain drop.", "", table(doc["scenarios"]), ""]
     md += ["## Targets", ""]
     for sc in doc["scenarios"]:
+        if sc.get("not_run"):
+            md.append(f"- {sc['name']}: not run in time: {', '.join(sc['not_run'])}")
         for m, t in sc["targets"].items():
             md.append(f"- {sc['name']} / {m}: {'met' if t['met'] else 'missed'} - {json.dumps(t['checks'])}")
     if "mask_modes" in doc:
         md += ["", f"## Mask modes ({doc['mask_modes']['scenario']})", "", mask_mode_table(doc["mask_modes"])]
+    if doc.get("scenarios_not_run"):
+        md.append(f"- scenarios not run in time: {', '.join(doc['scenarios_not_run'])}")
     text = "\n".join(md) + "\n"
     atomic_write_text(out_json.with_suffix(".md"), text)
     print(text)
