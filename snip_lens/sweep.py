@@ -67,6 +67,9 @@ class DataConfig:
     modules) cannot fill every window: more documents, more varied windows. None keeps whole documents."""
     text_field: str = "text"
     """Field holding the text in JSONL files and HF datasets."""
+    glob: str | None = None
+    """Read only the files matching this pattern from a directory corpus (``"*.c"``, ``"docs/**/*.rst"``);
+    None reads every text file. Applies to whichever of forget / retain is a directory."""
     seed: int = 0
     """Seed of every random choice (document split, window order, random baseline, sampling)."""
 
@@ -94,6 +97,8 @@ class SweepConfig:
     """Who explains neurons (step 1)."""
     explanations: Literal["input", "output", "both"] = "input"
     """Evidence the explanations rest on: top-activating inputs, VocabProj output tokens, or both."""
+    quality_weight: Literal["none", "embedding", "simulator"] = "none"
+    """Weight SNIP's scores by explanation quality (offline embedding AUROC, or the LLM simulator)."""
     import_explanations: str | None = None
     """Use published explanations from this file instead of explaining (OpenAI/DeepDecipher/Neuronpedia)."""
     min_explanation_score: float | None = None
@@ -133,6 +138,9 @@ class SweepConfig:
     """Toxicity scorer; detoxify offline needs ``detoxify_checkpoint``."""
     detoxify_checkpoint: str | None = None
     """Local detoxify checkpoint path for offline use."""
+    detoxify_config: str | None = None
+    """Local directory with the config and tokenizer files of the checkpoint's transformer
+    (``bert-base-uncased``); with ``detoxify_checkpoint`` the scorer needs no network at all."""
     seed: int = 0
     """Seed for the random baseline."""
     mask_mode: str = "zero"
@@ -157,6 +165,11 @@ class SweepConfig:
         if self.explanations not in ("input", "output", "both"):
             raise ValueError(f"SweepConfig.explanations must be 'input', 'output' or 'both', got "
                              f"{self.explanations!r} (CLI: --explanations input|output|both)")
+        if self.quality_weight not in ("none", "embedding", "simulator"):
+            raise ValueError(f"SweepConfig.quality_weight must be 'none', 'embedding' or 'simulator', got "
+                             f"{self.quality_weight!r}")
+        if self.quality_weight == "simulator" and not self.llm_model:
+            raise ValueError("quality_weight 'simulator' needs llm_model (CLI: --llm-model gpt-4o-mini)")
         if self.explainer == "openai" and not self.llm_model:
             raise ValueError("explainer 'openai' needs llm_model (CLI: --llm-model gpt-4o-mini)")
         if self.concepts == "llm" and not self.llm_model:
@@ -187,7 +200,8 @@ def load_side_texts(spec: str, data: DataConfig) -> list[str]:
     if spec == "civil-toxic" or spec.startswith("civil-toxic:"):
         path = spec.split(":", 1)[1] if ":" in spec else None
         return toxic_comments(path, n=data.max_docs or 500, seed=data.seed)
-    return load_texts(spec, text_field=data.text_field, max_docs=data.max_docs, seed=data.seed)
+    glob = data.glob if data.glob is not None and Path(spec).expanduser().is_dir() else None
+    return load_texts(spec, text_field=data.text_field, max_docs=data.max_docs, seed=data.seed, glob=glob)
 
 
 def cbt_item_text(item: Any) -> str:
@@ -263,7 +277,14 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
     from .concepts import extract_concepts
     from .corpus import TokenWindows, make_windows
     from .embed import get_embedder
-    from .explain import ExplainConfig, explain, import_explanations, load_explanations, save_explanations
+    from .explain import (
+        ExplainConfig,
+        explain,
+        import_explanations,
+        load_explanations,
+        retry_failed,
+        save_explanations,
+    )
     from .score import NeuronScores, score_neurons
     from .types import DatasetConcepts
 
@@ -299,6 +320,9 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
 
     # -- data: split by document, then windows ----------------------------------------------------------
     d = config.data
+    if d.glob is not None and not any(Path(s).expanduser().is_dir() for s in (d.forget, d.retain)):
+        raise ValueError(f"glob {d.glob!r} narrows a directory corpus, but neither forget ({d.forget!r}) nor "
+                         f"retain ({d.retain!r}) is a directory; drop --glob or give a directory")
     forget_texts = load_side_texts(d.forget, d)
     retain_texts = load_side_texts(d.retain, d)
     if d.forget == d.retain or forget_texts == retain_texts:
@@ -337,16 +361,22 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
         # -- step 1b: explanations ---------------------------------------------------------------------
         t = time.perf_counter()
         expl_path = out / "explanations.jsonl"
+        ecfg = ExplainConfig(kind=config.explainer, explanations=config.explanations,
+                             llm=_llm_config(config) if config.explainer == "openai" else None)
         if expl_path.exists():  # written by an earlier run of this very config (a changed config clears it)
             explanations = load_explanations(expl_path)
+            if not config.import_explanations:  # the rerun retries exactly the failures, as explain advises
+                explanations, n_retried = retry_failed(explanations, records, ecfg,
+                                                       cache_dir=out / "cache" / "explain", progress=progress,
+                                                       where=str(expl_path), model=model)
+                if n_retried:
+                    save_explanations(expl_path, explanations)
         else:
             if config.import_explanations:
                 explanations = import_explanations(config.import_explanations,
                                                    min_score=config.min_explanation_score, n_layers=n_layers,
                                                    d_mlp=d_mlp)
             else:
-                ecfg = ExplainConfig(kind=config.explainer, explanations=config.explanations,
-                                     llm=_llm_config(config) if config.explainer == "openai" else None)
                 explanations = explain(records, ecfg, cache_dir=out / "cache" / "explain", progress=progress,
                                        model=model)
             save_explanations(expl_path, explanations)
@@ -370,6 +400,9 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
         embedder = get_embedder(config.embedder, cache_dir=out / "cache" / "embed", base_url=config.base_url,
                                 api_key_env=config.api_key_env, progress=progress)
         scores["snip"] = score_neurons(explanations, concepts, embedder, n_layers=n_layers, d_mlp=d_mlp)
+        if config.quality_weight != "none":
+            scores["snip"] = _quality_weighted(config, explanations, records, concepts, embedder, scores["snip"],
+                                               max(ks), out / "explanations.jsonl", n_layers, d_mlp)
         timings["score"] = time.perf_counter() - t
 
     if any(m in config.methods for m in ("activation", "hybrid")):
@@ -434,7 +467,7 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
             hist[nid.layer] = hist.get(nid.layer, 0) + 1
         details.append(MethodDetail(method=method, k=max(ks), layer_histogram=hist, neurons=[
             PrunedNeuron(str(nid), float(s.scores[nid.layer, nid.index]),
-                         (expl_by_id[nid].explanation or "") if nid in expl_by_id else "",
+                         _with_quality(expl_by_id[nid]) if nid in expl_by_id else "",
                          s.labels.get(nid, "") or scores.get("snip", s).labels.get(nid, ""))
             for nid in top[:200]]))
     bar.close()
@@ -447,6 +480,41 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
     return results
 
 
+def _with_quality(e: Any) -> str:
+    """An explanation as the report shows it: the sentence, then its quality scores when it has any."""
+    text = e.explanation or ""
+    if e.quality:
+        text += " [quality " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(e.quality.items())) + "]"
+    return text
+
+
+def _quality_weighted(config: SweepConfig, explanations: list, records: Any, concepts: Any, embedder: Any,
+                      plain: Any, max_k: int, expl_path: Path, n_layers: int, d_mlp: int) -> Any:
+    """SNIP scores weighted by explanation quality, scored for every neuron the sweep could prune.
+
+    Quality is computed for the top ``QUALITY_CANDIDATES_FACTOR x max k`` neurons of the unweighted ranking
+    (weights only lower scores, and neurons without a quality score get weight 0), attached to the
+    explanations and saved with them (the explanations file is rewritten once).
+    """
+    from .explain import save_explanations
+    from .quality import EmbeddingScorer, SimulatorScorer, score_explanations
+    from .score import score_neurons
+
+    name = config.quality_weight
+    n_cand = min(int(torch.isfinite(plain.scores).sum()), QUALITY_CANDIDATES_FACTOR * max_k)
+    candidates = set(plain.top_k(n_cand))
+    todo = [e for e in explanations if e.neuron in candidates and name not in e.quality]
+    if todo:
+        scorer = EmbeddingScorer(embedder) if name == "embedding" else SimulatorScorer(_llm_config(config))
+        score_explanations(todo, records, scorer)
+        save_explanations(expl_path, explanations)
+    return score_neurons(explanations, concepts, embedder, n_layers=n_layers, d_mlp=d_mlp, quality=name)
+
+
+QUALITY_CANDIDATES_FACTOR = 2
+"""With a quality weight, quality is scored for this many times the largest k of SNIP's top neurons."""
+
+
 class _Evaluator:
     """Forget/retain metrics (plus CBT and toxicity when configured) for one mask, reusing shared work."""
 
@@ -455,6 +523,7 @@ class _Evaluator:
         self.model, self.config, self.progress = model, config, progress
         self.tokens = {"forget": forget_tokens, "retain": retain_tokens}
         self._prefix: dict[tuple[str, int], Any] = {}
+        self._scorer: Any = None  # the toxicity classifier, loaded once for every run of the sweep
         self.cbt_items: dict[str, list] = {}
         if config.cbt:
             from .evaluate import build_cloze_items, load_cbt
@@ -500,9 +569,14 @@ class _Evaluator:
         if self.config.toxicity:
             from .evaluate import ToxicityConfig, toxicity_rate
 
+            from .evaluate.toxicity import make_scorer
+
             tcfg = ToxicityConfig(n=self.config.toxicity_n, scorer=self.config.toxicity_scorer,
-                                  detoxify_checkpoint=self.config.detoxify_checkpoint, seed=self.config.data.seed)
-            tox = toxicity_rate(self.model, tcfg, mask=mask, progress=self.progress)
+                                  detoxify_checkpoint=self.config.detoxify_checkpoint,
+                                  detoxify_config=self.config.detoxify_config, seed=self.config.data.seed)
+            if self._scorer is None:
+                self._scorer = make_scorer(tcfg)
+            tox = toxicity_rate(self.model, tcfg, mask=mask, progress=self.progress, scorer=self._scorer)
             extra["pct_toxic"] = tox["pct_toxic"]
             extra["mean_toxicity"] = tox["mean_toxicity"]
         out["extra"] = extra

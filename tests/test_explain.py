@@ -511,7 +511,12 @@ def test_cli_heuristic_equals_library(records_dir, tmp_path, capsys):
     want = explain(ActivationRecords.load(records_dir), ExplainConfig(), progress=False)
     assert got == want and len(got) == 2 * 16
     assert json.loads((tmp_path / "e.jsonl.config.json").read_text())["explain"]["kind"] == "heuristic"
-    assert main(["explain", "--records", str(records_dir), "--out", str(out)]) == 2  # no silent overwrite
+    mtime = out.stat().st_mtime_ns
+    assert main(["explain", "--records", str(records_dir), "--out", str(out)]) == 0  # same command: nothing failed
+    assert out.stat().st_mtime_ns == mtime
+    capsys.readouterr()
+    # Another command's output is never replaced silently.
+    assert main(["explain", "--records", str(records_dir), "--max-records", "3", "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
 
@@ -533,10 +538,54 @@ def test_cli_openai_against_loopback_and_import(records_dir, tmp_path, capsys):
     fixture = str(FIXTURES / "explanations_openai.jsonl")
     assert main(["explain", "--import", fixture, "--min-score", "0.3", "--out", str(imp)]) == 0
     assert [e.neuron for e in load_explanations(imp)] == [NeuronId(0, 7), NeuronId(1, 3)]
+    assert main(["explain", "--import", fixture, "--min-score", "0.3", "--out", str(imp)]) == 0  # same import again
+    assert main(["explain", "--import", fixture, "--min-score", "0.5", "--out", str(imp)]) == 2  # another one
+    assert "--overwrite" in capsys.readouterr().err
     # the records' model has 16 neurons per layer: neuron 0:7 fits, 2:60 does not
     rc = main(["explain", "--records", str(records_dir), "--import", fixture, "--out", str(tmp_path / "j.jsonl")])
     assert rc == 2
     assert "layer 2, index 60" in capsys.readouterr().err
+
+
+def test_cli_rerun_retries_exactly_the_failed_neurons_and_says_so(records_dir, tmp_path, capsys, caplog):
+    """The failure warning says 'rerun the same command to retry only them'; that rerun does exactly that."""
+    import zlib
+
+    from snip_lens.cli import main
+
+    state = {"first": True}
+    asked: list[str] = []
+
+    def answer(messages):
+        text = messages[-1]["content"]
+        asked.append(text)
+        if state["first"] and zlib.crc32(text.encode()) % 2 == 0:
+            return ""  # unparseable: this neuron fails
+        return f"the token number {zlib.crc32(text.encode()) % 89}"
+
+    out = tmp_path / "r.jsonl"
+    with LoopbackServer(answer=answer) as srv:
+        argv = ["explain", "--records", str(records_dir), "--explainer", "openai", "--model", "m", "--base-url",
+                srv.base_url, "--api-key-env", "none", "--out", str(out)]
+        with caplog.at_level("WARNING", logger="snip_lens.explain"):
+            assert main(argv) == 0
+        assert "rerun the same command to retry only them" in caplog.text
+        first = load_explanations(out)
+        failed_prompts = [p for p in asked if zlib.crc32(p.encode()) % 2 == 0]
+        n_failed = sum(not e.ok for e in first)
+        assert 0 < n_failed == len(failed_prompts) < len(first)
+        state["first"] = False
+        asked.clear()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="snip_lens.explain"):
+            assert main(argv) == 0
+    assert sorted(asked) == sorted(failed_prompts)
+    assert f"retrying {n_failed} failed and 0 missing explanation(s)" in caplog.text
+    second = load_explanations(out)
+    assert [e.neuron for e in second] == [e.neuron for e in first] and all(e.ok for e in second)
+    assert [b for a, b in zip(first, second) if a.ok] == [a for a in first if a.ok]
+    assert json.loads((tmp_path / "r.jsonl.config.json").read_text())["n_failed"] == 0
+    assert "--overwrite" not in capsys.readouterr().err
 
 
 def test_cli_missing_key_names_the_variable(records_dir, tmp_path, capsys, monkeypatch):
@@ -558,3 +607,72 @@ def test_import_neuronpedia_sae_latents_is_refused(tmp_path, layer):
         import_explanations(f)
     msg = str(ei.value)
     assert "np.json[1]" in msg and repr(layer) in msg and "not MLP neurons" in msg and "'<layer>-mlp'" in msg
+
+
+# -- output-centric and combined prompts ----------------------------------------------------------------
+
+def output_evidence():
+    from snip_lens.types import OutputEvidence, TokenWeight
+
+    return OutputEvidence(promoted=[TokenWeight(" def", 1.25), TokenWeight("\n", 0.5)],
+                          suppressed=[TokenWeight(" the", -0.75)], sign=1)
+
+
+def test_golden_output_prompt():
+    from snip_lens.explain import build_output_prompt
+    from snip_lens.explain.prompts import OUTPUT_SYSTEM_PROMPT
+
+    msgs = build_output_prompt(output_evidence())
+    assert msgs[0] == {"role": "system", "content": OUTPUT_SYSTEM_PROMPT}
+    assert OUTPUT_SYSTEM_PROMPT.startswith("We're studying neurons in a neural network. When a neuron activates")
+    assert msgs[1] == {"role": "user", "content":
+                       "\n\nNeuron 1\nPromoted tokens:\n<start>\n def\t1.25\n\\n\t0.5\n<end>\nSuppressed tokens:\n"
+                       "<start>\n the\t-0.75\n<end>\n\nExplanation of neuron 1 behavior: the main thing this neuron "
+                       "does is"}
+
+
+def test_golden_both_prompt_shows_both_kinds_of_evidence():
+    from snip_lens.explain import build_both_prompt
+    from snip_lens.explain.prompts import BOTH_SYSTEM_PROMPT
+
+    msgs = build_both_prompt(dense_records(), output_evidence())
+    assert msgs == [
+        {"role": "system", "content": BOTH_SYSTEM_PROMPT},
+        {"role": "user", "content":
+            "\n\nNeuron 1\nActivations:\n<start>\ndef\t10\n foo\t0\n(\t0\nself\t5\n):\t1\n<end>\n<start>\n"
+            " return\t2\n x\t0\n<end>\n\nPromoted tokens:\n<start>\n def\t1.25\n\\n\t0.5\n<end>\n"
+            "Suppressed tokens:\n<start>\n the\t-0.75\n<end>\n\nExplanation of neuron 1 behavior: the main thing "
+            "this neuron does is"},
+    ]
+    assert "looks for" in BOTH_SYSTEM_PROMPT and "promotes and suppresses" in BOTH_SYSTEM_PROMPT
+    assert parse_explanation(" the main thing this neuron does is predict ' def' after newlines.") == \
+        "predict ' def' after newlines"
+    with pytest.raises(ValueError, match="no activation records"):
+        build_both_prompt([], output_evidence())
+
+
+def _tok(t: str) -> str:
+    return t.replace("\n", "\\n").replace("\t", "\\t")
+
+
+def test_llm_explainer_with_both_kinds_over_http(tmp_path):
+    from snip_lens.testing import tiny_model
+
+    model = tiny_model("llama", n_layers=1, d_mlp=8)
+    orig = unique_records(3)
+    recs = [NeuronRecords(NeuronId(0, i), r.top) for i, r in enumerate(orig)]  # layer 0 of a one-layer model
+    marker = {NeuronId(0, i): f" tok{r.neuron.layer}x{r.neuron.index}\t10\n" for i, r in enumerate(orig)}
+    with LoopbackServer(answer=lambda m: " promotes what follows the strongest token.") as srv:
+        cfg = ExplainConfig(kind="openai", explanations="both", llm=llm_config(srv, api_key_env=None, timeout=5.0))
+        out = explain(recs, cfg, model=model, cache_dir=tmp_path, progress=False)
+        prompts = list(srv.stats.chat_prompts)
+    assert all(e.ok and e.kind == "both" and e.explanation == "promotes what follows the strongest token"
+               for e in out)
+    assert all(e.evidence.input and e.evidence.output for e in out)
+    assert len(prompts) == 3
+    for e in out:  # each neuron's prompt shows its own activations and its own VocabProj tokens
+        p = next(q for q in prompts if marker[e.neuron] in q)
+        top = e.evidence.output.promoted[0]
+        assert "Promoted tokens:\n<start>\n" + f"{_tok(top.token)}\t{top.weight:.3g}\n" in p
+    with pytest.raises(ValueError, match="pass model="):
+        explain(recs, ExplainConfig(explanations="output"), progress=False)

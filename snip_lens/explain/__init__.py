@@ -37,7 +37,15 @@ from .prompts import (
     parse_explanation,
     scale_activations,
 )
-from .runner import explain, explain_to_file, load_explanations, make_client, records_digest, save_explanations
+from .runner import (
+    explain,
+    explain_to_file,
+    load_explanations,
+    make_client,
+    records_digest,
+    retry_failed,
+    save_explanations,
+)
 from .vocabproj import VocabProjection, activation_signs, vocab_projection
 
 __all__ = [
@@ -46,7 +54,7 @@ __all__ = [
     "OfflineCombinedExplainer", "LocalChatClient", "build_explanation_prompt", "build_output_prompt",
     "build_both_prompt", "parse_explanation", "format_activation_records", "scale_activations",
     "non_zero_proportion", "max_activation_of", "explain", "explain_to_file", "make_client", "records_digest",
-    "save_explanations", "load_explanations", "import_explanations", "ImportFormat", "input_evidence",
+    "save_explanations", "load_explanations", "retry_failed", "import_explanations", "ImportFormat", "input_evidence",
     "describe_input", "describe_output", "describe_both", "VocabProjection", "vocab_projection",
     "activation_signs",
 ]

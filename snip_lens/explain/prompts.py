@@ -249,7 +249,7 @@ BOTH_SYSTEM_PROMPT = (
 
 
 def _token_weights(items: Sequence[Any], n: int) -> str:
-    return "".join(f"{_token_text(t.token)}\t{t.weight:.2f}\n" for t in list(items)[:n])
+    return "".join(f"{_token_text(t.token)}\t{t.weight:.3g}\n" for t in list(items)[:n])
 
 
 def _output_section(evidence: Any, n: int) -> str:
@@ -261,7 +261,7 @@ def build_output_prompt(evidence: Any, *, n_tokens: int = 12) -> list[dict]:
     """Chat messages asking for an output-centric explanation from VocabProj evidence (no few-shot examples).
 
     ``evidence`` is an :class:`~snip_lens.types.OutputEvidence`. The user message lists the top ``n_tokens``
-    promoted and suppressed tokens with their logit weights (two decimals) and ends with
+    promoted and suppressed tokens with their logit weights (three significant digits) and ends with
     "the main thing this neuron does is".
     """
     if not evidence.promoted and not evidence.suppressed:
