@@ -55,6 +55,13 @@ def _sweep_args(sp: argparse.ArgumentParser, *, demo: bool) -> None:
     sp.add_argument("--hybrid-weight", type=float, default=0.05)
     sp.add_argument("--mask-mode", default="zero",
                     help="zero | mean (mean activation on retain) | scale:F, e.g. scale:-1 flips pruned neurons")
+    sp.add_argument("--judge-candidates", type=int,
+                    help="neurons the llm-judge rates, one LLM call each (default: the largest k)")
+    sp.add_argument("--judge-shortlist", default="snip+activation",
+                    choices=["snip+activation", "snip", "activation", "random"],
+                    help="how the judge's shortlist is chosen (default: SNIP's and activation's tops in turn)")
+    sp.add_argument("--select", default="global", choices=["global", "per-layer"],
+                    help="top-k over all neurons, or k/L per layer (masks that `snip export --compact` shrinks fully)")
     sp.add_argument("--cbt", default="", help="CBT configs to evaluate, e.g. P,V")
     sp.add_argument("--cbt-source", default="hf", help="hf | a JSONL file in the HF cbt schema | prose")
     sp.add_argument("--cbt-items", type=int, default=200)
@@ -75,6 +82,7 @@ def _sweep_config(args: argparse.Namespace) -> "object":
 
     data = DataConfig(forget=args.forget, retain=args.retain, n_ctx=args.n_ctx, select_windows=args.select_windows,
                       eval_windows=args.eval_windows, max_docs=getattr(args, "max_docs", None),
+                      retain_max_docs=getattr(args, "retain_max_docs", None),
                       max_doc_tokens=args.max_doc_tokens or None,
                       text_field=getattr(args, "text_field", "text"), glob=getattr(args, "glob", None),
                       seed=args.seed)
@@ -84,6 +92,7 @@ def _sweep_config(args: argparse.Namespace) -> "object":
         import_explanations=args.import_explanations, min_explanation_score=args.min_explanation_score,
         concepts=args.concepts, llm_model=args.llm_model, base_url=args.base_url, api_key_env=args.api_key_env,
         embedder=args.embedder, keywords=_split(args.keywords), hybrid_weight=args.hybrid_weight,
+        judge_candidates=args.judge_candidates, judge_shortlist=args.judge_shortlist, select=args.select,
         batch_size=args.batch_size, cbt=_split(args.cbt), cbt_source=args.cbt_source, cbt_items=args.cbt_items,
         toxicity=args.toxicity, toxicity_n=args.toxicity_n, toxicity_scorer=args.toxicity_scorer,
         detoxify_checkpoint=args.detoxify_checkpoint, detoxify_config=args.detoxify_config, seed=args.seed,
@@ -118,7 +127,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--forget", required=True,
                     help="code | prose | FILE | DIR | hf:NAME[:CONFIG] | cbt:P[:FILE] | civil-toxic[:FILE]")
     sp.add_argument("--retain", required=True, help="same forms as --forget")
-    sp.add_argument("--max-docs", type=int, help="cap on documents read per corpus")
+    sp.add_argument("--max-docs", type=int, help="cap on forget documents: a seeded random draw (default: all)")
+    sp.add_argument("--retain-max-docs", type=int,
+                    help="cap on retain documents (default: all; hf: datasets take their first rows)")
     sp.add_argument("--text-field", default="text", help="text field of JSONL files / HF datasets")
     sp.add_argument("--glob", help="read only matching files of a --forget/--retain DIR, e.g. '*.c' or "
                     "'docs/**/*.rst' (default: every text file; binary files are skipped)")
@@ -265,9 +276,15 @@ def _search_cmd(args: argparse.Namespace) -> int:
     from .score import NeuronIndex
 
     embedder = _embedder_from_args(args)
+    index = None
     if args.index and (Path(args.index) / "index.faiss").exists():
         index = NeuronIndex.load(args.index, embedder)
-    else:
+        if args.explanations and not index.built_from(_read_explanations(args.explanations)):
+            # The index is derived from explanations only: rebuild it rather than answer from stale ones.
+            print(f"snip search: index {args.index} was built from other explanations than {args.explanations} "
+                  "(its recorded digest differs); rebuilding it", file=sys.stderr)
+            index = None
+    if index is None:
         if not args.explanations:
             raise ValueError("give --explanations FILE (or --index DIR of a saved index)")
         index = NeuronIndex.build(_read_explanations(args.explanations), embedder, kind=args.kind)
@@ -534,12 +551,28 @@ def _export_cmd(args: argparse.Namespace) -> int:
     from .mask import NeuronMask
     from .models import load_model
 
+    if bool(args.mask) == bool(args.scores):
+        raise ValueError("give either --mask FILE, or --scores FILE with --k (and optionally --select)")
     model = load_model(args.model)
-    mask = NeuronMask.load(args.mask, model=model)
+    if args.mask:
+        if args.k or args.select != "global":
+            raise ValueError("--k and --select choose neurons from --scores; a --mask already lists its neurons")
+        mask = NeuronMask.load(args.mask, model=model)
+    else:
+        from . import models as M
+        from .score import NeuronScores
+        from .select import mask_from_scores
+
+        if not args.k:
+            raise ValueError("--scores needs --k, e.g. --k 2% (and --select per-layer for a fully compact model)")
+        scores = NeuronScores.load(args.scores, n_layers=M.n_layers(model), d_mlp=M.d_mlp(model))
+        mask = mask_from_scores(model, scores, args.k, select=args.select)
     report = export_pruned(model, mask, args.out, compact=args.compact, overwrite=args.overwrite)
     print(f"wrote {report.out_dir}: {report.architecture}, {report.mode} mask of {report.n_masked} neurons, "
           f"MLP width {report.d_mlp_before} -> {report.width}, parameters {report.params_before:,} -> "
           f"{report.params_after:,}")
+    print(f"removed {report.n_removed} of the {report.n_masked} masked neurons from the weights; "
+          f"{report.n_not_removed} could not be removed" + (":" if report.n_not_removed else ""))
     for note in report.notes:
         print(f"note: {note}")
     return 0
@@ -547,12 +580,19 @@ def _export_cmd(args: argparse.Namespace) -> int:
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     sp = sub.add_parser("export", help="write a pruned model as a plain Hugging Face model directory",
-                        description="Bake a saved NeuronMask into a copy of the model's weights and write a "
-                        "directory that transformers.AutoModelForCausalLM.from_pretrained loads as is.")
+                        description="Bake a saved NeuronMask (or the top k of saved scores) into a copy of the "
+                        "model's weights and write a directory that transformers.AutoModelForCausalLM."
+                        "from_pretrained loads as is.")
     sp.add_argument("--model", required=True, help="smollm2-135m, gemma3-270m, a HF name or a local directory")
-    sp.add_argument("--mask", required=True, help="mask file written by NeuronMask.save (.safetensors)")
+    sp.add_argument("--mask", help="mask file written by NeuronMask.save (.safetensors), e.g. a sweep's masks/*")
+    sp.add_argument("--scores", help="instead of --mask: scores file (snip score, a sweep's scores/*) and --k")
+    sp.add_argument("--k", help="with --scores: neurons to prune, a count or a percentage like 2%%")
+    sp.add_argument("--select", default="global", choices=["global", "per-layer"],
+                    help="with --scores: the k best overall, or k/L per layer (fully compactable)")
     sp.add_argument("--out", required=True, help="output model directory")
-    sp.add_argument("--compact", action="store_true", help="remove pruned neurons (smaller MLPs)")
+    sp.add_argument("--compact", action="store_true",
+                    help="remove pruned neurons (smaller MLPs): one MLP width for all layers, so a layer that "
+                    "pruned fewer limits it; per-layer masks shrink fully")
     sp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     sp.set_defaults(func=_export_cmd)
 
