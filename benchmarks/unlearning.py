@@ -237,7 +237,10 @@ def run_one(config: Any, out: Path, model: Any) -> dict:
 
     done = out / "results.json"
     new = json.loads(json.dumps(config.to_json(), default=str))
-    if done.exists() and (out / "config.json").exists() and _same(json.loads((out / "config.json").read_text()), new):
+    old = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else None
+    if old is not None and "llm-judge" not in config.methods:  # a judge setting cannot change these results
+        old.pop("judge_candidates", None)
+    if done.exists() and old is not None and _same(old, new):
         return json.loads(done.read_text())
     if REPORT_ONLY:
         raise NotFinished(str(out))
@@ -460,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-snip", action="store_true", help="only the non-interpretable methods (a first pass)")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: write the results of the sweeps that finished (the rest listed as not run)")
+    p.add_argument("--ran-at", default="", help="with --report-only: the commit the sweeps ran at (recorded)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check the pipeline (numbers meaningless)")
     args = p.parse_args(argv)
     global REPORT_ONLY
@@ -487,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         "random_seeds": list(RANDOM_SEEDS), "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "snip_variants": {label: over for label, over in snip_variants()}, "scenarios": [],
-        "cpu_count": os.cpu_count(),
+        "cpu_count": os.cpu_count(), "sweeps_git_commit": args.ran_at or _git("rev-parse", "HEAD"),
     }
     from snip_lens._io import atomic_write_json, atomic_write_text
 
@@ -511,8 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     doc["load_average_1min"] = round(os.getloadavg()[0], 2)
     atomic_write_json(out_json, doc)
     md = ["# Unlearning benchmark (SmolLM2-135M)", "",
-          f"Written by `python benchmarks/unlearning.py {' '.join(sys.argv[1:])}`; commit {doc['git_commit'][:10]}"
-          f"{' (with uncommitted changes)' if doc['git_dirty'] else ''}; {sizes['select_windows']} selection and "
+          f"Written by `python benchmarks/unlearning.py {' '.join(sys.argv[1:])}`; sweeps run at commit "
+          f"{doc['sweeps_git_commit'][:10]}; {sizes['select_windows']} selection and "
           f"{sizes['eval_windows']} held-out windows of {sizes['n_ctx']} tokens per side; top-1 drops are baseline "
           "minus pruned; `x random` is the forget drop over random's (mean of seeds) at the same k; selectivity "
           "is forget drop minus retain drop.", "", table(doc["scenarios"]), ""]

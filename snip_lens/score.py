@@ -355,7 +355,10 @@ def _secondary_kwargs(secondary: torch.Tensor) -> dict[str, Any]:
     fields = getattr(NeuronScores, "__dataclass_fields__", {})
     for name in ("secondary", "tie_break", "secondary_scores"):
         if name in fields:
-            return {name: secondary}
+            out: dict[str, Any] = {name: secondary}
+            if "secondary_name" in fields:  # a declared signal says what it measures
+                out["secondary_name"] = SECONDARY_SIGNAL
+            return out
     return {}
 
 
