@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "benchmarks/unlearning.py", "argv": sys.argv[1:], "sizes": sizes, "ks": KS,
         "random_seeds": list(RANDOM_SEEDS), "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "snip_variants": {label: over for label, over in snip_variants()}, "scenarios": [],
+        "snip_variants": {label: over for label, over in snip_variants()}, "scenarios": [], "scenarios_not_run": [],
         "cpu_count": os.cpu_count(), "sweeps_git_commit": args.ran_at or _git("rev-parse", "HEAD"),
     }
     from snip_lens._io import atomic_write_json, atomic_write_text
@@ -500,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             res = run_scenario(sc, model, work, sizes, snip=not args.no_snip)
         except NotFinished:
-            doc.setdefault("scenarios_not_run", []).append(sc.name)
+            doc["scenarios_not_run"].append(sc.name)
             continue
         res["wall_s"] = round(time.perf_counter() - t, 1)
         res["plots"] = plot(res, results_dir / "unlearning" / sc.name)
