@@ -297,6 +297,21 @@ def test_quality_floor_code_concepts_pick_code_neurons():
     assert sum(n.layer * 4 + n.index < 8 for n in top) >= 6
 
 
+def test_auto_index_is_exact_up_to_the_threshold_and_ivf_beyond():
+    # IVF, not HNSW, beyond the threshold: at 2.3M vectors HNSW took 45x as long to build for the same
+    # query time (benchmarks/results/score.json).
+    from snip_lens.score import build_faiss_index
+
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((600, 8)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    assert build_faiss_index(vecs, "auto", approximate_above=600)[1] == "flat"
+    index, kind = build_faiss_index(vecs, "auto", approximate_above=599, ivf_lists=4)
+    assert kind == "ivf" and index.ntotal == 600 and index.nprobe == 4
+    _, ids = index.search(vecs[:5], 1)
+    assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]  # nprobe = all lists: exact
+
+
 def test_cli_search_index_rebuilds_when_the_explanations_differ(tmp_path, capsys):
     """A saved index answers only for the explanations it was built from (a digest is recorded and checked)."""
     a = tmp_path / "a.jsonl"
