@@ -40,7 +40,7 @@ def _sweep_args(sp: argparse.ArgumentParser, *, demo: bool) -> None:
     sp.add_argument("--batch-size", type=int, default=8)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--explainer", default="heuristic", choices=["heuristic", "openai", "local"])
-    sp.add_argument("--explanations", default="input", choices=["input", "output", "both"],
+    sp.add_argument("--explanations", default="both", choices=["input", "output", "both"],
                     help="evidence explanations rest on: top-activating inputs, VocabProj output tokens, or both")
     sp.add_argument("--quality-weight", default="none", choices=["none", "embedding", "simulator"],
                     help="weight SNIP's scores by explanation quality (offline embedding AUROC or LLM simulator)")

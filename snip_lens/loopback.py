@@ -96,8 +96,8 @@ class LoopbackServer:
     def __init__(self, *, latency: float = 0.0, fault_rate: float = 0.0, seed: int = 0,
                  hang_seconds: float = 2.0, answer: Callable[[list[dict]], str] = default_answer,
                  embed_dim: int = 16, api_key: str | None = None,
-                 fault_kinds: tuple[str, ...] = FAULT_KINDS,
-                 logprobs: Callable[[list[dict]], list[dict]] | None = None, batch_polls: int = 2) -> None:
+                 fault_kinds: tuple[str, ...] = FAULT_KINDS, batch_polls: int = 2,
+                 logprobs: Callable[[list[dict]], list[dict]] | None = None) -> None:
         bad = [k for k in fault_kinds if k not in FAULT_KINDS]
         if bad or not fault_kinds:
             raise ValueError(f"fault_kinds must be a non-empty subset of {FAULT_KINDS}, got {fault_kinds!r}")

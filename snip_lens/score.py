@@ -350,26 +350,15 @@ SECONDARY_SIGNAL = "mean cosine to all concepts"
 concepts on average ranks first (then a seeded random draw, in :class:`NeuronScores`)."""
 
 
-def _secondary_kwargs(secondary: torch.Tensor) -> dict[str, Any]:
-    """The secondary signal as :class:`NeuronScores` takes it (when its tie-break field is present)."""
-    fields = getattr(NeuronScores, "__dataclass_fields__", {})
-    for name in ("secondary", "tie_break", "secondary_scores"):
-        if name in fields:
-            out: dict[str, Any] = {name: secondary}
-            if "secondary_name" in fields:  # a declared signal says what it measures
-                out["secondary_name"] = SECONDARY_SIGNAL
-            return out
-    return {}
-
-
 def score_neurons(explanations: list[NeuronExplanation], concepts: DatasetConcepts, embedder: Any, *,
-                  n_layers: int, d_mlp: int, model_name: str = "", quality: str | None = None) -> NeuronScores:
+                  n_layers: int, d_mlp: int, model_name: str = "", quality: str | None = None,
+                  tie_seed: int = 0) -> NeuronScores:
     """SNIP importance: per neuron the max cosine between its explanation and any concept (step 3).
 
     Neurons without a usable explanation (failed, empty) score ``-inf``. ``labels`` holds, per scored
-    neuron, the concept that gave its score. Ties are broken by :data:`SECONDARY_SIGNAL`, returned as the
-    scores' secondary signal. A concept equal to an explanation raises (circular scoring; see
-    :func:`snip_lens.concepts.check_concepts_independent`).
+    neuron, the concept that gave its score. Ties are broken by :data:`SECONDARY_SIGNAL` (the scores'
+    ``secondary``), then by a random draw seeded with ``tie_seed``. A concept equal to an explanation
+    raises (circular scoring; see :func:`snip_lens.concepts.check_concepts_independent`).
 
     ``quality`` names an explanation quality score (``"embedding"``, ``"simulator"``; see
     :mod:`snip_lens.quality`) to weight by: ``score = max cosine x weight``, the weight being the quality
@@ -412,10 +401,8 @@ def score_neurons(explanations: list[NeuronExplanation], concepts: DatasetConcep
     labels = {e.neuron: concepts.concepts[int(i)] for e, i in zip(usable, idx)}
     logger.info("scored %d of %d neurons against %d concepts (max %.3f)", len(usable), n_layers * d_mlp,
                 len(concepts.concepts), float(values.max()))
-    out = NeuronScores(scores=scores, method="snip", labels=labels, model_name=model_name,
-                       **_secondary_kwargs(secondary))
-    out.secondary_signal = secondary  # the declared tie-break signal, also for callers of this function
-    return out
+    return NeuronScores(scores=scores, method="snip", labels=labels, model_name=model_name,
+                        secondary=secondary, secondary_name=SECONDARY_SIGNAL, tie_seed=tie_seed)
 
 
 IndexKind = Literal["auto", "flat", "hnsw", "ivf"]

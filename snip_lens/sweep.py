@@ -117,8 +117,9 @@ class SweepConfig:
     """Neurons to prune: counts ("500") or percentages of all MLP neurons ("2%")."""
     explainer: Literal["heuristic", "openai", "local"] = "heuristic"
     """Who explains neurons (step 1)."""
-    explanations: Literal["input", "output", "both"] = "input"
-    """Evidence the explanations rest on: top-activating inputs, VocabProj output tokens, or both."""
+    explanations: Literal["input", "output", "both"] = "both"
+    """Evidence the explanations rest on: top-activating inputs, VocabProj output tokens, or both (default:
+    both, the ensemble Gur-Arieh et al. 2025 found best on input and output evaluations)."""
     quality_weight: Literal["none", "embedding", "simulator"] = "none"
     """Weight SNIP's scores by explanation quality (offline embedding AUROC, or the LLM simulator)."""
     import_explanations: str | None = None
@@ -473,9 +474,11 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
 
         quality = explanation_quality(explanations, n_layers, d_mlp)
         snip = scores["snip"]
+        # published explanation scores, when there are any, break ties; else score_neurons' own signal
         scores["snip"] = NeuronScores(snip.scores, snip.method, snip.labels, snip.model_name or name,
-                                      secondary=quality, secondary_name="explanation score" if quality is not None
-                                      else "", tie_seed=config.seed)
+                                      secondary=quality if quality is not None else snip.secondary,
+                                      secondary_name="explanation score" if quality is not None
+                                      else snip.secondary_name, tie_seed=config.seed)
 
     if any(m in config.methods for m in ("activation", "hybrid")) or (
             "llm-judge" in config.methods and "activation" in config.judge_shortlist):

@@ -676,3 +676,13 @@ def test_llm_explainer_with_both_kinds_over_http(tmp_path):
         assert "Promoted tokens:\n<start>\n" + f"{_tok(top.token)}\t{top.weight:.3g}\n" in p
     with pytest.raises(ValueError, match="pass model="):
         explain(recs, ExplainConfig(explanations="output"), progress=False)
+
+
+def test_offline_sentences_are_one_line_whatever_the_tokens():
+    from snip_lens.explain import describe_output
+    from snip_lens.types import OutputEvidence, TokenWeight
+
+    ev = OutputEvidence([TokenWeight('"\x1d"', 1.0), TokenWeight("a\tb", 0.5)], [TokenWeight("\r\n", -1.0)])
+    text = describe_output(ev)
+    assert text.isprintable() and len(text.splitlines()) == 1
+    assert text == "raises the next tokens '\"\\x1d\"' and 'a\\tb' and lowers '\\r\\n'"

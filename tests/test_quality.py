@@ -161,8 +161,8 @@ def test_score_neurons_guard_secondary_signal_and_quality_weight():
     s = score_neurons(expl, concepts, emb, n_layers=1, d_mlp=4)
     # neurons 0 and 2 tie on max cosine; the declared secondary signal separates neuron 1 from them
     assert s.scores[0, 0] == pytest.approx(float(s.scores[0, 2]))
-    sec = s.secondary_signal
-    assert "mean cosine" in SECONDARY_SIGNAL and float(sec[0, 1]) > float(sec[0, 0])
+    sec = s.secondary
+    assert s.secondary_name == SECONDARY_SIGNAL and "mean cosine" in SECONDARY_SIGNAL and float(sec[0, 1]) > float(sec[0, 0])
     w = score_neurons(expl, concepts, emb, n_layers=1, d_mlp=4, quality="embedding")
     assert float(w.scores[0, 2]) == 0.0  # no quality score: weight 0
     assert float(w.scores[0, 1]) == pytest.approx(float(s.scores[0, 1]) * 0.9, rel=1e-4)

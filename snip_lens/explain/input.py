@@ -34,12 +34,14 @@ def clean_token(token: str) -> str:
 
 
 def show_token(token: str) -> str:
-    """A token quoted for a sentence; whitespace-only tokens are shown escaped ('\\n', '\\t', '␣')."""
+    """A token quoted for a sentence; line breaks, tabs and other unprintable characters are shown escaped
+    ('\\n', '\\t', '\\x1f'), spaces of a whitespace-only token as '␣'."""
     t = clean_token(token)
     if not t:
         raw = token.translate(_BPE_MARKERS)
         t = raw.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "␣") or "␣"
-    return f"'{t}'"
+    # an explanation is one printable line: control characters and line separators are shown escaped
+    return "'" + "".join(c if c.isprintable() else repr(c)[1:-1] for c in t) + "'"
 
 
 def _key(token: str) -> str:
