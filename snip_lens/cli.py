@@ -29,7 +29,8 @@ def _sweep_args(sp: argparse.ArgumentParser, *, demo: bool) -> None:
                     help="output directory (results.json, plots/, report.html, masks/)")
     sp.add_argument("--overwrite", action="store_true", help="replace results of a different config in --out")
     sp.add_argument("--methods", default="snip,hybrid,activation,random",
-                    help="comma-separated: snip, hybrid, activation, activation-freq, random, keyword, llm-judge")
+                    help="comma-separated: snip, hybrid, activation, activation-freq, attribution, random, keyword, "
+                         "llm-judge")
     sp.add_argument("--k", default="0.5%,1%,2%,4%", help="comma-separated counts or percentages of all neurons")
     sp.add_argument("--select-windows", type=int, default=32, help="windows per side for selection")
     sp.add_argument("--eval-windows", type=int, default=16, help="held-out windows per side for evaluation")
@@ -52,6 +53,8 @@ def _sweep_args(sp: argparse.ArgumentParser, *, demo: bool) -> None:
     sp.add_argument("--embedder", default="local", help="local | openai:text-embedding-3-small | a directory")
     sp.add_argument("--keywords", default="", help="comma-separated keywords for the keyword method")
     sp.add_argument("--hybrid-weight", type=float, default=0.05)
+    sp.add_argument("--mask-mode", default="zero",
+                    help="zero | mean (mean activation on retain) | scale:F, e.g. scale:-1 flips pruned neurons")
     sp.add_argument("--judge-candidates", type=int,
                     help="neurons the llm-judge rates, one LLM call each (default: the largest k)")
     sp.add_argument("--judge-shortlist", default="snip+activation",
@@ -92,7 +95,8 @@ def _sweep_config(args: argparse.Namespace) -> "object":
         judge_candidates=args.judge_candidates, judge_shortlist=args.judge_shortlist, select=args.select,
         batch_size=args.batch_size, cbt=_split(args.cbt), cbt_source=args.cbt_source, cbt_items=args.cbt_items,
         toxicity=args.toxicity, toxicity_n=args.toxicity_n, toxicity_scorer=args.toxicity_scorer,
-        detoxify_checkpoint=args.detoxify_checkpoint, detoxify_config=args.detoxify_config, seed=args.seed)
+        detoxify_checkpoint=args.detoxify_checkpoint, detoxify_config=args.detoxify_config, seed=args.seed,
+        mask_mode=args.mask_mode)
 
 
 def _run_sweep_cmd(args: argparse.Namespace) -> int:

@@ -13,6 +13,8 @@ Methods:
 - ``activation``: Pochinkov & Schoots (2024) selective pruning, mean |act| on forget divided by mean |act|
   on retain (+eps); ``activation-freq`` uses the frequency of act > 0 instead.
 - ``hybrid``: concept and activation evidence together, see ``hybrid_scores``.
+- ``attribution``: first-order ablation effect on forget minus on retain loss (activation x gradient), see
+  ``snip_lens.attribution``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .types import NeuronExplanation, NeuronId
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("snip", "random", "keyword", "llm-judge", "activation", "activation-freq", "hybrid")
+METHODS = ("snip", "random", "keyword", "llm-judge", "activation", "activation-freq", "hybrid", "attribution")
 
 
 def parse_k(k: int | float | str, n_total: int) -> int:
@@ -330,12 +332,36 @@ def llm_judge_scores(explanations: Iterable[NeuronExplanation], samples: Sequenc
                         secondary_name=f"{shortlist_name} position" if listed is not None else "", tie_seed=seed)
 
 
+def parse_mask_mode(spec: str) -> tuple[str, float | None]:
+    """``"zero"``, ``"mean"`` or ``"scale:F"`` (F any finite number, negative included) -> (mode, factor).
+
+    ``factor`` is F for scale and None otherwise. ``scale:-1`` flips the neuron's activation (Farrell et al.
+    2024 found negative scaling where zero-ablation did little); ``scale:0`` equals zero.
+    """
+    text = str(spec).strip()
+    if text in ("zero", "mean"):
+        return text, None
+    if text.startswith("scale:"):
+        try:
+            factor = float(text[len("scale:"):])
+        except ValueError:
+            factor = float("nan")
+        if not math.isfinite(factor):
+            raise ValueError(f"mask mode {spec!r} has no finite factor after 'scale:'; write e.g. scale:-1 or "
+                             "scale:0.5")
+        return "scale", factor
+    raise ValueError(f"unknown mask mode {spec!r}; use zero, mean (the neuron's mean activation on retain "
+                     "data) or scale:F with a number F, e.g. scale:-1")
+
+
 def mask_from_scores(model: Any, scores: NeuronScores, k: int | str, *, mode: str = "zero",
                      values: Any = None, select: str = "global") -> Any:
     """The ``NeuronMask`` of the top-k neurons of ``scores`` (k a count or a percentage like ``"2%"``).
 
     ``select="per-layer"`` takes k/L neurons from each of the L layers (see ``NeuronScores.top_k``), whose
-    mask an export can compact fully; ``"global"`` the k best overall.
+    mask an export can compact fully; ``"global"`` the k best overall. ``values`` as in
+    ``NeuronMask.from_neurons``, or a ``(n_layers, d_mlp)`` grid (e.g. mean activations) read at the chosen
+    neurons.
     """
     from .mask import NeuronMask
 
@@ -345,4 +371,10 @@ def mask_from_scores(model: Any, scores: NeuronScores, k: int | str, *, mode: st
     if count > n_finite:
         raise ValueError(f"k={k} asks for {count} neurons but method {scores.method!r} ranked only {n_finite} "
                          "(the rest have no score, e.g. no explanation or no keyword match); lower k")
-    return NeuronMask.from_neurons(model, scores.top_k(count, select), mode=mode, values=values)
+    neurons = scores.top_k(count, select)
+    if isinstance(values, torch.Tensor) and values.ndim == 2:
+        if tuple(values.shape) != tuple(scores.scores.shape):
+            raise ValueError(f"mask values grid has shape {tuple(values.shape)} but the scores have "
+                             f"{tuple(scores.scores.shape)}: give one value per neuron of the model")
+        values = torch.stack([values[n.layer, n.index] for n in neurons]) if neurons else values.new_zeros(0)
+    return NeuronMask.from_neurons(model, neurons, mode=mode, values=values)

@@ -49,6 +49,7 @@ from .select import (
     llm_judge_scores,
     mask_from_scores,
     parse_k,
+    parse_mask_mode,
     random_scores,
 )
 
@@ -172,8 +173,12 @@ class SweepConfig:
     (``bert-base-uncased``); with ``detoxify_checkpoint`` the scorer needs no network at all."""
     seed: int = 0
     """Seed for the random baseline."""
+    mask_mode: str = "zero"
+    """How pruned neurons are masked: "zero", "mean" (their mean activation on the retain selection windows)
+    or "scale:F" (activation times F; negative F flips it)."""
 
     def __post_init__(self) -> None:
+        parse_mask_mode(self.mask_mode)
         if isinstance(self.data, dict):
             self.data = DataConfig(**self.data)
         unknown = [m for m in self.methods if m not in METHODS]
@@ -483,6 +488,15 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
                                                       seed=config.seed)
     if "hybrid" in config.methods:
         scores["hybrid"] = hybrid_scores(scores["snip"], scores["activation"], weight=config.hybrid_weight)
+    if "attribution" in config.methods:
+        from .attribution import attribution_scores
+
+        t = time.perf_counter()
+        saved = out / "scores" / "attribution.safetensors"  # cleared with the rest when the config changes
+        scores["attribution"] = (NeuronScores.load(saved) if saved.exists() else attribution_scores(
+            model, win["forget_sel"].tokens, win["retain_sel"].tokens, batch_size=config.batch_size,
+            progress=progress))
+        timings["attribution"] = time.perf_counter() - t
     if "random" in config.methods:
         scores["random"] = random_scores(n_layers, d_mlp, seed=config.seed, model_name=name)
     if "keyword" in config.methods:
@@ -514,6 +528,9 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
     (out / "masks").mkdir(exist_ok=True)
     details: list[MethodDetail] = []
     expl_by_id = {e.neuron: e for e in explanations}
+    mask_mode, factor = parse_mask_mode(config.mask_mode)
+    mask_values = (factor if mask_mode == "scale" else
+                   records.stats["retain"].mean.double() if mask_mode == "mean" else None)
     bar = tqdm(total=len(config.methods) * len(ks), desc="evaluate", unit="run", disable=not progress)
     for method in config.methods:
         s = scores[method]
@@ -521,7 +538,7 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
         for k in ks:
             bar.set_postfix_str(f"{method} k={k}")
             try:
-                mask = mask_from_scores(model, s, k, select=config.select)
+                mask = mask_from_scores(model, s, k, mode=mask_mode, values=mask_values, select=config.select)
             except ValueError as exc:
                 # The method ranked fewer neurons than k (keywords matched few explanations, judge answers
                 # failed): record why and go on, so the other runs are not lost.
