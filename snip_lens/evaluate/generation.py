@@ -555,3 +555,72 @@ def flat_metrics(result: dict) -> dict[str, float]:
     """The numeric generation metrics of ``GenerationEvaluator.run`` as flat ``generation_<decoding>_<metric>``."""
     return {f"generation_{dec}_{k}": float(v) for dec, res in result.items() for k, v in res.items()
             if k in ("forget_in_domain", "retain_in_domain", "retain_fluency")}
+
+
+def generation_table(results: dict) -> list[list[str]]:
+    """Rows (method, k, then forget in-domain / retain in-domain / retain fluency per decoding) as strings."""
+    decodings = list(results["baseline"]["generation"])
+    head = ["method", "k"]
+    for d in decodings:
+        head += [f"{d}: forget in-domain", f"{d}: retain in-domain", f"{d}: retain fluency (nats)"]
+    rows = [head]
+    entries = [("(none)", 0, results["baseline"])] + [(r["method"], r["k"], r) for r in
+                                                      sorted(results["runs"], key=lambda r: (r["k"], r["method"]))]
+    for method, k, r in entries:
+        row = [method, str(k)]
+        for d in decodings:
+            g = r["generation"][d]
+            row += [f"{g['forget_in_domain']:.2f}", f"{g['retain_in_domain']:.2f}", f"{g['retain_fluency']:.3f}"]
+        rows.append(row)
+    return rows
+
+
+def report_section(results: dict) -> tuple[str, str]:
+    """(markdown, html) of generation-level forgetting for the sweep report: shares, then examples side by side."""
+    import html as _html
+
+    info = results["generation"]
+    det = info["detector"]
+    rows = generation_table(results)
+    intro = (f"Generation-level forgetting: {info['config']['n_prompts']} prompts per side of "
+             f"{info['config']['prompt_tokens']} tokens from held-out documents, {info['config']['max_new_tokens']} "
+             f"new tokens, detector {det['name']} ({det['how']}"
+             + (f"; held-out accuracy {det['heldout_accuracy']:.3f}" if "heldout_accuracy" in det else "") +
+             f"). On the documents' own continuations the detector says in-domain for "
+             f"{info['reference_forget_in_domain']:.2f} of forget and {info['reference_retain_in_domain']:.2f} of "
+             "retain prompts. Retain fluency is the loss of the retain continuations under the unpruned model.")
+    top_k = max((r["k"] for r in results["runs"]), default=0)
+    shown = [("(none)", results["baseline"])] + [(f"{r['method']} k={r['k']}", r) for r in results["runs"]
+                                                  if r["k"] == top_k]
+    decoding = "greedy" if "greedy" in results["baseline"]["generation"] else next(iter(results["baseline"]["generation"]))
+    e = _html.escape
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", "⏎")
+
+    md = ["## Generation-level forgetting", "", intro, "", "| " + " | ".join(rows[0]) + " |",
+          "|" + "---|" * len(rows[0])] + ["| " + " | ".join(r) + " |" for r in rows[1:]] + [""]
+    h = ["<h2>Generation-level forgetting</h2>", f"<p>{e(intro)}</p><table>",
+         "<tr>" + "".join(f"<th>{e(x)}</th>" for x in rows[0]) + "</tr>"]
+    h += ["<tr>" + "".join(f"<td>{e(x)}</td>" for x in r) + "</tr>" for r in rows[1:]] + ["</table>"]
+    for side in ("forget", "retain"):
+        examples = info["examples"][side]
+        if not examples:
+            continue
+        head = ["prompt", "document's own continuation"] + [name for name, _ in shown]
+        md += [f"### {side} prompts, {decoding} continuations (before / after pruning; ✓ = in the domain)", "",
+               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        h += [f"<h3>{e(side)} prompts, {e(decoding)} continuations (before / after pruning; ✓ = in the domain)</h3>",
+              "<table><tr>" + "".join(f"<th>{e(x)}</th>" for x in head) + "</tr>"]
+        for i, ex in enumerate(examples):
+            conts = []
+            for _, r in shown:
+                got = r["generation"][decoding][f"{side}_examples"]
+                conts.append(("✓ " if got[i]["in_domain"] else "✗ ") + got[i]["text"] if i < len(got) else "")
+            cells = [ex["prompt"], ex["reference"]] + conts
+            md.append("| " + " | ".join(cell(c) for c in cells) + " |")
+            h.append("<tr>" + "".join(f"<td><pre style='white-space:pre-wrap;margin:0'>{e(c)}</pre></td>"
+                                      for c in cells) + "</tr>")
+        md.append("")
+        h.append("</table>")
+    return "\n".join(md), "\n".join(h)

@@ -394,3 +394,123 @@ def relearn_table(result: dict) -> list[list[str]]:
                     ["n/a" if v is None else f"{v:.2f}" for v in rec[1:]] +
                     [f"{r['retain_top1'][0]:.3f}", f"{r['retain_top1'][-1]:.3f}"])
     return rows
+
+
+def report_section(result: dict, plot: Path | None = None, base: Path | None = None) -> tuple[str, str]:
+    """(markdown, html) of the relearning attack for the sweep report."""
+    import html as _html
+
+    rows = relearn_table(result)
+    c = result["config"]
+    intro = (f"Relearning attack: AdamW, lr {c['lr']}, batch {c['batch_size']} windows, seed {c['seed']}, on "
+             f"{c['relearn_windows']} windows of forget selection documents (none of them an evaluation document). "
+             "recovery = (top-1 relearned - top-1 unlearned) / (top-1 original - top-1 unlearned); n/a when pruning "
+             f"lowered forget top-1 by less than {MIN_DROP}.")
+    src = None if plot is None else (plot.relative_to(base) if base is not None and plot.is_relative_to(base) else plot)
+    md = ["## Relearning attack", "", intro, "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    md += ["| " + " | ".join(r) + " |" for r in rows[1:]] + [""]
+    if src is not None:
+        md += [f"![relearn]({src})", ""]
+    e = _html.escape
+    h = ["<h2>Relearning attack</h2>", f"<p>{e(intro)}</p><table>",
+         "<tr>" + "".join(f"<th>{e(x)}</th>" for x in rows[0]) + "</tr>"]
+    h += ["<tr>" + "".join(f"<td>{e(x)}</td>" for x in r) + "</tr>" for r in rows[1:]]
+    h.append("</table>")
+    if src is not None:
+        h.append(f"<img src='{e(str(src))}' alt='relearn'>")
+    return "\n".join(md), "\n".join(h)
+
+
+def sweep_relearn(model: Any, config: RelearnConfig, *, scores: dict[str, Any], methods: list[str], ks: list[int],
+                  n_neurons: int, forget_sel: list[str], forget_eval_texts: list[str], forget_eval: Tensor,
+                  retain_eval: Tensor, runs: list[dict], baseline: dict, n_ctx: int, data_seed: int,
+                  random_seed: int, batch_size: int = 8, progress: bool = False) -> dict:
+    """The attack as the sweep runs it: every method (plus random) at ``config.ks`` (default: the largest k).
+
+    Step-0 metrics are taken from the sweep's own evaluation of the same masks on the same windows.
+    """
+    from ..corpus import make_windows
+    from ..select import mask_from_scores, parse_k, random_scores
+
+    attack_ks = sorted({parse_k(k, n_neurons) for k in config.ks}) if config.ks else [max(ks)]
+    docs = relearn_documents(forget_sel, forget_eval_texts)
+    check_disjoint(docs, forget_eval_texts)
+    windows = make_windows(model, docs, n_ctx=config.n_ctx or n_ctx, max_windows=config.relearn_windows,
+                           seed=data_seed + 2, name="relearn")
+    scores = dict(scores)
+    if "random" not in scores:
+        first = next(iter(scores.values()))
+        scores["random"] = random_scores(*first.scores.shape, seed=random_seed, model_name=model_name(model))
+    labels = list(dict.fromkeys([m for m in methods if m in scores] + ["random"]))
+
+    def step0(side: dict) -> dict:
+        return {"forget_top1": side["forget"]["top1"], "forget_loss": side["forget"]["loss"],
+                "retain_top1": side["retain"]["top1"], "retain_loss": side["retain"]["loss"]}
+
+    start = {"unpruned": step0(baseline)}
+    start.update({f"{r['method']}@{r['k']}": step0(r) for r in runs})
+    masks = {}
+    for k in attack_ks:
+        for label in labels:
+            masks[(label, k)] = mask_from_scores(model, scores[label], k)
+    all_runs: list[dict] = []
+    first_unpruned = True
+    for k in attack_ks:
+        sub = {label: masks[(label, k)] for label in labels}
+        res = relearn_attack(model, sub, windows.tokens, forget_eval, retain_eval, config, eval_batch_size=batch_size,
+                             progress=progress, start_metrics=start) if first_unpruned else None
+        if res is None:  # the unpruned model is attacked once, not once per k
+            pruned = []
+            for label, mask in sub.items():
+                for form in config.forms:
+                    pruned.append(attack(model, RelearnTarget(label, mask, form, len(mask)), windows.tokens,
+                                         forget_eval, retain_eval, config, eval_batch_size=batch_size,
+                                         progress=progress, start_metrics=start.get(f"{label}@{len(mask)}")))
+            add_recovery(pruned, all_runs[0]["forget_top1"][0])
+            all_runs += pruned
+        else:
+            all_runs += res["runs"]
+            first_unpruned = False
+    return {"config": config.to_json(), "original_forget_top1": all_runs[0]["forget_top1"][0],
+            "relearn_documents": len(docs), "relearn_windows": len(windows), "runs": all_runs}
+
+
+def relearn_mask(model: Any, mask: Any, data: Any, config: RelearnConfig | None = None, *, label: str = "mask",
+                 out_dir: str | Path | None = None, random_seed: int = 0, batch_size: int = 8,
+                 overwrite: bool = False, progress: bool = True) -> dict:
+    """``snip relearn``: attack one saved mask, the unpruned model and a random mask of the same size.
+
+    ``data`` is a ``snip_lens.sweep.DataConfig``: the forget / retain documents are split exactly as the sweep
+    splits them (same seed and fraction), so a mask from a sweep is measured on that sweep's held-out windows.
+    With ``out_dir``, writes ``relearn.json`` and ``relearn_forget_top1.png`` there.
+    """
+    from ..corpus import make_windows
+    from ..select import mask_from_scores, random_scores
+    from ..sweep import load_side_texts, split_documents
+
+    from .._io import atomic_write_json
+
+    config = config or RelearnConfig()
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and (out / "relearn.json").exists() and not overwrite:
+        raise FileExistsError(f"{out / 'relearn.json'} already exists; choose another --out or pass --overwrite")
+    mask.check_model(model)
+    forget, retain = load_side_texts(data.forget, data), load_side_texts(data.retain, data)
+    f_sel, f_eval = split_documents(forget, data.eval_fraction, data.seed)
+    _, r_eval = split_documents(retain, data.eval_fraction, data.seed)
+    kw = dict(n_ctx=data.n_ctx, max_windows=data.eval_windows, seed=data.seed + 1, max_doc_tokens=data.max_doc_tokens)
+    forget_eval = make_windows(model, f_eval, name="forget-eval", **kw).tokens
+    retain_eval = make_windows(model, r_eval, name="retain-eval", **kw).tokens
+    docs = relearn_documents(f_sel, f_eval)
+    check_disjoint(docs, f_eval)
+    windows = make_windows(model, docs, n_ctx=config.n_ctx or data.n_ctx, max_windows=config.relearn_windows,
+                           seed=data.seed + 2, name="relearn")
+    rand = mask_from_scores(model, random_scores(mask.n_layers, mask.d_mlp, seed=random_seed,
+                                                 model_name=model_name(model)), len(mask))
+    result = relearn_attack(model, {label: mask, "random": rand}, windows.tokens, forget_eval, retain_eval, config,
+                            eval_batch_size=batch_size, progress=progress)
+    result.update(relearn_documents=len(docs), relearn_windows=len(windows), data=asdict(data))
+    if out is not None:
+        atomic_write_json(out / "relearn.json", result)
+        plot_relearn(result, out, title=f"{model_name(model)}: relearning attack")
+    return result
