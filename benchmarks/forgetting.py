@@ -12,8 +12,8 @@ Each scenario is one ``run_sweep`` (methods snip, activation, random at 2% and 4
 heuristic explainer) with ``--eval generation`` and the relearning attack at 4% (AdamW, lr 1e-4, batch 4
 windows of 64 tokens, measured after 2, 5 and 10 steps, exported and masked forms, plus the unpruned model).
 Sizes are cut to run on 2 shared CPU cores (about 25 minutes per scenario on a busy machine; the script
-prints the time of each): 16 selection and 12 evaluation windows of 64 tokens per side, 16 generation prompts
-of 16 tokens per side with 24 new tokens. Every ratio printed is against the unpruned baseline measured in
+prints the time of each): 16 selection and 12 evaluation windows of 64 tokens per side, 12 generation prompts
+of 16 tokens per side with 32 new tokens. Every ratio printed is against the unpruned baseline measured in
 the same run. Writes ``benchmarks/results/forgetting.json`` and each scenario's full sweep output
 (results.json, plots/, report.html) under ``--out`` (default ``out/forgetting``).
 
@@ -85,7 +85,7 @@ def scenario_config(forget: str, retain: str, max_docs: int | None) -> SweepConf
         data=DataConfig(forget=forget, retain=retain, n_ctx=64, select_windows=16, eval_windows=12,
                         max_docs=max_docs, seed=0),
         methods=["snip", "activation", "random"], ks=["2%", "4%"],
-        generation=GenerationConfig(n_prompts=16, prompt_tokens=16, max_new_tokens=24, batch_size=16,
+        generation=GenerationConfig(n_prompts=12, prompt_tokens=16, max_new_tokens=32, batch_size=12,
                                     detector="auto", seed=0),
         relearn=RelearnConfig(steps=[2, 5, 10], lr=1e-4, batch_size=4, relearn_windows=32, n_ctx=64,
                               ks=["4%"], seed=0))
@@ -159,7 +159,7 @@ def main() -> int:
             cfg = scenario_config("code", "prose", None)
         else:
             de, en = write_fortune_corpora(out / "corpora")
-            cfg = scenario_config(str(de), str(en), None)
+            cfg = scenario_config(str(de), str(en), 3000)  # 3,000 of the 25,000 fortunes
         res = run_sweep(cfg, out / name, model=model, overwrite=args.overwrite, progress=True)
         summary = summarise(res)
         summary["seconds"] = round(time.perf_counter() - t, 1)

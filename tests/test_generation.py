@@ -114,11 +114,14 @@ def test_prompts_come_from_the_given_documents_with_their_true_continuation(mode
     prompts = make_prompts(model, code_texts, n=6, prompt_tokens=10, continuation_tokens=8, seed=3)
     assert len(prompts) == 6
     for p in prompts:
-        ids = model.tokenizer(code_texts[p.document][:18 * 16], add_special_tokens=False)["input_ids"]
+        span = code_texts[p.document][p.char_start:p.char_start + 18 * 16]
+        assert p.char_start == 0 or code_texts[p.document][p.char_start - 1] == "\n"  # a line start
+        ids = model.tokenizer(span, add_special_tokens=False)["input_ids"]
         assert p.tokens[-10:] == ids[p.offset:p.offset + 10]
         assert p.reference == ids[p.offset + 10:p.offset + 18]
     again = make_prompts(model, code_texts, n=6, prompt_tokens=10, continuation_tokens=8, seed=3)
     assert [p.tokens for p in again] == [p.tokens for p in prompts]
+    assert any(p.char_start > 0 for p in prompts)  # not only the heads of the documents
     with pytest.raises(ValueError, match="no held-out forget document"):
         make_prompts(model, ["short"], n=2, prompt_tokens=10, continuation_tokens=8)
 

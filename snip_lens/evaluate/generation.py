@@ -29,9 +29,10 @@ Every detector is also checked on the documents' *true* continuations of the sam
 (``reference_forget_in_domain`` should be high, ``reference_retain_in_domain`` low): a detector that fails
 that check makes the shares meaningless.
 
-Prompts: documents are taken in a seeded order; each prompt is ``prompt_tokens`` consecutive tokens at a
-seeded random offset of a document long enough to also hold ``max_new_tokens`` more (the reference
-continuation); when there are fewer such documents than prompts, documents are reused at other offsets.
+Prompts: documents are taken in a seeded order; of a long document, a span of ``16 x (prompt_tokens +
+max_new_tokens)`` characters from a seeded line start is tokenised; each prompt is ``prompt_tokens``
+consecutive tokens at a seeded random offset of that text, which must also hold ``max_new_tokens`` more (the
+reference continuation); when there are fewer such documents than prompts, documents are reused at other offsets.
 All prompts have the same length, so batches need no padding; BOS comes first when ``prepends_bos(model)``.
 
 Decoding (``GenerationConfig``), through the HF model under the bridge so that mask hooks act on every
@@ -390,11 +391,13 @@ class GenerationPrompt:
     document: int
     """Index of its document in the list of held-out documents of that side."""
     offset: int
-    """Token offset of the prompt in the document."""
+    """Token offset of the prompt in the tokenised span of the document."""
     tokens: list[int]
     """Prompt token ids (BOS first when the model wants it)."""
     reference: list[int]
     """The ``max_new_tokens`` tokens that follow the prompt in the document."""
+    char_start: int = 0
+    """Character offset in the document where the tokenised span starts."""
 
 
 def make_prompts(model: Any, texts: list[str], *, n: int, prompt_tokens: int, continuation_tokens: int,
@@ -405,12 +408,19 @@ def make_prompts(model: Any, texts: list[str], *, n: int, prompt_tokens: int, co
     order = list(range(len(texts)))
     rng.shuffle(order)
     bos = [model.tokenizer.bos_token_id] if prepends_bos(model) else []
-    eligible: list[tuple[int, list[int]]] = []
+    eligible: list[tuple[int, list[int], int]] = []
+    span = need * 16  # characters tokenised per document: a 5,000-line module needs no full pass
     for i in order:
-        # Tokenise a bounded head of each document: a 5,000-line module needs no full pass.
-        ids = encode(model, texts[i][:need * 16])
+        text, start = texts[i], 0
+        if len(text) > span:
+            # A seeded line start anywhere in the document, not only its head (a module's head is its docstring).
+            start = rng.randrange(0, len(text) - span + 1)
+            nl = text.rfind("\n", 0, start)
+            start = nl + 1 if nl >= 0 else 0
+            text = text[start:start + span]
+        ids = encode(model, text)
         if len(ids) >= need:
-            eligible.append((i, ids))
+            eligible.append((i, ids, start))
         if len(eligible) >= n:
             break
     if not eligible:
@@ -420,14 +430,14 @@ def make_prompts(model: Any, texts: list[str], *, n: int, prompt_tokens: int, co
     used: set[tuple[int, int]] = set()
     j = 0
     while len(prompts) < n:
-        doc, ids = eligible[j % len(eligible)]
+        doc, ids, char_start = eligible[j % len(eligible)]
         j += 1
         offset = rng.randrange(0, len(ids) - need + 1)
         if (doc, offset) in used and j < 20 * n:
             continue
         used.add((doc, offset))
         prompts.append(GenerationPrompt(side, doc, offset, bos + ids[offset:offset + prompt_tokens],
-                                        ids[offset + prompt_tokens:offset + need]))
+                                        ids[offset + prompt_tokens:offset + need], char_start))
     if len(eligible) < n:
         logger.warning("only %d held-out %s documents are long enough for a prompt; %d prompts reuse them at other "
                        "offsets", len(eligible), side, n - len(eligible))
