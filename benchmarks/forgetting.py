@@ -164,6 +164,8 @@ def main() -> int:
         summary = summarise(res)
         summary["seconds"] = round(time.perf_counter() - t, 1)
         summary["config"] = cfg.to_json()
+        if result_path.exists():  # another run may have written other scenarios meanwhile
+            results["scenarios"] = {**json.loads(result_path.read_text())["scenarios"], **results["scenarios"]}
         results["scenarios"][name] = summary
         print_summary(name, summary)
         print(f"{name}: {summary['seconds'] / 60:.1f} min; full output in {out / name}")
