@@ -56,6 +56,8 @@ def _sweep_args(sp: argparse.ArgumentParser, *, demo: bool) -> None:
     sp.add_argument("--toxicity-n", type=int, default=1000)
     sp.add_argument("--toxicity-scorer", default="detoxify", choices=["detoxify", "profanity"])
     sp.add_argument("--detoxify-checkpoint", help="local detoxify checkpoint (offline)")
+    sp.add_argument("--detoxify-config", help="local directory with the checkpoint's transformer config and "
+                    "tokenizer files, e.g. bert-base-uncased's (with --detoxify-checkpoint: no network at all)")
     sp.add_argument("--eval", default="", help="further evaluations, comma-separated: generation")
     sp.add_argument("--detector", default="auto", help="generation domain detector: auto | python | "
                     "language:XX (ISO 639-1, e.g. language:de) | classifier")
@@ -75,7 +77,8 @@ def _sweep_config(args: argparse.Namespace) -> "object":
     data = DataConfig(forget=args.forget, retain=args.retain, n_ctx=args.n_ctx, select_windows=args.select_windows,
                       eval_windows=args.eval_windows, max_docs=getattr(args, "max_docs", None),
                       max_doc_tokens=args.max_doc_tokens or None,
-                      text_field=getattr(args, "text_field", "text"), seed=args.seed)
+                      text_field=getattr(args, "text_field", "text"), glob=getattr(args, "glob", None),
+                      seed=args.seed)
     return SweepConfig(
         model=args.model, data=data, methods=_split(args.methods), ks=_split(args.k), explainer=args.explainer,
         import_explanations=args.import_explanations, min_explanation_score=args.min_explanation_score,
@@ -83,7 +86,8 @@ def _sweep_config(args: argparse.Namespace) -> "object":
         embedder=args.embedder, keywords=_split(args.keywords), hybrid_weight=args.hybrid_weight,
         batch_size=args.batch_size, cbt=_split(args.cbt), cbt_source=args.cbt_source, cbt_items=args.cbt_items,
         toxicity=args.toxicity, toxicity_n=args.toxicity_n, toxicity_scorer=args.toxicity_scorer,
-        detoxify_checkpoint=args.detoxify_checkpoint, seed=args.seed,
+        detoxify_checkpoint=args.detoxify_checkpoint, detoxify_config=args.detoxify_config,
+        seed=args.seed,
         generation=_generation_config(args), relearn=_relearn_config(args))
 
 
@@ -137,6 +141,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--retain", required=True, help="same forms as --forget")
     sp.add_argument("--max-docs", type=int, help="cap on documents read per corpus")
     sp.add_argument("--text-field", default="text", help="text field of JSONL files / HF datasets")
+    sp.add_argument("--glob", help="read only matching files of a --forget/--retain DIR, e.g. '*.c' or "
+                    "'docs/**/*.rst' (default: every text file; binary files are skipped)")
     _sweep_args(sp, demo=False)
     sp.set_defaults(func=_run_sweep_cmd)
 
@@ -360,6 +366,8 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
 
 
 def _collect_cmd(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from . import models as M
     from .collect import collect, parse_layers
     from .corpus import load_corpus
@@ -372,10 +380,14 @@ def _collect_cmd(args: argparse.Namespace) -> int:
     named = [s.split("=", 1) if "=" in s else [s, s] for s in specs]
     if len({n for n, _ in named}) != len(named):
         raise ValueError(f"--corpus names repeat in {specs}; name them, e.g. --corpus forget=code --corpus retain=prose")
+    dirs = {name for name, source in named if Path(source).expanduser().is_dir()}
+    if args.glob is not None and not dirs:
+        raise ValueError(f"--glob {args.glob!r} narrows a directory corpus, but no --corpus is a directory")
     model = M.load_model(args.model)
     corpora = {name: load_corpus(model, source, n_ctx=args.n_ctx, max_windows=args.windows, seed=args.seed,
                                  split=args.split, text_field=args.text_field, max_docs=args.max_docs, name=name,
-                                 max_doc_tokens=args.max_doc_tokens or None)
+                                 max_doc_tokens=args.max_doc_tokens or None,
+                                 glob=args.glob if name in dirs else None)
                for name, source in named}
     layers = parse_layers(args.layers) if args.layers else None
     rec = collect(model, corpora, layers=layers, top_k=args.top_k, context=(before, after), n_random=args.n_random,
@@ -409,6 +421,8 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
                     help="tokens kept from each document, so a few long files cannot fill the corpus (0: all)")
     sp.add_argument("--split", default="train", help="split of hf: datasets")
     sp.add_argument("--text-field", default="text", help="text field of JSONL files / HF datasets")
+    sp.add_argument("--glob", help="read only matching files of a directory corpus, e.g. '*.c' or 'docs/**/*.rst' "
+                    "(default: every text file under it; binary files are skipped)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", required=True, help="output directory (activations.safetensors + records.json)")
     sp.add_argument("--overwrite", action="store_true", help="replace results of a different config in --out")

@@ -68,6 +68,9 @@ class DataConfig:
     modules) cannot fill every window: more documents, more varied windows. None keeps whole documents."""
     text_field: str = "text"
     """Field holding the text in JSONL files and HF datasets."""
+    glob: str | None = None
+    """Read only the files matching this pattern from a directory corpus (``"*.c"``, ``"docs/**/*.rst"``);
+    None reads every text file. Applies to whichever of forget / retain is a directory."""
     seed: int = 0
     """Seed of every random choice (document split, window order, random baseline, sampling)."""
 
@@ -132,6 +135,9 @@ class SweepConfig:
     """Toxicity scorer; detoxify offline needs ``detoxify_checkpoint``."""
     detoxify_checkpoint: str | None = None
     """Local detoxify checkpoint path for offline use."""
+    detoxify_config: str | None = None
+    """Local directory with the config and tokenizer files of the checkpoint's transformer
+    (``bert-base-uncased``); with ``detoxify_checkpoint`` the scorer needs no network at all."""
     seed: int = 0
     """Seed for the random baseline."""
     generation: GenerationConfig | None = None
@@ -187,7 +193,8 @@ def load_side_texts(spec: str, data: DataConfig) -> list[str]:
     if spec == "civil-toxic" or spec.startswith("civil-toxic:"):
         path = spec.split(":", 1)[1] if ":" in spec else None
         return toxic_comments(path, n=data.max_docs or 500, seed=data.seed)
-    return load_texts(spec, text_field=data.text_field, max_docs=data.max_docs, seed=data.seed)
+    glob = data.glob if data.glob is not None and Path(spec).expanduser().is_dir() else None
+    return load_texts(spec, text_field=data.text_field, max_docs=data.max_docs, seed=data.seed, glob=glob)
 
 
 def cbt_item_text(item: Any) -> str:
@@ -263,7 +270,14 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
     from .concepts import extract_concepts
     from .corpus import TokenWindows, make_windows
     from .embed import get_embedder
-    from .explain import ExplainConfig, explain, import_explanations, load_explanations, save_explanations
+    from .explain import (
+        ExplainConfig,
+        explain,
+        import_explanations,
+        load_explanations,
+        retry_failed,
+        save_explanations,
+    )
     from .score import NeuronScores, score_neurons
     from .types import DatasetConcepts
 
@@ -299,6 +313,9 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
 
     # -- data: split by document, then windows ----------------------------------------------------------
     d = config.data
+    if d.glob is not None and not any(Path(s).expanduser().is_dir() for s in (d.forget, d.retain)):
+        raise ValueError(f"glob {d.glob!r} narrows a directory corpus, but neither forget ({d.forget!r}) nor "
+                         f"retain ({d.retain!r}) is a directory; drop --glob or give a directory")
     forget_texts = load_side_texts(d.forget, d)
     retain_texts = load_side_texts(d.retain, d)
     if d.forget == d.retain or forget_texts == retain_texts:
@@ -337,16 +354,21 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
         # -- step 1b: explanations ---------------------------------------------------------------------
         t = time.perf_counter()
         expl_path = out / "explanations.jsonl"
+        ecfg = ExplainConfig(kind=config.explainer, llm=_llm_config(config) if config.explainer == "openai" else None)
         if expl_path.exists():  # written by an earlier run of this very config (a changed config clears it)
             explanations = load_explanations(expl_path)
+            if not config.import_explanations:  # the rerun retries exactly the failures, as explain advises
+                explanations, n_retried = retry_failed(explanations, records, ecfg,
+                                                       cache_dir=out / "cache" / "explain", progress=progress,
+                                                       where=str(expl_path))
+                if n_retried:
+                    save_explanations(expl_path, explanations)
         else:
             if config.import_explanations:
                 explanations = import_explanations(config.import_explanations,
                                                    min_score=config.min_explanation_score, n_layers=n_layers,
                                                    d_mlp=d_mlp)
             else:
-                ecfg = ExplainConfig(kind=config.explainer,
-                                     llm=_llm_config(config) if config.explainer == "openai" else None)
                 explanations = explain(records, ecfg, cache_dir=out / "cache" / "explain", progress=progress)
             save_explanations(expl_path, explanations)
         timings["explain"] = time.perf_counter() - t
@@ -478,6 +500,7 @@ class _Evaluator:
         self.tokens = {"forget": forget_tokens, "retain": retain_tokens}
         self._prefix: dict[tuple[str, int], Any] = {}
         self.generation: Any = None  # a GenerationEvaluator when the config asks for it
+        self._scorer: Any = None  # the toxicity classifier, loaded once for every run of the sweep
         self.cbt_items: dict[str, list] = {}
         if config.cbt:
             from .evaluate import build_cloze_items, load_cbt
@@ -523,9 +546,14 @@ class _Evaluator:
         if self.config.toxicity:
             from .evaluate import ToxicityConfig, toxicity_rate
 
+            from .evaluate.toxicity import make_scorer
+
             tcfg = ToxicityConfig(n=self.config.toxicity_n, scorer=self.config.toxicity_scorer,
-                                  detoxify_checkpoint=self.config.detoxify_checkpoint, seed=self.config.data.seed)
-            tox = toxicity_rate(self.model, tcfg, mask=mask, progress=self.progress)
+                                  detoxify_checkpoint=self.config.detoxify_checkpoint,
+                                  detoxify_config=self.config.detoxify_config, seed=self.config.data.seed)
+            if self._scorer is None:
+                self._scorer = make_scorer(tcfg)
+            tox = toxicity_rate(self.model, tcfg, mask=mask, progress=self.progress, scorer=self._scorer)
             extra["pct_toxic"] = tox["pct_toxic"]
             extra["mean_toxicity"] = tox["mean_toxicity"]
         if self.generation is not None:

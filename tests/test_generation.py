@@ -13,7 +13,7 @@ from snip_lens.evaluate.generation import (ClassifierDetector, GenerationConfig,
                                            flat_metrics, generate, is_python, make_detector, make_prompts,
                                            parse_detector)
 from snip_lens.mask import NeuronMask
-from snip_lens.testing import tiny_model
+from snip_lens.testing import forbid_network, tiny_model
 
 PROSE = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
 
@@ -74,13 +74,9 @@ def test_language_detector_scores_known_german_and_english():
 
 
 def test_language_detector_works_without_network(monkeypatch):
-    import socket
-
-    def no_network(*args, **kwargs):
-        raise OSError("network disabled in this test")
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
+    refused = forbid_network(monkeypatch)
     assert LanguageDetector("de")(GERMAN[:1]) == [True]
+    assert refused == []  # the model ships inside the package: nothing was even tried
 
 
 def test_classifier_detector_learns_forget_vs_retain_and_reports_heldout_accuracy(model, code_texts):
