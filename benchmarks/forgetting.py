@@ -18,6 +18,11 @@ the same run. Writes ``benchmarks/results/forgetting.json`` and each scenario's 
 (results.json, plots/, report.html) under ``--out`` (default ``out/forgetting``).
 
     python benchmarks/forgetting.py [--scenarios code,german] [--out out/forgetting] [--threads 2]
+
+On a machine too busy for the whole run, ``--from-scores generation|relearn`` reuses the neuron scores an
+earlier (interrupted) run saved in ``--out/<scenario>/scores`` and runs one of the two checks on its own, at
+sizes given by ``--prompts``, ``--decodings``, ``--steps`` and ``--k``; its numbers go under the scenario's
+``reduced`` entry of the results file.
 """
 
 from __future__ import annotations
@@ -134,12 +139,88 @@ def print_summary(name: str, s: dict) -> None:
               + rec + f"  ({r['seconds']:.0f} s)")
 
 
+def _merge_write(path: Path, name: str, part: str, value: dict) -> None:
+    results = json.loads(path.read_text()) if path.exists() else {"model": "smollm2-135m", "scenarios": {}}
+    results["scenarios"].setdefault(name, {}).setdefault("reduced", {})[part] = value
+    atomic_write_json(path, results)
+
+
+def from_scores(args: argparse.Namespace, name: str, model, out: Path, result_path: Path) -> None:
+    """One check on the masks of an earlier run's saved scores (see the module docstring)."""
+    from snip_lens.corpus import make_windows
+    from snip_lens.evaluate import lm_metrics
+    from snip_lens.evaluate.generation import GenerationEvaluator
+    from snip_lens.evaluate.relearn import relearn_attack, relearn_documents
+    from snip_lens.score import NeuronScores
+    from snip_lens.select import mask_from_scores, parse_k
+    from snip_lens.sweep import load_side_texts, split_documents
+
+    if name == "code":
+        cfg = scenario_config("code", "prose", None)
+    else:
+        de, en = write_fortune_corpora(out / "corpora")
+        cfg = scenario_config(str(de), str(en), 3000)
+    d = cfg.data
+    forget, retain = load_side_texts(d.forget, d), load_side_texts(d.retain, d)
+    f_sel, f_eval = split_documents(forget, d.eval_fraction, d.seed)
+    r_sel, r_eval = split_documents(retain, d.eval_fraction, d.seed)
+    n = model.cfg.n_layers * model.cfg.d_mlp
+    ks = [parse_k(k, n) for k in args.k.split(",")]
+    masks = {(m, k): mask_from_scores(model, NeuronScores.load(out / name / "scores" / f"{m}.safetensors"), k)
+             for k in ks for m in cfg.methods}
+    t0 = time.perf_counter()
+    if args.from_scores == "generation":
+        gcfg = GenerationConfig(**{**cfg.generation.to_json(), "n_prompts": args.prompts,
+                                   "decodings": args.decodings.split(",")})
+        ev = GenerationEvaluator(model, f_eval, r_eval, f_sel, r_sel, gcfg, progress=True)
+        value = {**ev.describe(), "rows": []}
+        for key, mask in [(("none", 0), None)] + list(masks.items()):
+            res = ev.run(mask)
+            value["rows"].append({"method": key[0], "k": key[1], "k_percent": round(100 * key[1] / n, 2),
+                                  **{f"{dec}_{m}": g[m] for dec, g in res.items()
+                                     for m in ("forget_in_domain", "retain_in_domain", "retain_fluency")},
+                                  "examples": {dec: {s: g[f"{s}_examples"] for s in ("forget", "retain")}
+                                               for dec, g in res.items()}})
+            value["seconds"] = round(time.perf_counter() - t0, 1)
+            _merge_write(result_path, name, "generation", value)
+            r = value["rows"][-1]
+            print(f"{name} generation {key[0]} k={key[1]}: " + ", ".join(
+                f"{k2} {v:.3f}" for k2, v in r.items() if isinstance(v, float) and k2 != "k_percent"), flush=True)
+    else:
+        kw = dict(n_ctx=d.n_ctx, max_windows=d.eval_windows, seed=d.seed + 1, max_doc_tokens=d.max_doc_tokens)
+        fw = make_windows(model, f_eval, name="forget-eval", **kw).tokens
+        rw = make_windows(model, r_eval, name="retain-eval", **kw).tokens
+        rcfg = RelearnConfig(**{**cfg.relearn.to_json(), "steps": [int(x) for x in args.steps.split(",")]})
+        docs = relearn_documents(f_sel, f_eval)
+        rl = make_windows(model, docs, n_ctx=rcfg.n_ctx, max_windows=rcfg.relearn_windows, seed=d.seed + 2).tokens
+        for k in ks:
+            res = relearn_attack(model, {m: masks[(m, k)] for m in cfg.methods}, rl, fw, rw, rcfg, progress=True)
+            res["seconds"] = round(time.perf_counter() - t0, 1)
+            _merge_write(result_path, name, f"relearn_k{k}", res)
+            print_summary_relearn(name, res)
+
+
+def print_summary_relearn(name: str, rel: dict) -> None:
+    print(f"{name} relearning (forget top-1 at steps {rel['runs'][0]['steps']}; recovery after each):")
+    for r in rel["runs"]:
+        rec = "" if r.get("recovery") is None else "  recovery " + ", ".join(
+            "n/a" if v is None else f"{v:.2f}" for v in r["recovery"][1:])
+        print(f"  {r['method']:<11}{r['form']:<9}k={r['k']:<5}" + ", ".join(f"{v:.3f}" for v in r["forget_top1"])
+              + rec + f"  retain {r['retain_top1'][0]:.3f}->{r['retain_top1'][-1]:.3f}  ({r['seconds']:.0f} s)",
+              flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scenarios", default="code,german", help="comma-separated: code, german")
     p.add_argument("--out", default="out/forgetting", help="folder of the scenarios' sweep outputs")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--overwrite", action="store_true", help="rerun scenarios whose output holds another config")
+    p.add_argument("--from-scores", choices=["generation", "relearn"], help="one check on saved scores only")
+    p.add_argument("--prompts", type=int, default=12, help="--from-scores generation: prompts per side")
+    p.add_argument("--decodings", default="greedy,sampled", help="--from-scores generation: decodings")
+    p.add_argument("--steps", default="2,5,10", help="--from-scores relearn: step counts")
+    p.add_argument("--k", default="2%,4%", help="--from-scores: k values")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = ROOT / args.out
@@ -150,6 +231,10 @@ def main() -> int:
     t0 = time.perf_counter()
     model = load_model("smollm2-135m")
     result_path = ROOT / "benchmarks" / "results" / "forgetting.json"
+    if args.from_scores:
+        for name in names:
+            from_scores(args, name, model, out, result_path)
+        return 0
     results: dict = {"model": "smollm2-135m", "threads": torch.get_num_threads(), "scenarios": {}}
     if result_path.exists():  # a run of some scenarios keeps the others' numbers
         results["scenarios"] = json.loads(result_path.read_text())["scenarios"]
