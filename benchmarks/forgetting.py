@@ -11,8 +11,10 @@ Scenarios (the forget / retain pairs of the offline demo and of one language):
 Each scenario is one ``run_sweep`` (methods snip, activation, random at 2% and 4% of the neurons, offline
 heuristic explainer) with ``--eval generation`` and the relearning attack at 4% (AdamW, lr 1e-4, batch 4
 windows of 64 tokens, measured after 2, 5 and 10 steps, exported and masked forms, plus the unpruned model).
-Sizes are cut to run on 2 shared CPU cores (about 25 minutes per scenario on a busy machine; the script
-prints the time of each): 16 selection and 12 evaluation windows of 64 tokens per side, 12 generation prompts
+Time: on 2 CPU cores shared with seven other jobs (load 10-15) the code scenario's selection alone took
+27 minutes (explaining 46,080 neurons ~5, embedding their explanations ~11), one batch of 12 continuations
+~90 s and one relearning step ~2 minutes, so the whole run needs a quiet machine (the script prints the time
+of each scenario). Sizes: 16 selection and 12 evaluation windows of 64 tokens per side, 12 generation prompts
 of 16 tokens per side with 32 new tokens. Every ratio printed is against the unpruned baseline measured in
 the same run. Writes ``benchmarks/results/forgetting.json`` and each scenario's full sweep output
 (results.json, plots/, report.html) under ``--out`` (default ``out/forgetting``).
