@@ -40,6 +40,10 @@ def _sweep_args(sp: argparse.ArgumentParser, *, demo: bool) -> None:
     sp.add_argument("--batch-size", type=int, default=8)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--explainer", default="heuristic", choices=["heuristic", "openai", "local"])
+    sp.add_argument("--explanations", default="both", choices=["input", "output", "both"],
+                    help="evidence explanations rest on: top-activating inputs, VocabProj output tokens, or both")
+    sp.add_argument("--quality-weight", default="none", choices=["none", "embedding", "simulator"],
+                    help="weight SNIP's scores by explanation quality (offline embedding AUROC or LLM simulator)")
     sp.add_argument("--import-explanations", help="published explanations file (OpenAI, DeepDecipher, Neuronpedia)")
     sp.add_argument("--min-explanation-score", type=float)
     sp.add_argument("--concepts", default="auto", choices=["auto", "llm", "distinctive"])
@@ -49,6 +53,13 @@ def _sweep_args(sp: argparse.ArgumentParser, *, demo: bool) -> None:
     sp.add_argument("--embedder", default="local", help="local | openai:text-embedding-3-small | a directory")
     sp.add_argument("--keywords", default="", help="comma-separated keywords for the keyword method")
     sp.add_argument("--hybrid-weight", type=float, default=0.05)
+    sp.add_argument("--judge-candidates", type=int,
+                    help="neurons the llm-judge rates, one LLM call each (default: the largest k)")
+    sp.add_argument("--judge-shortlist", default="snip+activation",
+                    choices=["snip+activation", "snip", "activation", "random"],
+                    help="how the judge's shortlist is chosen (default: SNIP's and activation's tops in turn)")
+    sp.add_argument("--select", default="global", choices=["global", "per-layer"],
+                    help="top-k over all neurons, or k/L per layer (masks that `snip export --compact` shrinks fully)")
     sp.add_argument("--cbt", default="", help="CBT configs to evaluate, e.g. P,V")
     sp.add_argument("--cbt-source", default="hf", help="hf | a JSONL file in the HF cbt schema | prose")
     sp.add_argument("--cbt-items", type=int, default=200)
@@ -76,14 +87,17 @@ def _sweep_config(args: argparse.Namespace) -> "object":
 
     data = DataConfig(forget=args.forget, retain=args.retain, n_ctx=args.n_ctx, select_windows=args.select_windows,
                       eval_windows=args.eval_windows, max_docs=getattr(args, "max_docs", None),
+                      retain_max_docs=getattr(args, "retain_max_docs", None),
                       max_doc_tokens=args.max_doc_tokens or None,
                       text_field=getattr(args, "text_field", "text"), glob=getattr(args, "glob", None),
                       seed=args.seed)
     return SweepConfig(
         model=args.model, data=data, methods=_split(args.methods), ks=_split(args.k), explainer=args.explainer,
+        explanations=args.explanations, quality_weight=args.quality_weight,
         import_explanations=args.import_explanations, min_explanation_score=args.min_explanation_score,
         concepts=args.concepts, llm_model=args.llm_model, base_url=args.base_url, api_key_env=args.api_key_env,
         embedder=args.embedder, keywords=_split(args.keywords), hybrid_weight=args.hybrid_weight,
+        judge_candidates=args.judge_candidates, judge_shortlist=args.judge_shortlist, select=args.select,
         batch_size=args.batch_size, cbt=_split(args.cbt), cbt_source=args.cbt_source, cbt_items=args.cbt_items,
         toxicity=args.toxicity, toxicity_n=args.toxicity_n, toxicity_scorer=args.toxicity_scorer,
         detoxify_checkpoint=args.detoxify_checkpoint, detoxify_config=args.detoxify_config,
@@ -139,7 +153,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--forget", required=True,
                     help="code | prose | FILE | DIR | hf:NAME[:CONFIG] | cbt:P[:FILE] | civil-toxic[:FILE]")
     sp.add_argument("--retain", required=True, help="same forms as --forget")
-    sp.add_argument("--max-docs", type=int, help="cap on documents read per corpus")
+    sp.add_argument("--max-docs", type=int, help="cap on forget documents: a seeded random draw (default: all)")
+    sp.add_argument("--retain-max-docs", type=int,
+                    help="cap on retain documents (default: all; hf: datasets take their first rows)")
     sp.add_argument("--text-field", default="text", help="text field of JSONL files / HF datasets")
     sp.add_argument("--glob", help="read only matching files of a --forget/--retain DIR, e.g. '*.c' or "
                     "'docs/**/*.rst' (default: every text file; binary files are skipped)")
@@ -286,9 +302,15 @@ def _search_cmd(args: argparse.Namespace) -> int:
     from .score import NeuronIndex
 
     embedder = _embedder_from_args(args)
+    index = None
     if args.index and (Path(args.index) / "index.faiss").exists():
         index = NeuronIndex.load(args.index, embedder)
-    else:
+        if args.explanations and not index.built_from(_read_explanations(args.explanations)):
+            # The index is derived from explanations only: rebuild it rather than answer from stale ones.
+            print(f"snip search: index {args.index} was built from other explanations than {args.explanations} "
+                  "(its recorded digest differs); rebuilding it", file=sys.stderr)
+            index = None
+    if index is None:
         if not args.explanations:
             raise ValueError("give --explanations FILE (or --index DIR of a saved index)")
         index = NeuronIndex.build(_read_explanations(args.explanations), embedder, kind=args.kind)
@@ -326,12 +348,25 @@ def _explain_cmd(args: argparse.Namespace) -> int:
         llm = LLMConfig(model=args.model, base_url=args.base_url, api_key_env=key_env,
                         concurrency=args.concurrency, temperature=args.temperature, max_retries=args.max_retries)
     config = ExplainConfig(kind=args.explainer, llm=llm, local_model=args.local_model,
-                           max_records=args.max_records, few_shot=not args.no_few_shot)
+                           max_records=args.max_records, few_shot=not args.no_few_shot,
+                           explanations=args.explanations)
+    subject = None
+    if config.needs_model and not args.import_file:
+        from .models import load_model
+
+        name = args.subject_model or (records.model_name if records is not None else None)
+        if not name:
+            raise ValueError(f"--explanations {args.explanations} reads the subject model's weights: pass "
+                             "--subject-model NAME (or --records from that model)")
+        subject = load_model(name)
     neurons = [NeuronId.parse(t) for t in args.neurons.split(",") if t.strip()] if args.neurons else None
+    if args.batch_api:
+        _explain_batched(args, records, config, neurons)
     try:
         result = explain_to_file(args.out, records=records, config=config, import_path=args.import_file,
                                  min_score=args.min_score, neurons=neurons, cache_dir=args.cache_dir,
-                                 n_layers=args.n_layers, d_mlp=args.d_mlp, overwrite=args.overwrite)
+                                 n_layers=args.n_layers, d_mlp=args.d_mlp, overwrite=args.overwrite,
+                                 model=subject)
     except FileExistsError as exc:
         raise ValueError(str(exc)) from None
     n_ok = sum(e.ok for e in result)
@@ -339,11 +374,34 @@ def _explain_cmd(args: argparse.Namespace) -> int:
     return 0 if n_ok or not result else 1
 
 
+def _explain_batched(args: argparse.Namespace, records: object, config: object, neurons: object) -> None:
+    """Answer every uncached neuron through the OpenAI Batch API into the per-neuron cache that
+    explain_to_file then reads (only requests whose batch line failed are then sent live)."""
+    from pathlib import Path
+
+    from .explain import explain
+    from .llm_batch import BatchConfig, run_batched
+
+    if config.llm is None or records is None:
+        raise ValueError("--batch-api needs --explainer openai and --records DIR")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    cache = args.cache_dir or str(out.with_name(out.name + ".cache"))
+    run_batched(lambda client: explain(records, config, neurons=neurons, cache_dir=cache, client=client,
+                                       progress=False),
+                config.llm, BatchConfig(args.batch_api, poll_interval=args.batch_poll, max_wait=args.batch_max_wait))
+
+
 def _add_explain(sub: argparse._SubParsersAction) -> None:
     sp = sub.add_parser("explain", help="SNIP step 1: explain MLP neurons in words (or import published ones)")
     sp.add_argument("--records", help="directory of collected activation records (snip collect)")
     sp.add_argument("--explainer", default="heuristic", choices=["heuristic", "openai", "local"])
     sp.add_argument("--model", default="gpt-4o-mini", help="chat model name for --explainer openai")
+    sp.add_argument("--explanations", default="input", choices=["input", "output", "both"],
+                    help="evidence explanations rest on: top-activating inputs, VocabProj output tokens, or both")
+    sp.add_argument("--subject-model", help="model whose neurons are explained, for output evidence "
+                    "(default: the model the --records come from)")
     sp.add_argument("--base-url", help="OpenAI-compatible server root, e.g. http://localhost:8000/v1")
     sp.add_argument("--api-key-env", default="OPENAI_API_KEY",
                     help="variable holding the API key ('none' for local servers that need no key)")
@@ -362,6 +420,11 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--min-score", type=float, help="drop imported explanations scored below this")
     sp.add_argument("--n-layers", type=int, help="model layers, to check imported indices (default: from --records)")
     sp.add_argument("--d-mlp", type=int, help="neurons per layer, to check imported indices")
+    sp.add_argument("--batch-api", metavar="DIR",
+                    help="send the requests through the OpenAI Batch API, keeping its state in DIR (rerun to resume)")
+    sp.add_argument("--batch-poll", type=float, default=60.0, help="seconds between batch status checks")
+    sp.add_argument("--batch-max-wait", type=float,
+                    help="stop waiting after this many seconds (batches keep running; rerun to continue)")
     sp.set_defaults(func=_explain_cmd)
 
 
@@ -390,9 +453,21 @@ def _collect_cmd(args: argparse.Namespace) -> int:
                                  glob=args.glob if name in dirs else None)
                for name, source in named}
     layers = parse_layers(args.layers) if args.layers else None
-    rec = collect(model, corpora, layers=layers, top_k=args.top_k, context=(before, after), n_random=args.n_random,
-                  batch_size=args.batch_size, out_dir=args.out, progress=not args.no_progress, seed=args.seed,
-                  shard_windows=args.shard_windows, overwrite=args.overwrite)
+    executor = None
+    if args.ray is not None:
+        from .sharding import ModelSpec, RayExecutor
+
+        executor = RayExecutor(ModelSpec(name=args.model), address=None if args.ray == "local" else args.ray,
+                               n_actors=args.ray_actors, num_gpus=args.ray_gpus_per_actor,
+                               num_cpus=args.ray_cpus_per_actor)
+    try:
+        rec = collect(model, corpora, layers=layers, top_k=args.top_k, context=(before, after),
+                      n_random=args.n_random, batch_size=args.batch_size, out_dir=args.out,
+                      progress=not args.no_progress, seed=args.seed, shard_windows=args.shard_windows,
+                      overwrite=args.overwrite, executor=executor)
+    finally:
+        if executor is not None:
+            executor.close()
     n_tok = {name: int(st.count[0, 0]) for name, st in rec.stats.items()}
     print(f"{rec.n_neurons} neurons (layers {rec.layers[0]}..{rec.layers[-1]}) of {rec.model_name}; tokens per corpus "
           f"{n_tok}; top {rec.top_k} records from {rec.records_corpus!r} -> {args.out}")
@@ -427,6 +502,13 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--out", required=True, help="output directory (activations.safetensors + records.json)")
     sp.add_argument("--overwrite", action="store_true", help="replace results of a different config in --out")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sp.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                    help="collect the shards (--shard-windows each) on Ray actors: a local cluster, or the one at "
+                    "ADDRESS (auto, ray://HOST:10001)")
+    sp.add_argument("--ray-actors", type=int, help="model replicas (default: one per GPU, else one per CPU)")
+    sp.add_argument("--ray-gpus-per-actor", type=float,
+                    help="GPUs per replica (default 1 when the cluster has GPUs); more for a device_map over GPUs")
+    sp.add_argument("--ray-cpus-per-actor", type=float, default=1.0, help="CPUs (torch threads) per replica")
     sp.set_defaults(func=_collect_cmd)
 
 def _eval_load(args: argparse.Namespace) -> tuple:
@@ -540,12 +622,28 @@ def _export_cmd(args: argparse.Namespace) -> int:
     from .mask import NeuronMask
     from .models import load_model
 
+    if bool(args.mask) == bool(args.scores):
+        raise ValueError("give either --mask FILE, or --scores FILE with --k (and optionally --select)")
     model = load_model(args.model)
-    mask = NeuronMask.load(args.mask, model=model)
+    if args.mask:
+        if args.k or args.select != "global":
+            raise ValueError("--k and --select choose neurons from --scores; a --mask already lists its neurons")
+        mask = NeuronMask.load(args.mask, model=model)
+    else:
+        from . import models as M
+        from .score import NeuronScores
+        from .select import mask_from_scores
+
+        if not args.k:
+            raise ValueError("--scores needs --k, e.g. --k 2% (and --select per-layer for a fully compact model)")
+        scores = NeuronScores.load(args.scores, n_layers=M.n_layers(model), d_mlp=M.d_mlp(model))
+        mask = mask_from_scores(model, scores, args.k, select=args.select)
     report = export_pruned(model, mask, args.out, compact=args.compact, overwrite=args.overwrite)
     print(f"wrote {report.out_dir}: {report.architecture}, {report.mode} mask of {report.n_masked} neurons, "
           f"MLP width {report.d_mlp_before} -> {report.width}, parameters {report.params_before:,} -> "
           f"{report.params_after:,}")
+    print(f"removed {report.n_removed} of the {report.n_masked} masked neurons from the weights; "
+          f"{report.n_not_removed} could not be removed" + (":" if report.n_not_removed else ""))
     for note in report.notes:
         print(f"note: {note}")
     return 0
@@ -553,12 +651,19 @@ def _export_cmd(args: argparse.Namespace) -> int:
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     sp = sub.add_parser("export", help="write a pruned model as a plain Hugging Face model directory",
-                        description="Bake a saved NeuronMask into a copy of the model's weights and write a "
-                        "directory that transformers.AutoModelForCausalLM.from_pretrained loads as is.")
+                        description="Bake a saved NeuronMask (or the top k of saved scores) into a copy of the "
+                        "model's weights and write a directory that transformers.AutoModelForCausalLM."
+                        "from_pretrained loads as is.")
     sp.add_argument("--model", required=True, help="smollm2-135m, gemma3-270m, a HF name or a local directory")
-    sp.add_argument("--mask", required=True, help="mask file written by NeuronMask.save (.safetensors)")
+    sp.add_argument("--mask", help="mask file written by NeuronMask.save (.safetensors), e.g. a sweep's masks/*")
+    sp.add_argument("--scores", help="instead of --mask: scores file (snip score, a sweep's scores/*) and --k")
+    sp.add_argument("--k", help="with --scores: neurons to prune, a count or a percentage like 2%%")
+    sp.add_argument("--select", default="global", choices=["global", "per-layer"],
+                    help="with --scores: the k best overall, or k/L per layer (fully compactable)")
     sp.add_argument("--out", required=True, help="output model directory")
-    sp.add_argument("--compact", action="store_true", help="remove pruned neurons (smaller MLPs)")
+    sp.add_argument("--compact", action="store_true",
+                    help="remove pruned neurons (smaller MLPs): one MLP width for all layers, so a layer that "
+                    "pruned fewer limits it; per-layer masks shrink fully")
     sp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     sp.set_defaults(func=_export_cmd)
 

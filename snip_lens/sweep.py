@@ -3,7 +3,9 @@
 ``run_sweep`` runs every selection method at every k on held-out forget and retain data and writes
 
 - ``results.json``: ``{"model", "n_neurons", "baseline": {"forget", "retain"}, "runs": [{"method", "k",
-  "forget": {"loss", "top1", "top10"}, "retain": {...}, "extra": {...}}]}`` (CBT / toxicity under ``extra``),
+  "forget": {"loss", "top1", "top10"}, "retain": {...}, "extra": {...}, "ties_at_cut": {...}}], "skipped":
+  [{"method", "k", "reason"}]}`` (CBT / toxicity under ``extra``; ``ties_at_cut`` says how many neurons the
+  tie-break decided between, see ``NeuronScores.cut_ties``; ``skipped`` the runs a method could not fill),
 - ``plots/*.png`` (metric vs k, one line per method), ``report.md`` / ``report.html`` (what was removed),
 - ``masks/<method>_k<k>.safetensors`` (each run's mask), ``config.json`` (the resolved config, no secrets),
 - the intermediate artifacts (activation records, explanations, concepts, scores) so a rerun reuses them.
@@ -29,11 +31,22 @@ from . import models as M
 from ._io import atomic_write_json, iter_jsonl
 from .evaluate.generation import GenerationConfig
 from .evaluate.relearn import RelearnConfig
-from .report import MethodDetail, PrunedNeuron, format_table, plot_results, results_table, write_report
+from .report import (
+    MethodDetail,
+    PrunedNeuron,
+    format_table,
+    neuron_evidence,
+    plot_results,
+    results_table,
+    write_report,
+)
 from .select import (
+    JUDGE_SHORTLISTS,
     METHODS,
     activation_scores,
+    explanation_quality,
     hybrid_scores,
+    judge_shortlist,
     keyword_scores,
     llm_judge_scores,
     mask_from_scores,
@@ -62,7 +75,11 @@ class DataConfig:
     eval_fraction: float = 0.3
     """Fraction of each corpus's documents held out for evaluation."""
     max_docs: int | None = None
-    """Cap on documents read per corpus (None: all)."""
+    """Cap on FORGET documents (None: all): a seeded random draw of that many (the paper's "100 randomly
+    selected CBT training samples" is ``forget="cbt:P", max_docs=100``). The retain side has its own cap."""
+    retain_max_docs: int | None = None
+    """Cap on RETAIN documents (None: all), a seeded random draw like ``max_docs`` (Hugging Face datasets
+    take their first rows instead, so as not to download them whole)."""
     max_doc_tokens: int | None = 512
     """Tokens kept from the start of each document, so that a few long files (the stdlib has 5,000-line
     modules) cannot fill every window: more documents, more varied windows. None keeps whole documents."""
@@ -78,6 +95,11 @@ class DataConfig:
         for name in ("n_ctx", "select_windows", "eval_windows"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"DataConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_docs", "retain_max_docs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 2):
+                raise ValueError(f"DataConfig.{name}={v!r} must be None or at least 2 documents (some are held out "
+                                 "for evaluation)")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"DataConfig.eval_fraction must be in (0, 1), got {self.eval_fraction}")
 
@@ -96,6 +118,11 @@ class SweepConfig:
     """Neurons to prune: counts ("500") or percentages of all MLP neurons ("2%")."""
     explainer: Literal["heuristic", "openai", "local"] = "heuristic"
     """Who explains neurons (step 1)."""
+    explanations: Literal["input", "output", "both"] = "both"
+    """Evidence the explanations rest on: top-activating inputs, VocabProj output tokens, or both (default:
+    both, the ensemble Gur-Arieh et al. 2025 found best on input and output evaluations)."""
+    quality_weight: Literal["none", "embedding", "simulator"] = "none"
+    """Weight SNIP's scores by explanation quality (offline embedding AUROC, or the LLM simulator)."""
     import_explanations: str | None = None
     """Use published explanations from this file instead of explaining (OpenAI/DeepDecipher/Neuronpedia)."""
     min_explanation_score: float | None = None
@@ -115,8 +142,15 @@ class SweepConfig:
     """Keywords for the keyword baseline."""
     hybrid_weight: float = 0.05
     """Weight of the concept term in the hybrid method (see ``select.hybrid_scores``)."""
-    judge_candidates: int = 2000
-    """The llm-judge rates this many neurons (the top of the snip ranking), not all of them."""
+    judge_candidates: int | None = None
+    """The llm-judge rates this many neurons (a shortlist, see ``judge_shortlist``), one LLM call each; at
+    least the largest k (checked before any LLM call). None: exactly the largest k."""
+    judge_shortlist: Literal["snip+activation", "snip", "activation", "random"] = "snip+activation"
+    """How the judge's shortlist is chosen (``select.judge_shortlist``): by default the tops of the SNIP and
+    activation rankings in turn, so that the judge's ranking does not depend on SNIP's alone."""
+    select: Literal["global", "per-layer"] = "global"
+    """Top-k over all neurons ("global"), or k/L in each of the L layers ("per-layer": masks that an export
+    compacts fully, see ``snip export --compact``)."""
     top_k_records: int = 20
     """Top activating records kept per neuron for the explainer."""
     batch_size: int = 8
@@ -163,10 +197,26 @@ class SweepConfig:
             raise ValueError("the keyword method needs keywords: set keywords (CLI: --keywords python,code)")
         if "llm-judge" in self.methods and not self.llm_model:
             raise ValueError("the llm-judge method needs an LLM: set llm_model (CLI: --llm-model gpt-4o-mini)")
+        if self.explanations not in ("input", "output", "both"):
+            raise ValueError(f"SweepConfig.explanations must be 'input', 'output' or 'both', got "
+                             f"{self.explanations!r} (CLI: --explanations input|output|both)")
+        if self.quality_weight not in ("none", "embedding", "simulator"):
+            raise ValueError(f"SweepConfig.quality_weight must be 'none', 'embedding' or 'simulator', got "
+                             f"{self.quality_weight!r}")
+        if self.quality_weight == "simulator" and not self.llm_model:
+            raise ValueError("quality_weight 'simulator' needs llm_model (CLI: --llm-model gpt-4o-mini)")
         if self.explainer == "openai" and not self.llm_model:
             raise ValueError("explainer 'openai' needs llm_model (CLI: --llm-model gpt-4o-mini)")
         if self.concepts == "llm" and not self.llm_model:
             raise ValueError("concepts 'llm' needs llm_model (CLI: --llm-model gpt-4o-mini)")
+        if self.judge_candidates is not None and (not isinstance(self.judge_candidates, int)
+                                                  or self.judge_candidates < 1):
+            raise ValueError(f"SweepConfig.judge_candidates={self.judge_candidates!r} must be a positive number of "
+                             "neurons, or None for the largest k (CLI: --judge-candidates 5000)")
+        if self.judge_shortlist not in JUDGE_SHORTLISTS:
+            raise ValueError(f"unknown judge_shortlist {self.judge_shortlist!r}; choose from {list(JUDGE_SHORTLISTS)}")
+        if self.select not in ("global", "per-layer"):
+            raise ValueError(f"unknown select {self.select!r}; choose 'global' or 'per-layer' (CLI: --select)")
         bad = [c for c in self.cbt if c not in ("P", "V", "NE", "CN")]
         if bad:
             raise ValueError(f"unknown CBT config(s) {bad}; choose from P, V, NE, CN")
@@ -179,8 +229,8 @@ class SweepConfig:
 # ---- data ------------------------------------------------------------------------------------------
 
 
-def load_side_texts(spec: str, data: DataConfig) -> list[str]:
-    """Texts of one corpus spec, including the experiment-specific sources of the paper."""
+def load_side_texts(spec: str, data: DataConfig, max_docs: int | None = None) -> list[str]:
+    """Texts of one corpus spec (at most ``max_docs``, a seeded random draw), including the paper's sources."""
     from .corpus import load_texts
 
     if spec.startswith("cbt:"):
@@ -188,13 +238,29 @@ def load_side_texts(spec: str, data: DataConfig) -> list[str]:
 
         _, config, *rest = spec.split(":", 2)
         source = rest[0] if rest else "hf"
-        items = load_cbt(source, config=config, split="train", max_items=data.max_docs)
+        items = load_cbt(source, config=config, split="train")
+        if max_docs is not None and max_docs < len(items):
+            # "randomly selected CBT training samples": a seeded draw, kept in file order
+            items = [items[i] for i in sorted(random.Random(data.seed).sample(range(len(items)), max_docs))]
         return [cbt_item_text(it) for it in items]
     if spec == "civil-toxic" or spec.startswith("civil-toxic:"):
         path = spec.split(":", 1)[1] if ":" in spec else None
-        return toxic_comments(path, n=data.max_docs or 500, seed=data.seed)
+        return toxic_comments(path, n=max_docs or 500, seed=data.seed)
     glob = data.glob if data.glob is not None and Path(spec).expanduser().is_dir() else None
-    return load_texts(spec, text_field=data.text_field, max_docs=data.max_docs, seed=data.seed, glob=glob)
+    return load_texts(spec, text_field=data.text_field, max_docs=max_docs, seed=data.seed, glob=glob)
+
+
+def load_sides(data: DataConfig) -> tuple[list[str], list[str]]:
+    """(forget texts, retain texts), each side with its own cap (``max_docs``, ``retain_max_docs``)."""
+    if data.glob is not None and not any(Path(s).expanduser().is_dir() for s in (data.forget, data.retain)):
+        raise ValueError(f"glob {data.glob!r} narrows a directory corpus, but neither forget ({data.forget!r}) nor "
+                         f"retain ({data.retain!r}) is a directory; drop --glob or give a directory")
+    forget = load_side_texts(data.forget, data, data.max_docs)
+    retain = load_side_texts(data.retain, data, data.retain_max_docs)
+    if data.forget == data.retain or forget == retain:
+        raise ValueError(f"forget ({data.forget!r}) and retain ({data.retain!r}) data are identical: unlearning "
+                         "needs a retain set that differs from what should be forgotten")
+    return forget, retain
 
 
 def cbt_item_text(item: Any) -> str:
@@ -250,6 +316,25 @@ def split_documents(texts: list[str], fraction: float, seed: int) -> tuple[list[
 
 
 # ---- the sweep -------------------------------------------------------------------------------------
+
+
+def judge_candidates(config: SweepConfig, ks: list[int], n_neurons: int) -> int:
+    """How many neurons the llm-judge rates: ``config.judge_candidates``, or the largest k when None.
+
+    Raises before any LLM call when the shortlist could not fill the largest k (every judge call would be
+    paid for, then the largest k would fail) or is larger than the model. 0 when llm-judge is not run.
+    """
+    if "llm-judge" not in config.methods:
+        return 0
+    largest = max(ks) if ks else 0
+    n = config.judge_candidates if config.judge_candidates is not None else largest
+    if n < largest:
+        raise ValueError(f"judge_candidates={n} is smaller than the largest k={largest}: the llm-judge could not "
+                         f"prune {largest} neurons from a shortlist of {n}; raise --judge-candidates to at least "
+                         f"{largest} (or leave it unset) or lower the largest k")
+    if n > n_neurons:
+        raise ValueError(f"judge_candidates={n} is more than the model's {n_neurons} neurons; give at most {n_neurons}")
+    return max(n, 1)
 
 
 
@@ -309,18 +394,12 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
     n_neurons = n_layers * d_mlp
     name = M.model_name(model)
     ks = sorted({parse_k(k, n_neurons) for k in config.ks})
+    n_judge = judge_candidates(config, ks, n_neurons)  # checked before any LLM call is paid for
     timings["load_model"] = time.perf_counter() - t0
 
     # -- data: split by document, then windows ----------------------------------------------------------
     d = config.data
-    if d.glob is not None and not any(Path(s).expanduser().is_dir() for s in (d.forget, d.retain)):
-        raise ValueError(f"glob {d.glob!r} narrows a directory corpus, but neither forget ({d.forget!r}) nor "
-                         f"retain ({d.retain!r}) is a directory; drop --glob or give a directory")
-    forget_texts = load_side_texts(d.forget, d)
-    retain_texts = load_side_texts(d.retain, d)
-    if d.forget == d.retain or forget_texts == retain_texts:
-        raise ValueError(f"forget ({d.forget!r}) and retain ({d.retain!r}) data are identical: unlearning needs "
-                         "a retain set that differs from what should be forgotten")
+    forget_texts, retain_texts = load_sides(d)
     f_sel, f_eval = split_documents(forget_texts, d.eval_fraction, d.seed)
     r_sel, r_eval = split_documents(retain_texts, d.eval_fraction, d.seed)
     win = {
@@ -354,13 +433,14 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
         # -- step 1b: explanations ---------------------------------------------------------------------
         t = time.perf_counter()
         expl_path = out / "explanations.jsonl"
-        ecfg = ExplainConfig(kind=config.explainer, llm=_llm_config(config) if config.explainer == "openai" else None)
+        ecfg = ExplainConfig(kind=config.explainer, explanations=config.explanations,
+                             llm=_llm_config(config) if config.explainer == "openai" else None)
         if expl_path.exists():  # written by an earlier run of this very config (a changed config clears it)
             explanations = load_explanations(expl_path)
             if not config.import_explanations:  # the rerun retries exactly the failures, as explain advises
                 explanations, n_retried = retry_failed(explanations, records, ecfg,
                                                        cache_dir=out / "cache" / "explain", progress=progress,
-                                                       where=str(expl_path))
+                                                       where=str(expl_path), model=model)
                 if n_retried:
                     save_explanations(expl_path, explanations)
         else:
@@ -369,7 +449,8 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
                                                    min_score=config.min_explanation_score, n_layers=n_layers,
                                                    d_mlp=d_mlp)
             else:
-                explanations = explain(records, ecfg, cache_dir=out / "cache" / "explain", progress=progress)
+                explanations = explain(records, ecfg, cache_dir=out / "cache" / "explain", progress=progress,
+                                       model=model)
             save_explanations(expl_path, explanations)
         timings["explain"] = time.perf_counter() - t
 
@@ -391,28 +472,43 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
         embedder = get_embedder(config.embedder, cache_dir=out / "cache" / "embed", base_url=config.base_url,
                                 api_key_env=config.api_key_env, progress=progress)
         scores["snip"] = score_neurons(explanations, concepts, embedder, n_layers=n_layers, d_mlp=d_mlp)
+        if config.quality_weight != "none":
+            scores["snip"] = _quality_weighted(config, explanations, records, concepts, embedder, scores["snip"],
+                                               max(ks), out / "explanations.jsonl", n_layers, d_mlp)
         timings["score"] = time.perf_counter() - t
 
-    if any(m in config.methods for m in ("activation", "hybrid")):
-        scores["activation"] = activation_scores(records, model_name=name)
+        quality = explanation_quality(explanations, n_layers, d_mlp)
+        snip = scores["snip"]
+        # published explanation scores, when there are any, break ties; else score_neurons' own signal
+        scores["snip"] = NeuronScores(snip.scores, snip.method, snip.labels, snip.model_name or name,
+                                      secondary=quality if quality is not None else snip.secondary,
+                                      secondary_name="explanation score" if quality is not None
+                                      else snip.secondary_name, tie_seed=config.seed)
+
+    if any(m in config.methods for m in ("activation", "hybrid")) or (
+            "llm-judge" in config.methods and "activation" in config.judge_shortlist):
+        scores["activation"] = activation_scores(records, model_name=name, seed=config.seed)
     if "activation-freq" in config.methods:
-        scores["activation-freq"] = activation_scores(records, statistic="freq_pos", model_name=name)
+        scores["activation-freq"] = activation_scores(records, statistic="freq_pos", model_name=name,
+                                                      seed=config.seed)
     if "hybrid" in config.methods:
         scores["hybrid"] = hybrid_scores(scores["snip"], scores["activation"], weight=config.hybrid_weight)
     if "random" in config.methods:
         scores["random"] = random_scores(n_layers, d_mlp, seed=config.seed, model_name=name)
     if "keyword" in config.methods:
         scores["keyword"] = keyword_scores(explanations, config.keywords, n_layers=n_layers, d_mlp=d_mlp,
-                                           model_name=name)
+                                           model_name=name, seed=config.seed)
     if "llm-judge" in config.methods:
         from .llm import OpenAIChatClient
 
         samples = random.Random(d.seed).sample(f_sel, min(5, len(f_sel)))
-        shortlist = scores["snip"].top_k(min(config.judge_candidates, n_neurons))
+        shortlist = judge_shortlist(n_judge, explanations, how=config.judge_shortlist, snip=scores.get("snip"),
+                                    activation=scores.get("activation"), seed=config.seed, n_layers=n_layers,
+                                    d_mlp=d_mlp)
         scores["llm-judge"] = llm_judge_scores(
             explanations, [s[:400] for s in samples], OpenAIChatClient(_llm_config(config)), n_layers=n_layers,
             d_mlp=d_mlp, model_name=name, candidates=shortlist, cache_dir=out / "cache" / "judge",
-            progress=progress)
+            progress=progress, seed=config.seed, shortlist_name=f"{config.judge_shortlist} shortlist")
     (out / "scores").mkdir(exist_ok=True)
     for method, s in scores.items():
         s.save(out / "scores" / f"{method}.safetensors")
@@ -425,8 +521,11 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
 
         evaluator.generation = GenerationEvaluator(model, f_eval, r_eval, f_sel, r_sel, config.generation,
                                                    progress=progress)
-    results: dict[str, Any] = {"model": name, "n_neurons": n_neurons,
-                               "baseline": evaluator.run(None), "runs": []}
+    results: dict[str, Any] = {"model": name, "n_neurons": n_neurons, "select": config.select,
+                               "tie_break": {m: scores[m].tie_break for m in config.methods},
+                               "baseline": evaluator.run(None), "runs": [], "skipped": []}
+    if "llm-judge" in config.methods:
+        results["judge"] = {"candidates": n_judge, "shortlist": config.judge_shortlist}
     if evaluator.generation is not None:
         results["generation"] = evaluator.generation.describe()
     (out / "masks").mkdir(exist_ok=True)
@@ -435,23 +534,39 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
     bar = tqdm(total=len(config.methods) * len(ks), desc="evaluate", unit="run", disable=not progress)
     for method in config.methods:
         s = scores[method]
+        done = 0
         for k in ks:
             bar.set_postfix_str(f"{method} k={k}")
-            mask = mask_from_scores(model, s, k)
+            try:
+                mask = mask_from_scores(model, s, k, select=config.select)
+            except ValueError as exc:
+                # The method ranked fewer neurons than k (keywords matched few explanations, judge answers
+                # failed): record why and go on, so the other runs are not lost.
+                logger.warning("%s k=%d skipped: %s", method, k, exc)
+                results["skipped"].append({"method": method, "k": k, "k_percent": 100.0 * k / n_neurons,
+                                           "reason": str(exc)})
+                bar.update(1)
+                continue
             mask.save(out / "masks" / f"{method}_k{k}.safetensors")
             r = evaluator.run(mask)
-            results["runs"].append({"method": method, "k": k, "k_percent": 100.0 * k / n_neurons, **r})
+            # how many neurons the tie-break (secondary signal, then the seeded draw) decided between
+            ties = s.cut_ties(k, config.select).to_json()
+            results["runs"].append({"method": method, "k": k, "k_percent": 100.0 * k / n_neurons, **r,
+                                    "ties_at_cut": ties})
             logger.info("%s k=%d forget top1 %.3f retain top1 %.3f", method, k, r["forget"]["top1"],
                         r["retain"]["top1"])
+            done = k
             bar.update(1)
-        top = s.top_k(max(ks))
+        if not done:
+            continue
+        top = s.top_k(done, config.select)
         hist: dict[int, int] = {}
         for nid in top:
             hist[nid.layer] = hist.get(nid.layer, 0) + 1
-        details.append(MethodDetail(method=method, k=max(ks), layer_histogram=hist, neurons=[
+        details.append(MethodDetail(method=method, k=done, layer_histogram=hist, neurons=[
             PrunedNeuron(str(nid), float(s.scores[nid.layer, nid.index]),
-                         (expl_by_id[nid].explanation or "") if nid in expl_by_id else "",
-                         s.labels.get(nid, "") or scores.get("snip", s).labels.get(nid, ""))
+                         _with_quality(expl_by_id[nid]) if nid in expl_by_id else "",
+                         s.labels.get(nid, ""), neuron_evidence(method, nid, scores))
             for nid in top[:200]]))
     bar.close()
     timings["evaluate"] = time.perf_counter() - t
@@ -489,6 +604,41 @@ def _evaluation_sections(results: dict, out: Path, plots: list) -> list[tuple[st
         plot = plot_relearn(results["relearn"], out / "plots", title=f"{results['model']}: relearning attack")
         sections.append(relearn_section(results["relearn"], plot, out))
     return sections
+
+
+def _with_quality(e: Any) -> str:
+    """An explanation as the report shows it: the sentence, then its quality scores when it has any."""
+    text = e.explanation or ""
+    if e.quality:
+        text += " [quality " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(e.quality.items())) + "]"
+    return text
+
+
+def _quality_weighted(config: SweepConfig, explanations: list, records: Any, concepts: Any, embedder: Any,
+                      plain: Any, max_k: int, expl_path: Path, n_layers: int, d_mlp: int) -> Any:
+    """SNIP scores weighted by explanation quality, scored for every neuron the sweep could prune.
+
+    Quality is computed for the top ``QUALITY_CANDIDATES_FACTOR x max k`` neurons of the unweighted ranking
+    (weights only lower scores, and neurons without a quality score get weight 0), attached to the
+    explanations and saved with them (the explanations file is rewritten once).
+    """
+    from .explain import save_explanations
+    from .quality import EmbeddingScorer, SimulatorScorer, score_explanations
+    from .score import score_neurons
+
+    name = config.quality_weight
+    n_cand = min(int(torch.isfinite(plain.scores).sum()), QUALITY_CANDIDATES_FACTOR * max_k)
+    candidates = set(plain.top_k(n_cand))
+    todo = [e for e in explanations if e.neuron in candidates and name not in e.quality]
+    if todo:
+        scorer = EmbeddingScorer(embedder) if name == "embedding" else SimulatorScorer(_llm_config(config))
+        score_explanations(todo, records, scorer)
+        save_explanations(expl_path, explanations)
+    return score_neurons(explanations, concepts, embedder, n_layers=n_layers, d_mlp=d_mlp, quality=name)
+
+
+QUALITY_CANDIDATES_FACTOR = 2
+"""With a quality weight, quality is scored for this many times the largest k of SNIP's top neurons."""
 
 
 class _Evaluator:
@@ -566,5 +716,8 @@ class _Evaluator:
 
 
 def summary_table(results: dict) -> str:
-    """The short table the CLI prints at the end of a sweep."""
-    return format_table(results_table(results))
+    """The short table the CLI prints at the end of a sweep, and the runs that could not be made."""
+    lines = [format_table(results_table(results))]
+    for r in results.get("skipped", []):
+        lines.append(f"skipped {r['method']} k={r['k']}: {r['reason']}")
+    return "\n".join(lines)
