@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_collect(sub)
     _add_evaluate(sub)
     _add_export(sub)
+    _add_relearn(sub)
     return p
 
 
@@ -71,6 +72,13 @@ def _sweep_args(sp: argparse.ArgumentParser, *, demo: bool) -> None:
     sp.add_argument("--detoxify-checkpoint", help="local detoxify checkpoint (offline)")
     sp.add_argument("--detoxify-config", help="local directory with the checkpoint's transformer config and "
                     "tokenizer files, e.g. bert-base-uncased's (with --detoxify-checkpoint: no network at all)")
+    sp.add_argument("--eval", default="", help="further evaluations, comma-separated: generation")
+    sp.add_argument("--detector", default="auto", help="generation domain detector: auto | python | "
+                    "language:XX (ISO 639-1, e.g. language:de) | classifier")
+    sp.add_argument("--generation-prompts", type=int, default=16, help="generation: prompts per side")
+    sp.add_argument("--relearn", default="", help="relearning attack after the sweep: step counts, e.g. 5,10,20")
+    sp.add_argument("--relearn-forms", default="exported,masked", help="forms attacked: exported, masked")
+    sp.add_argument("--relearn-lr", type=float, default=5e-5, help="AdamW learning rate of the attack")
 
 
 def _split(text: str) -> list[str]:
@@ -95,8 +103,29 @@ def _sweep_config(args: argparse.Namespace) -> "object":
         judge_candidates=args.judge_candidates, judge_shortlist=args.judge_shortlist, select=args.select,
         batch_size=args.batch_size, cbt=_split(args.cbt), cbt_source=args.cbt_source, cbt_items=args.cbt_items,
         toxicity=args.toxicity, toxicity_n=args.toxicity_n, toxicity_scorer=args.toxicity_scorer,
-        detoxify_checkpoint=args.detoxify_checkpoint, detoxify_config=args.detoxify_config, seed=args.seed,
-        mask_mode=args.mask_mode)
+        detoxify_checkpoint=args.detoxify_checkpoint, detoxify_config=args.detoxify_config,
+        seed=args.seed, mask_mode=args.mask_mode,
+        generation=_generation_config(args), relearn=_relearn_config(args))
+
+
+def _generation_config(args: argparse.Namespace) -> "object":
+    evals = _split(args.eval)
+    unknown = [e for e in evals if e != "generation"]
+    if unknown:
+        raise ValueError(f"unknown --eval {unknown}; choose from: generation")
+    if "generation" not in evals:
+        return None
+    from .evaluate.generation import GenerationConfig
+
+    return GenerationConfig(n_prompts=args.generation_prompts, detector=args.detector, seed=args.seed)
+
+
+def _relearn_config(args: argparse.Namespace) -> "object":
+    if not args.relearn:
+        return None
+    from .evaluate.relearn import RelearnConfig
+
+    return RelearnConfig(steps=args.relearn, forms=args.relearn_forms, lr=args.relearn_lr, seed=args.seed)
 
 
 def _run_sweep_cmd(args: argparse.Namespace) -> int:
@@ -640,6 +669,57 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                     "pruned fewer limits it; per-layer masks shrink fully")
     sp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     sp.set_defaults(func=_export_cmd)
+
+
+def _relearn_cmd(args: argparse.Namespace) -> int:
+    from . import models as M
+    from .evaluate.relearn import RelearnConfig, relearn_mask, relearn_table
+    from .mask import NeuronMask
+    from .report import format_table
+    from .sweep import DataConfig
+
+    model = M.load_model(args.model)
+    mask = NeuronMask.load(args.mask, model=model)
+    data = DataConfig(forget=args.forget, retain=args.retain, n_ctx=args.n_ctx, eval_windows=args.eval_windows,
+                      eval_fraction=args.eval_fraction, max_docs=args.max_docs,
+                      max_doc_tokens=args.max_doc_tokens or None, seed=args.seed)
+    config = RelearnConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, forms=args.forms,
+                           relearn_windows=args.relearn_windows, seed=args.seed)
+    try:
+        result = relearn_mask(model, mask, data, config, label=args.label, out_dir=args.out, random_seed=args.seed,
+                              overwrite=args.overwrite)
+    except FileExistsError as exc:
+        raise ValueError(str(exc)) from None
+    print(format_table(relearn_table(result)))
+    print(f"\nresults: {args.out}/relearn.json  plot: {args.out}/relearn_forget_top1.png")
+    return 0
+
+
+def _add_relearn(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("relearn", help="relearning attack: fine-tune a pruned model on forget data, re-measure",
+                        description="Fine-tune copies of the model pruned by --mask (exported: zeroed weights, all "
+                        "trainable; masked: hooks stay on), of the unpruned model and of a random mask of the same "
+                        "size on forget documents disjoint from the held-out ones, and measure forget / retain "
+                        "top-1 after each step count. The data is split as `snip run` splits it.")
+    sp.add_argument("--model", required=True, help="smollm2-135m, gemma3-270m, a HF name or a local directory")
+    sp.add_argument("--mask", required=True, help="mask file written by NeuronMask.save (e.g. a sweep's masks/)")
+    sp.add_argument("--label", default="mask", help="name of the mask in the results, e.g. snip")
+    sp.add_argument("--forget", required=True, help="code | prose | FILE | DIR | hf:NAME[:CONFIG]")
+    sp.add_argument("--retain", required=True, help="same forms as --forget")
+    sp.add_argument("--steps", default="5,10,20", help="optimiser steps after which to measure")
+    sp.add_argument("--forms", default="exported,masked", help="forms attacked: exported, masked")
+    sp.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate")
+    sp.add_argument("--batch-size", type=int, default=4, help="relearn windows per step")
+    sp.add_argument("--relearn-windows", type=int, default=32, help="windows of the relearn split")
+    sp.add_argument("--n-ctx", type=int, default=128, help="tokens per window")
+    sp.add_argument("--eval-windows", type=int, default=16, help="held-out windows per side")
+    sp.add_argument("--eval-fraction", type=float, default=0.3, help="fraction of documents held out")
+    sp.add_argument("--max-docs", type=int, help="cap on documents read per corpus")
+    sp.add_argument("--max-doc-tokens", type=int, default=512, help="tokens kept from each document (0: all)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", required=True, help="output directory (relearn.json, relearn_forget_top1.png)")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing relearn.json in --out")
+    sp.set_defaults(func=_relearn_cmd)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -194,8 +194,11 @@ def _md_escape(text: str) -> str:
 
 def write_report(results: dict, details: list[MethodDetail], out_dir: str | Path, *,
                  plots: list[Path] | None = None, concepts: list[str] | None = None,
-                 max_neurons: int = 40) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.html`` into ``out_dir``; return their paths."""
+                 max_neurons: int = 40, sections: list[tuple[str, str]] | None = None) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` into ``out_dir``; return their paths.
+
+    ``sections``: (markdown, html) pairs of further evaluations, placed after the plots.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = plots or []
@@ -208,6 +211,8 @@ def write_report(results: dict, details: list[MethodDetail], out_dir: str | Path
     md.append("")
     for p in plots:
         md += [f"![{p.stem}]({p.relative_to(out) if p.is_relative_to(out) else p})", ""]
+    for sec_md, _ in sections or []:
+        md += [sec_md, ""]
     if concepts:
         md += ["## Forget-set concepts", ""] + [f"{i + 1}. {_md_escape(c)}" for i, c in enumerate(concepts)] + [""]
     for d in details:
@@ -242,6 +247,8 @@ def write_report(results: dict, details: list[MethodDetail], out_dir: str | Path
     for p in plots:
         src = p.relative_to(out) if p.is_relative_to(out) else p
         parts.append(f"<h3>{e(p.stem)}</h3><img src='{e(str(src))}' alt='{e(p.stem)}'>")
+    for _, sec_html in sections or []:
+        parts.append(sec_html)
     if concepts:
         parts.append("<h2>Forget-set concepts</h2><ol>" + "".join(f"<li>{e(c)}</li>" for c in concepts) + "</ol>")
     for d in details:

@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 
 from . import models as M
 from ._io import atomic_write_json, iter_jsonl
+from .evaluate.generation import GenerationConfig
+from .evaluate.relearn import RelearnConfig
 from .report import (
     MethodDetail,
     PrunedNeuron,
@@ -176,11 +178,19 @@ class SweepConfig:
     mask_mode: str = "zero"
     """How pruned neurons are masked: "zero", "mean" (their mean activation on the retain selection windows)
     or "scale:F" (activation times F; negative F flips it)."""
+    generation: GenerationConfig | None = None
+    """Generation-level forgetting (CLI ``--eval generation``); None skips it."""
+    relearn: RelearnConfig | None = None
+    """Relearning attack after the sweep (CLI ``--relearn STEPS``); None skips it."""
 
     def __post_init__(self) -> None:
         parse_mask_mode(self.mask_mode)
         if isinstance(self.data, dict):
             self.data = DataConfig(**self.data)
+        if isinstance(self.generation, dict):
+            self.generation = GenerationConfig(**self.generation)
+        if isinstance(self.relearn, dict):
+            self.relearn = RelearnConfig(**self.relearn)
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
@@ -520,11 +530,18 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
     # -- evaluation ----------------------------------------------------------------------------------------
     t = time.perf_counter()
     evaluator = _Evaluator(model, win["forget_eval"].tokens, win["retain_eval"].tokens, config, progress)
+    if config.generation is not None:
+        from .evaluate.generation import GenerationEvaluator
+
+        evaluator.generation = GenerationEvaluator(model, f_eval, r_eval, f_sel, r_sel, config.generation,
+                                                   progress=progress)
     results: dict[str, Any] = {"model": name, "n_neurons": n_neurons, "select": config.select,
                                "tie_break": {m: scores[m].tie_break for m in config.methods},
                                "baseline": evaluator.run(None), "runs": [], "skipped": []}
     if "llm-judge" in config.methods:
         results["judge"] = {"candidates": n_judge, "shortlist": config.judge_shortlist}
+    if evaluator.generation is not None:
+        results["generation"] = evaluator.generation.describe()
     (out / "masks").mkdir(exist_ok=True)
     details: list[MethodDetail] = []
     expl_by_id = {e.neuron: e for e in explanations}
@@ -570,12 +587,40 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
             for nid in top[:200]]))
     bar.close()
     timings["evaluate"] = time.perf_counter() - t
+    if config.relearn is not None:
+        from .evaluate.relearn import sweep_relearn
+
+        t = time.perf_counter()
+        results["relearn"] = sweep_relearn(
+            model, config.relearn, scores=scores, methods=config.methods, ks=ks, n_neurons=n_neurons,
+            forget_sel=f_sel, forget_eval_texts=f_eval, forget_eval=win["forget_eval"].tokens,
+            retain_eval=win["retain_eval"].tokens, runs=results["runs"], baseline=results["baseline"],
+            n_ctx=d.n_ctx, data_seed=d.seed, random_seed=config.seed, batch_size=config.batch_size,
+            progress=progress)
+        timings["relearn"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     results["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
     atomic_write_json(out / "results.json", results)
     plots = plot_results(results, out / "plots")
-    write_report(results, details, out, plots=plots, concepts=concepts.concepts if concepts else None)
+    sections = _evaluation_sections(results, out, plots)
+    write_report(results, details, out, plots=plots, concepts=concepts.concepts if concepts else None,
+                 sections=sections)
     return results
+
+
+def _evaluation_sections(results: dict, out: Path, plots: list) -> list[tuple[str, str]]:
+    """Report sections (and the relearn plot) of the optional evaluations present in ``results``."""
+    sections = []
+    if "generation" in results:
+        from .evaluate.generation import report_section
+
+        sections.append(report_section(results))
+    if "relearn" in results:
+        from .evaluate.relearn import plot_relearn, report_section as relearn_section
+
+        plot = plot_relearn(results["relearn"], out / "plots", title=f"{results['model']}: relearning attack")
+        sections.append(relearn_section(results["relearn"], plot, out))
+    return sections
 
 
 def _with_quality(e: Any) -> str:
@@ -621,6 +666,7 @@ class _Evaluator:
         self.model, self.config, self.progress = model, config, progress
         self.tokens = {"forget": forget_tokens, "retain": retain_tokens}
         self._prefix: dict[tuple[str, int], Any] = {}
+        self.generation: Any = None  # a GenerationEvaluator when the config asks for it
         self._scorer: Any = None  # the toxicity classifier, loaded once for every run of the sweep
         self.cbt_items: dict[str, list] = {}
         if config.cbt:
@@ -677,6 +723,11 @@ class _Evaluator:
             tox = toxicity_rate(self.model, tcfg, mask=mask, progress=self.progress, scorer=self._scorer)
             extra["pct_toxic"] = tox["pct_toxic"]
             extra["mean_toxicity"] = tox["mean_toxicity"]
+        if self.generation is not None:
+            from .evaluate.generation import flat_metrics
+
+            out["generation"] = self.generation.run(mask)
+            extra.update(flat_metrics(out["generation"]))
         out["extra"] = extra
         return out
 
