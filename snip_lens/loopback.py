@@ -260,6 +260,21 @@ class LoopbackServer:
         self.stop()
 
 
+def refusing_url() -> str:
+    """The ``base_url`` of a loopback port where nothing listens (connections are refused at once)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def silent_server(hang_seconds: float = 60.0) -> LoopbackServer:
+    """A loopback server that accepts every request and never answers in time (hangs ``hang_seconds``)."""
+    return LoopbackServer(fault_rate=1.0, fault_kinds=("timeout",), hang_seconds=hang_seconds)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Serve until killed; first line of stdout is ``PORT <n>``."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
