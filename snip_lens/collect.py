@@ -563,7 +563,9 @@ def collect(model: Any, corpus: TokenWindows | dict[str, TokenWindows], *, layer
         ck = out / CHECKPOINT
         if ck.exists():
             start_ci, start_w = _load_checkpoint(ck, chash, state)
-            logger.info("resuming collection in %s at corpus %r window %d", out, names[start_ci], start_w)
+            n_done = sum(len(corpora[n]) for n in names[:start_ci]) + start_w
+            logger.warning("resuming from %d of %d windows (checkpoint in %s)", n_done,
+                           sum(len(corpora[n]) for n in names), out)
 
     L = len(cfg.layers)
     row_of = {layer: i for i, layer in enumerate(cfg.layers)}

@@ -162,7 +162,7 @@ class DataConfig:
             if not isinstance(getattr(self, side), str) or not getattr(self, side).strip():
                 raise ValueError(f"DataConfig.{side} must name a corpus (CLI --{side}), got {getattr(self, side)!r}")
         if self.forget == self.retain:
-            raise ValueError(f"forget and retain are the same corpus ({self.forget!r}): unlearning needs a retain "
+            raise ValueError(f"forget and retain are identical ({self.forget!r}): unlearning needs a retain "
                              "set that differs from what should be forgotten; give another --retain")
 
 
@@ -661,6 +661,9 @@ def add_stage_flags(parser: argparse.ArgumentParser | Any, cls: type, dest_prefi
             kw["default"] = default
         if f.metadata.get("metavar"):
             kw["metavar"] = f.metadata["metavar"]
+        elif "type" in kw and "metavar" not in kw:
+            kw["metavar"] = flag.lstrip("-").replace("-", "_").upper()
+        kw["help"] = kw["help"].replace("%", "%%")  # argparse formats help with %
         if "required" in kw:
             kw.pop("default", None)
         parser.add_argument(flag, **kw)

@@ -209,8 +209,11 @@ def bridge_from_hf(hf_model: Any, tokenizer: Any, *, name: str, prepend_bos: boo
     return bridge
 
 
-def load_model(name_or_path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
+def load_model(name_or_path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               device_map: str | None = None) -> Any:
     """Load a causal LM as a ``TransformerBridge`` in eval mode.
+
+    ``device_map`` (e.g. ``"auto"``) is handed to ``from_pretrained`` to spread the weights over devices.
 
     ``name_or_path``: a built-in offline name (``"smollm2-135m"``, ``"gemma3-270m"``), a local Hugging
     Face model directory, or a hub name (``"gpt2"``) when the hub or the local HF cache has it.
@@ -230,6 +233,8 @@ def load_model(name_or_path: str, *, device: str = "cpu", dtype: torch.dtype = t
         prepend_bos, name = None, name_or_path
     logger.info("loading %s from %s", name, source)
     tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    if device_map is not None:
+        kwargs = {**kwargs, "device_map": device_map}
     hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     return bridge_from_hf(hf, tok, name=name, prepend_bos=prepend_bos, device=device)
 

@@ -54,7 +54,7 @@ def test_results_schema_and_outputs(offline_run, model):
     html = (out / "report.html").read_text()
     assert "<table>" in html and "matched concept" in html
     cfg_json = json.loads((out / "config.json").read_text())
-    assert cfg_json["methods"] == cfg.methods
+    assert cfg_json["version"] == 2 and cfg_json["select"]["methods"] == cfg.methods
     assert "(none)" in summary_table(res)
 
 
@@ -115,7 +115,7 @@ def test_bad_inputs(model, tmp_path):
         SweepConfig(methods=["keyword"])
     with pytest.raises(ValueError, match="llm_model"):
         SweepConfig(methods=["llm-judge"])
-    with pytest.raises(ValueError, match="2 documents"):
+    with pytest.raises(ValueError, match="2 documents"):  # names the side (the default: corpus)
         split_documents(["only one"], 0.3, 0)
     from snip_lens.sweep import toxic_comments
 
