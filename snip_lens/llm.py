@@ -273,6 +273,8 @@ class OpenAIChatClient:
                               status=self.breaker.status, retryable=False, attempts=0)
         try:
             result = await self._with_retries_inner(what, call)
+        except CircuitOpen:
+            raise
         except LLMError as exc:
             self._record(exc)
             raise
@@ -286,6 +288,9 @@ class OpenAIChatClient:
         for attempt in range(cfg.max_retries + 1):
             client, sem = self._state()
             async with sem:
+                if self.breaker is not None:  # tripped while this call waited for a slot
+                    raise CircuitOpen(f"circuit breaker open, request not sent: {self.breaker}",
+                                      status=self.breaker.status, retryable=False, attempts=attempt)
                 self.n_requests += 1
                 try:
                     # wait_for guards against servers that trickle bytes past the httpx timeout

@@ -86,11 +86,16 @@ class LoopbackServer:
     def __init__(self, *, latency: float = 0.0, fault_rate: float = 0.0, seed: int = 0,
                  hang_seconds: float = 2.0, answer: Callable[[list[dict]], str] = default_answer,
                  embed_dim: int = 16, api_key: str | None = None,
-                 fault_kinds: tuple[str, ...] = FAULT_KINDS) -> None:
+                 fault_kinds: tuple[str, ...] = FAULT_KINDS, fail_after: int | None = None,
+                 fail_status: int = 400) -> None:
         bad = [k for k in fault_kinds if k not in FAULT_KINDS]
         if bad or not fault_kinds:
             raise ValueError(f"fault_kinds must be a non-empty subset of {FAULT_KINDS}, got {fault_kinds!r}")
         self.fault_kinds = tuple(fault_kinds)
+        self.fail_after = fail_after
+        """After this many answered requests, every later one gets HTTP ``fail_status`` (a server gone bad)."""
+        self.fail_status = fail_status
+        self._answered = 0
         if not 0.0 <= fault_rate <= 1.0:
             raise ValueError(f"fault_rate must be in [0, 1], got {fault_rate}")
         if latency < 0:
@@ -190,6 +195,14 @@ class LoopbackServer:
                     return
                 if server.latency:
                     time.sleep(server.latency)
+                if server.fail_after is not None:
+                    with server._lock:
+                        server._answered += 1
+                        gone_bad = server._answered > server.fail_after
+                    if gone_bad:
+                        self._json(server.fail_status, {"error": {"message": "model went away",
+                                                                   "type": "invalid_request_error"}})
+                        return
                 fault = server._draw_fault()
                 if fault == "429":
                     self._json(429, {"error": {"message": "rate limited", "type": "rate_limit_exceeded"}})

@@ -274,4 +274,7 @@ def encode(model: Any, text: str) -> list[int]:
 
 def to_tokens(model: Any, texts: str | list[str]) -> torch.Tensor:
     """Tokens for a prompt or a batch of prompts, with BOS exactly when the model wants it."""
+    if not isinstance(texts, str) and not (isinstance(texts, list | tuple) and all(isinstance(t, str) for t in texts)):
+        raise TypeError(f"to_tokens takes a string or a list of strings, got {texts!r:.80} "
+                        f"({type(texts).__name__}); pass the text, e.g. to_tokens(model, 'Hello')")
     return model.to_tokens(texts, prepend_bos=prepends_bos(model))

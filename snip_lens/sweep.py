@@ -331,17 +331,8 @@ def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: An
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    if model is None:
-        model = config.model.load()
-    n_layers, d_mlp = M.n_layers(model), M.d_mlp(model)
-    n_neurons = n_layers * d_mlp
-    name = M.model_name(model)
-    ks = sorted({parse_k(k, n_neurons) for k in config.select.ks})
+    # -- data: read and split by document before the model loads (a bad corpus fails in seconds) ---------
     d = config.data
-    check_context(model, d.n_ctx)
-    timings["load_model"] = time.perf_counter() - t0
-
-    # -- data: split by document, then windows ----------------------------------------------------------
     forget_texts = load_side_texts(d.forget, d, side="forget")
     retain_texts = load_side_texts(d.retain, d, side="retain")
     if forget_texts == retain_texts:
@@ -349,6 +340,19 @@ def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: An
                          "a retain set that differs from what should be forgotten")
     f_sel, f_eval = split_documents(forget_texts, d.eval_fraction, d.seed, side=f"forget ({d.forget})")
     r_sel, r_eval = split_documents(retain_texts, d.eval_fraction, d.seed, side=f"retain ({d.retain})")
+    timings["load_data"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    if model is None:
+        model = config.model.load()
+    n_layers, d_mlp = M.n_layers(model), M.d_mlp(model)
+    n_neurons = n_layers * d_mlp
+    name = M.model_name(model)
+    ks = sorted({parse_k(k, n_neurons) for k in config.select.ks})
+    check_context(model, d.n_ctx)
+    timings["load_model"] = time.perf_counter() - t
+
+    # -- windows --------------------------------------------------------------------------------------
     win = {
         "forget_sel": make_windows(model, f_sel, n_ctx=d.n_ctx, max_windows=d.select_windows, seed=d.seed,
                                    name="forget", max_doc_tokens=d.max_doc_tokens),
