@@ -152,7 +152,8 @@ def format_table(rows: list[list[str]]) -> str:
 
 
 def group_identical(neurons: list[PrunedNeuron]) -> list[tuple[PrunedNeuron, list[str]]]:
-    """Rows with the same score, explanation and concept merged: (first row, all neuron names), in order."""
+    """Rows with the same score, explanation and concept merged: (first row, all neuron names), in order of
+    first appearance (so a ranking stays a ranking)."""
     groups: dict[tuple, tuple[PrunedNeuron, list[str]]] = {}
     for n in neurons:
         key = (round(n.score, 3), n.explanation, n.concept)
@@ -207,13 +208,14 @@ def write_report(results: dict, details: list[MethodDetail], out_dir: str | Path
     if concepts:
         md += ["## Forget-set concepts", ""] + [f"{i + 1}. {_md_escape(c)}" for i, c in enumerate(concepts)] + [""]
     for d in details:
-        md += [f"## {section_heading(d, min(max_neurons, len(d.neurons)))}", ""]
+        groups = group_identical(d.neurons)[:max_neurons]
+        md += [f"## {section_heading(d, sum(len(names) for _, names in groups))}", ""]
         if d.layer_histogram:
             md += ["Pruned neurons per layer: " + ", ".join(f"L{l}: {n}" for l, n in sorted(d.layer_histogram.items())),
                    ""]
         md += [variety_line(d), ""]
         md += ["| neuron | score | explanation | matched concept | same row |", "|---|---|---|---|---|"]
-        for n, names in group_identical(d.neurons[:max_neurons]):
+        for n, names in groups:
             same = f"{len(names)} neurons: {_names(names)}" if len(names) > 1 else ""
             md.append(f"| {n.neuron} | {n.score:.3f} | {_md_escape(n.explanation)} | {_md_escape(n.concept)} | "
                       f"{same} |")
@@ -240,15 +242,16 @@ def write_report(results: dict, details: list[MethodDetail], out_dir: str | Path
     if concepts:
         parts.append("<h2>Forget-set concepts</h2><ol>" + "".join(f"<li>{e(c)}</li>" for c in concepts) + "</ol>")
     for d in details:
-        parts.append(f"<h2 style='color:{method_color(d.method)}'>{e(section_heading(d, min(max_neurons, len(d.neurons))))}"
-                     "</h2>")
+        groups = group_identical(d.neurons)[:max_neurons]
+        heading = section_heading(d, sum(len(names) for _, names in groups))
+        parts.append(f"<h2 style='color:{method_color(d.method)}'>{e(heading)}</h2>")
         if d.layer_histogram:
             parts.append("<p>Pruned neurons per layer: " + e(", ".join(
                 f"L{l}: {n}" for l, n in sorted(d.layer_histogram.items()))) + "</p>")
         parts.append(f"<p>{e(variety_line(d))}</p>")
         parts.append("<table><tr><th>neuron</th><th>score</th><th>explanation</th><th>matched concept</th>"
                      "<th>same row</th></tr>")
-        for n, names in group_identical(d.neurons[:max_neurons]):
+        for n, names in groups:
             same = f"{len(names)} neurons: {_names(names)}" if len(names) > 1 else ""
             parts.append(f"<tr><td>{e(n.neuron)}</td><td>{n.score:.3f}</td><td>{e(n.explanation)}</td>"
                          f"<td>{e(n.concept)}</td><td>{e(same)}</td></tr>")
