@@ -349,6 +349,10 @@ class OpenAIChatClient:
         return await self._with_retries(f"embedding ({model})", call)
 
 
+PROBE_PROMPT = "Say OK."
+"""The one message :func:`probe_server` sends (servers and test doubles can tell it from real work)."""
+
+
 def probe_server(config: LLMConfig, *, timeout: float = 5.0, embedding_model: str | None = None) -> None:
     """Check once, in at most about ``1.5 * timeout`` seconds, that the server of ``config`` answers.
 
@@ -364,7 +368,7 @@ def probe_server(config: LLMConfig, *, timeout: float = 5.0, embedding_model: st
         aw: Awaitable[Any] = client.embed(["probe"], embedding_model)
         what = f"embedding model {embedding_model!r}"
     else:
-        aw = client.generate([{"role": "user", "content": "Say OK."}])
+        aw = client.generate([{"role": "user", "content": PROBE_PROMPT}])
         what = f"chat model {config.model!r}"
     try:
         run_all([aw], progress=False)

@@ -452,14 +452,17 @@ def test_cli_openai_against_loopback_and_import(records_dir, tmp_path, capsys):
 
     out = tmp_path / "o.jsonl"
     with LoopbackServer() as srv:
-        rc = main(["explain", "--records", str(records_dir), "--explainer", "openai", "--model", "m",
+        rc = main(["explain", "--records", str(records_dir), "--explainer", "openai", "--llm-model", "m",
                    "--base-url", srv.base_url, "--api-key-env", "none", "--neurons", "L1/N3,0:5",
                    "--out", str(out)])
     assert rc == 0
     got = load_explanations(out)
     assert [e.neuron for e in got] == [NeuronId(1, 3), NeuronId(0, 5)]
     assert all(e.ok and e.source == "openai:m" and e.explanation.startswith("the token") for e in got)
-    assert len(srv.stats.chat_prompts) == 2 and list((tmp_path / "o.jsonl.cache").rglob("*.json"))
+    from snip_lens.llm import PROBE_PROMPT
+
+    assert srv.stats.chat_prompts[0] == PROBE_PROMPT  # the server is checked once before the stage
+    assert len(srv.stats.chat_prompts) == 1 + 2 and list((tmp_path / "o.jsonl.cache").rglob("*.json"))
 
     imp = tmp_path / "i.jsonl"
     fixture = str(FIXTURES / "explanations_openai.jsonl")
