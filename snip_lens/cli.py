@@ -45,10 +45,6 @@ def _sweep_args(sp: argparse.ArgumentParser, *, demo: bool) -> None:
     add_run_flags(sp, required={} if demo else {"model": ("name",), "data": ("forget", "retain")})
 
 
-def _split(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def _run_sweep_cmd(args: argparse.Namespace) -> int:
     from .config import run_config_from_args
     from .sweep import run_sweep, summary_table
@@ -196,7 +192,6 @@ def _embedder_args(sp: argparse.ArgumentParser) -> None:
 
 
 def _score_cmd(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from .score import score_neurons
@@ -358,7 +353,6 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
 
 
 def _collect_cmd(args: argparse.Namespace) -> int:
-    from . import models as M
     from .collect import collect, parse_layers
     from .corpus import load_corpus
 

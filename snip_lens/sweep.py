@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import models as M
 from ._io import atomic_write_json, iter_jsonl
-from .config import DataConfig, RunConfig, check_out_dir, from_flat
+from .config import DataConfig, RunConfig, from_flat
 from .report import MethodDetail, PrunedNeuron, format_table, plot_results, results_table, write_report
 from .select import (
     METHODS,
@@ -408,6 +408,10 @@ def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: An
                 llm_cfg = _llm_config(config) if ex.explainer == "openai" else None
                 ecfg = ExplainConfig(kind=ex.explainer, llm=llm_cfg)
                 client = OpenAIChatClient(llm_cfg, seed=ecfg.seed) if llm_cfg is not None else None
+                cached = sum(1 for _ in (out / "cache" / "explain").glob("??/*.json"))
+                if cached:
+                    logger.warning("resuming explanations: %d of %d neurons already answered (cached in %s)",
+                                   min(cached, n_neurons), n_neurons, out / "cache" / "explain")
                 explanations = explain(records, ecfg, cache_dir=out / "cache" / "explain", progress=progress,
                                        client=client)
                 if client is not None and client.breaker is not None:

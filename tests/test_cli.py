@@ -74,7 +74,7 @@ def test_server_that_never_answers_fails_within_the_probe_timeout(model_dir, tmp
     assert url in err and "Timeout" in err
 
 
-def test_circuit_breaker_stops_the_stage_keeps_successes_and_the_rerun_resumes(model_dir, tmp_path, capsys):
+def test_circuit_breaker_stops_the_stage_keeps_successes_and_the_rerun_resumes(model_dir, tmp_path, capsys, caplog):
     out = tmp_path / "run"
     # answers the probe and 9 neurons, then fails every request the same way
     with LoopbackServer(fail_after=10) as bad:
@@ -89,12 +89,13 @@ def test_circuit_breaker_stops_the_stage_keeps_successes_and_the_rerun_resumes(m
     assert n_ok == len(list((out / "cache" / "explain").rglob("*.json"))) == 9
     assert sent < 1 + 64  # stopped: not one request per neuron
     assert not (out / "explanations.jsonl").exists()
-    with LoopbackServer() as good:
+    with LoopbackServer() as good, caplog.at_level("WARNING", logger="snip_lens.sweep"):
         rc = _run(model_dir, out, "--explainer", "openai", "--llm-model", "m", "--base-url", good.base_url,
                   "--api-key-env", "none", "--methods", "snip,random", "--k", "5%", "--breaker-failures", "4",
                   "--concepts", "distinctive")
         assert rc == 0, capsys.readouterr().err
         assert len(good.stats.chat_prompts) == 1 + 64 - n_ok  # the probe and only the neurons not cached
+    assert f"resuming explanations: {n_ok} of 64 neurons already answered" in caplog.text
 
 
 def test_client_breaker_opens_after_identical_failures_and_sends_nothing_more():
