@@ -7,6 +7,7 @@ import argparse
 import importlib
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -387,6 +388,11 @@ def test_every_model_running_command_accepts_device_and_dtype(model_dir, tmp_pat
     NeuronMask.from_neurons(tiny_model("llama", n_layers=2, d_mlp=32), [(0, 1)]).save(mask)
     text = tmp_path / "t.txt"
     text.write_text("Some words of text. " * 40)
+    expl = tmp_path / "e.jsonl"
+    expl.write_text(json.dumps({"layer": 0, "index": 1, "explanation": "numbers", "score": None, "source": "",
+                                "error": None}) + "\n")
+    concepts = tmp_path / "c.json"
+    concepts.write_text('{"concepts": ["numbers"]}')
     dev = ["--device", "cpu", "--dtype", "bf16"]
     m = ["--model", str(model_dir)]
     commands = [
@@ -397,6 +403,8 @@ def test_every_model_running_command_accepts_device_and_dtype(model_dir, tmp_pat
         ["evaluate", "lm", *m, "--corpus", str(text), "--windows", "2", "--n-ctx", "16", *dev],
         ["evaluate", "toxicity", *m, "--n", "2", "--max-new-tokens", "2", "--scorer", "profanity", *dev],
         ["export", *m, "--mask", str(mask), "--out", str(tmp_path / "e"), *dev],
+        ["evaluate", "cbt", *m, "--source", str(Path(__file__).parent / "fixtures" / "cbt_sample.jsonl"), *dev],
+        ["score", "--explanations", str(expl), "--concepts", str(concepts), *m, "--out", str(tmp_path / "s"), *dev],
     ]
     for argv in commands:
         assert main(argv) == 0, argv
