@@ -353,6 +353,8 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
 
 
 def _collect_cmd(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .collect import collect, parse_layers
     from .corpus import load_corpus
 
@@ -368,13 +370,16 @@ def _collect_cmd(args: argparse.Namespace) -> int:
     from .sweep import check_context
 
     check_out_dir(args.out)
+    dirs = {name for name, source in named if Path(source).expanduser().is_dir()}
+    if args.glob is not None and not dirs:
+        raise ValueError(f"--glob {args.glob!r} narrows a directory corpus, but no --corpus is a directory")
     layers = parse_layers(args.layers) if args.layers else None
-    mcfg = _model_config(args)
-    model = mcfg.load()
+    model = _model_config(args).load()
     check_context(model, args.n_ctx)
     corpora = {name: load_corpus(model, source, n_ctx=args.n_ctx, max_windows=args.windows, seed=args.seed,
                                  split=args.split, text_field=args.text_field, max_docs=args.max_docs, name=name,
-                                 max_doc_tokens=args.max_doc_tokens or None)
+                                 max_doc_tokens=args.max_doc_tokens or None,
+                                 glob=args.glob if name in dirs else None)
                for name, source in named}
     rec = collect(model, corpora, layers=layers, top_k=args.top_k, context=(before, after), n_random=args.n_random,
                   batch_size=args.batch_size, out_dir=args.out, progress=not args.no_progress, seed=args.seed,
@@ -407,6 +412,8 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
                     help="tokens kept from each document, so a few long files cannot fill the corpus (0: all)")
     sp.add_argument("--split", default="train", help="split of hf: datasets")
     sp.add_argument("--text-field", default="text", help="text field of JSONL files / HF datasets")
+    sp.add_argument("--glob", help="read only matching files of a directory corpus, e.g. '*.c' or 'docs/**/*.rst' "
+                    "(default: every text file under it; binary files are skipped)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the window order and the random records")
     sp.add_argument("--out", required=True, help="output directory (activations.safetensors + records.json)")
     sp.add_argument("--overwrite", action="store_true", help="replace results of a different config in --out")

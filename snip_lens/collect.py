@@ -13,6 +13,10 @@ streaming pass over the corpus with forward hooks on ``blocks.{l}.mlp.hook_post`
 - per neuron and per named corpus: token count, mean, mean |act|, std, max, and frequency of act > 0
   (batch moments merged in float64 with Chan's formula).
 
+A BOS token prepended to a window (position 0, on models that take one, such as Gemma) is not text: no
+record is centred on it, no context shows it, and it counts in no statistic (its activation is typically
+an attention-sink outlier that would otherwise top many neurons' lists).
+
 Memory is O(layers x neurons x (top_k + n_random) x context) whatever the number of tokens: each batch is
 reduced inside the hook and then dropped. The forward pass is stopped by an exception right after the
 last requested layer's hook, so later layers and the unembedding never run.
@@ -59,13 +63,9 @@ RANDOM_MARGIN = 2
 CHECKPOINT = "checkpoint.safetensors"
 TENSORS_FILE = "activations.safetensors"
 META_FILE = "records.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: prepended BOS positions are left out of records and statistics (1 counted them)."""
 STATS_CHUNK = 128
-"""Token rows per cache-sized chunk of the statistics pass."""
-HOOK_THREADS = int(os.environ.get("SNIP_LENS_HOOK_THREADS", "0"))
-"""Threads for the per-batch reductions inside the hooks; 0 keeps torch's setting (the forward pass keeps its
-own either way). On a machine whose cores other processes hold, 1 avoids OpenMP passes stalling on a busy
-core (measured: 10-50x slower reductions there); on an idle 2-core machine 2 threads made collection 9% faster."""
 """Token rows per cache-sized chunk of the statistics pass."""
 
 
@@ -313,11 +313,6 @@ class ActivationRecords:
                    config_hash=meta.get("config_hash", ""), n_layers=int(meta.get("n_layers", 0)))
 
 
-# The process umask, read once at import (os.umask can only be read by setting it).
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-_FILE_MODE = 0o666 & ~_UMASK
-
 # ---- atomic files -----------------------------------------------------------------------------------
 
 
@@ -487,17 +482,34 @@ def _config_hash(cfg: CollectConfig, model_name: str, d_mlp: int, corpora: dict[
     return h.hexdigest()
 
 
-def _normalise_corpus(corpus: Any) -> dict[str, TokenWindows]:
+def _as_windows(model: Any, corpus: Any, name: str, n_ctx: int, seed: int, max_doc_tokens: int | None) -> Any:
+    """Texts (a list of strings) or a source name become windows exactly as ``snip collect`` makes them."""
+    from .corpus import load_corpus, make_windows
+
+    if isinstance(corpus, str):
+        return load_corpus(model, corpus, n_ctx=n_ctx, seed=seed, name=name, max_doc_tokens=max_doc_tokens)
+    if isinstance(corpus, (list, tuple)) and corpus and all(isinstance(t, str) for t in corpus):
+        return make_windows(model, list(corpus), n_ctx=n_ctx, seed=seed, name=name, max_doc_tokens=max_doc_tokens)
+    return corpus
+
+
+def _normalise_corpus(corpus: Any, model: Any = None, n_ctx: int = 128, seed: int = 0,
+                      max_doc_tokens: int | None = 512) -> dict[str, TokenWindows]:
+    if isinstance(corpus, (str, list, tuple)):
+        name = corpus if isinstance(corpus, str) else RECORDS_CORPUS
+        corpus = _as_windows(model, corpus, name, n_ctx, seed, max_doc_tokens)
     if isinstance(corpus, TokenWindows):
         corpora = {corpus.name or RECORDS_CORPUS: corpus}
     elif isinstance(corpus, dict) and corpus:
-        corpora = dict(corpus)
+        corpora = {name: _as_windows(model, tw, name, n_ctx, seed, max_doc_tokens) for name, tw in corpus.items()}
         for name, tw in corpora.items():
             if not isinstance(tw, TokenWindows):
-                raise ValueError(f"corpus {name!r} is a {type(tw).__name__}, not TokenWindows; "
-                                 "build it with snip_lens.corpus.load_corpus or make_windows")
+                raise ValueError(f"corpus {name!r} is a {type(tw).__name__}, not TokenWindows, texts or a source; "
+                                 "give a list of strings, a source name, or windows from "
+                                 "snip_lens.corpus.load_corpus / make_windows")
     else:
-        raise ValueError(f"corpus must be TokenWindows or a non-empty dict of name -> TokenWindows; got "
+        raise ValueError(f"corpus must be TokenWindows, a non-empty list of strings, a source name, or a non-empty "
+                         f"dict of name -> one of those; got "
                          f"{type(corpus).__name__ if not isinstance(corpus, dict) else 'an empty dict'}")
     for name, tw in corpora.items():
         if len(tw) == 0 or tw.n_ctx == 0:
@@ -510,19 +522,23 @@ def _token_vocab(model: Any, windows: Tensor) -> dict[int, str]:
     return {int(i): model.tokenizer.decode([int(i)]) for i in ids}
 
 
-def collect(model: Any, corpus: TokenWindows | dict[str, TokenWindows], *, layers: list[int] | None = None,
+def collect(model: Any, corpus: TokenWindows | list[str] | str | dict[str, Any], *, layers: list[int] | None = None,
             top_k: int = 20, context: tuple[int, int] = (32, 8), n_random: int = 5, batch_size: int = 8,
             out_dir: str | os.PathLike | None = None, progress: bool = True, seed: int = 0,
             shard_windows: int = 256, overwrite: bool = False,
-            on_shard: Callable[[int], None] | None = None) -> ActivationRecords:
+            on_shard: Callable[[int], None] | None = None, n_ctx: int = 128,
+            max_doc_tokens: int | None = 512) -> ActivationRecords:
     """Stream ``corpus`` through ``model`` and collect neuron records and statistics (see module docstring).
 
     ``corpus``: one ``TokenWindows``, or a dict name -> ``TokenWindows`` whose statistics are kept per
-    name; the records (top-k and random) come from the corpus named ``"records"`` if there is one, else
-    from the first. ``layers``: layer indices (default all). ``out_dir``: directory for resumable
-    checkpoints (one per ``shard_windows`` windows) and the final ``ActivationRecords``; a directory that
-    holds results of a different config or corpus is refused unless ``overwrite``. ``on_shard`` is called
-    with the number of windows done after each checkpoint.
+    name; a list of strings (documents) or a source name (``"prose"``, a file, a directory; see
+    ``snip_lens.corpus``) may stand for any ``TokenWindows``: it is cut into windows of ``n_ctx`` tokens with
+    ``max_doc_tokens`` and ``seed`` as ``snip collect`` does (a list alone is named ``"records"``). The
+    records (top-k and random) come from the corpus named ``"records"`` if there is one, else from the
+    first. ``layers``: layer indices (default all). ``out_dir``: directory for resumable checkpoints (one
+    per ``shard_windows`` windows) and the final ``ActivationRecords``; a directory that holds results of
+    a different config or corpus is refused unless ``overwrite``. ``on_shard`` is called with the number
+    of windows done after each checkpoint.
     """
     n_model_layers, d_mlp = models.n_layers(model), models.d_mlp(model)
     if layers is None:
@@ -537,7 +553,7 @@ def collect(model: Any, corpus: TokenWindows | dict[str, TokenWindows], *, layer
         raise ValueError(f"shard_windows must be a positive number of windows; got {shard_windows}")
     cfg = CollectConfig(layers=tuple(sorted(set(int(x) for x in layers))), top_k=top_k,
                         context=(int(context[0]), int(context[1])), n_random=n_random, seed=seed)
-    corpora = _normalise_corpus(corpus)
+    corpora = _normalise_corpus(corpus, model, n_ctx, seed, max_doc_tokens)
     names = list(corpora)
     rec_name = RECORDS_CORPUS if RECORDS_CORPUS in corpora else names[0]
     rec_ci = names.index(rec_name)
@@ -547,8 +563,10 @@ def collect(model: Any, corpus: TokenWindows | dict[str, TokenWindows], *, layer
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"corpus {name!r} holds token ids {lo}..{hi}, outside the model's vocabulary "
                              f"0..{vocab_size - 1}; tokenise it with this model's tokenizer")
-    if corpora[rec_name].n_tokens < top_k:
-        raise ValueError(f"records corpus {rec_name!r} has {corpora[rec_name].n_tokens} tokens, fewer than "
+    bos_id = model.tokenizer.bos_token_id if models.prepends_bos(model) else None
+    n_text = corpora[rec_name].n_tokens - len(_bos_rows(corpora[rec_name].tokens, bos_id))
+    if n_text < top_k:
+        raise ValueError(f"records corpus {rec_name!r} has {n_text} text tokens (BOS not counted), fewer than "
                          f"top_k={top_k}; use more text or a smaller top_k")
     mname = models.model_name(model)
     chash = _config_hash(cfg, mname, d_mlp, corpora)
@@ -582,17 +600,16 @@ def collect(model: Any, corpus: TokenWindows | dict[str, TokenWindows], *, layer
         def hook(act: Tensor, hook: Any) -> None:
             x = act.detach().reshape(-1, d_mlp).float().contiguous()  # (batch*pos, neuron)
             ci = batch_ctx["ci"]
-            # The reductions here are memory-bound passes of a few ms; splitting them over OpenMP threads
-            # gains little and, when another process holds a core, stalls each pass waiting for it.
-            threads = torch.get_num_threads()
-            torch.set_num_threads(HOOK_THREADS or threads)
-            try:
+            # torch's thread count is the user's (it is process-wide): the hooks never change it.
+            bos = batch_ctx["bos_rows"]
+            if bos.numel():  # prepended BOS: out of the statistics, and -inf so that no top-k list takes it
+                state.update_stats(ci, li, x[batch_ctx["text_rows"].to(x.device)])
+                x = x.index_fill(0, bos.to(x.device), -math.inf)
+            else:
                 state.update_stats(ci, li, x)
-                if ci == rec_ci:
-                    state.update_records(li, x, batch_ctx["base"], batch_ctx["n_pos"], batch_ctx["rand_rows"],
-                                         batch_ctx["rand_keys"])
-            finally:
-                torch.set_num_threads(threads)
+            if ci == rec_ci:
+                state.update_records(li, x, batch_ctx["base"], batch_ctx["n_pos"], batch_ctx["rand_rows"],
+                                     batch_ctx["rand_keys"])
             if layer == last:
                 raise _StopForward
             return None
@@ -610,9 +627,15 @@ def collect(model: Any, corpus: TokenWindows | dict[str, TokenWindows], *, layer
                     shard_end = min(shard_start + shard_windows, len(tw))
                     for b0 in range(max(shard_start, w0), shard_end, batch_size):
                         b1 = min(b0 + batch_size, shard_end)
-                        batch_ctx.update(ci=ci, base=b0 * n_pos, n_pos=n_pos, rand_rows=None, rand_keys=None)
+                        bos = _bos_rows(tw.tokens[b0:b1], bos_id)
+                        text_rows = _text_rows(b1 - b0, n_pos, bos)
+                        batch_ctx.update(ci=ci, base=b0 * n_pos, n_pos=n_pos, rand_rows=None, rand_keys=None,
+                                         bos_rows=bos, text_rows=text_rows)
                         if ci == rec_ci and cfg.n_random:
                             rows, keys = _random_candidates(cfg, b0, b1 - b0, n_pos, L, d_mlp)
+                            if bos.numel():  # a BOS position is never a random record
+                                usable = ~torch.isin(rows, bos)
+                                rows, keys = rows[usable], keys[:, usable]
                             batch_ctx.update(rand_rows=rows, rand_keys=keys)
                         _forward(model, tw.tokens[b0:b1], fwd_hooks)
                         bar.update((b1 - b0) * n_pos)
@@ -631,6 +654,22 @@ def collect(model: Any, corpus: TokenWindows | dict[str, TokenWindows], *, layer
             {"config": asdict(cfg), "model": mname, "corpora": {n: list(corpora[n].tokens.shape) for n in names},
              "records_corpus": rec_name, "config_hash": chash}, indent=2))
     return result
+
+
+def _bos_rows(tokens: Int[Tensor, "window pos"], bos_id: int | None) -> Int[Tensor, " n"]:
+    """Flat token rows (window * pos + 0) of the windows that start with a prepended BOS."""
+    if bos_id is None:
+        return torch.zeros(0, dtype=torch.long)
+    return (tokens[:, 0] == bos_id).nonzero().squeeze(1) * tokens.shape[1]
+
+
+def _text_rows(n_windows: int, n_pos: int, bos: Tensor) -> Tensor | None:
+    """Flat token rows that are text (all but ``bos``); None when every row is."""
+    if not bos.numel():
+        return None
+    keep = torch.ones(n_windows * n_pos, dtype=torch.bool)
+    keep[bos] = False
+    return keep.nonzero().squeeze(1)
 
 
 def _forward(model: Any, tokens: Tensor, fwd_hooks: list) -> None:
@@ -695,6 +734,8 @@ def _finalise(state: _State, cfg: CollectConfig, mname: str, d_mlp: int, names: 
     # Payloads from storage slots into rank order.
     t["top_ctx"] = torch.gather(t["top_ctx"], 1, t["top_slot"].unsqueeze(3).expand(-1, -1, -1, C))  # (L,k,N,C)
     t["rnd_ctx"] = torch.gather(t["rnd_ctx"], 1, t["rnd_slot"].unsqueeze(3).expand(-1, -1, -1, C))
+    for name in ("top_ctx", "rnd_ctx"):  # a prepended BOS inside a context (-inf in the hooks) is not shown
+        t[name] = t[name].masked_fill(t[name] == -math.inf, math.nan)
     t["rnd_v"] = torch.gather(t["rnd_v"], 1, t["rnd_slot"])
     top_i = t["top_i"]  # (layer, k, neuron)
     top_window = (top_i // n_pos).permute(0, 2, 1).contiguous()

@@ -140,6 +140,9 @@ class DataConfig:
     documents)."""
     text_field: str = "text"
     """Field holding the text in JSONL files and Hugging Face datasets."""
+    glob: str | None = None
+    """Read only the files matching this pattern from a --forget/--retain DIR, e.g. '*.c' or 'docs/**/*.rst'
+    (default: every text file; binary files are skipped)."""
     seed: int = 0
     """Seed of every random choice (document split, window order, random baseline, sampling)."""
 
@@ -310,6 +313,9 @@ class EvaluationConfig:
     """Toxicity scorer: detoxify (offline it needs --detoxify-checkpoint) or profanity (a word list)."""
     detoxify_checkpoint: str | None = None
     """Local detoxify checkpoint file, for offline use."""
+    detoxify_config: str | None = None
+    """Local directory with the checkpoint's transformer config and tokenizer files, e.g. bert-base-uncased's
+    (with --detoxify-checkpoint: no network at all)."""
 
     def __post_init__(self) -> None:
         self.cbt = [c.upper() for c in self.cbt]
@@ -428,8 +434,13 @@ class RunConfig:
         ``out_dir`` is a directory or absent. Raises ``ValueError`` naming the flag, the value and the fix."""
         for side in ("forget", "retain"):
             _check_corpus(getattr(self.data, side), f"--{side}")
+        d = self.data
+        if d.glob is not None and not any(Path(s).expanduser().is_dir() for s in (d.forget, d.retain)):
+            raise ValueError(f"--glob {d.glob!r} narrows a directory corpus, but neither --forget {d.forget!r} nor "
+                             f"--retain {d.retain!r} is a directory; drop --glob or give a directory")
         for flag, value in (("--import-explanations", self.explain.import_explanations),
-                            ("--detoxify-checkpoint", self.evaluate.detoxify_checkpoint)):
+                            ("--detoxify-checkpoint", self.evaluate.detoxify_checkpoint),
+                            ("--detoxify-config", self.evaluate.detoxify_config)):
             if value and not Path(value).exists():
                 raise ValueError(f"{flag} {value!r} does not exist; give the path of an existing file")
         if self.evaluate.cbt and self.evaluate.cbt_source not in ("hf", "prose") \
@@ -470,7 +481,7 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
     "cbt": ("evaluate", "cbt"), "cbt_source": ("evaluate", "cbt_source"), "cbt_items": ("evaluate", "cbt_items"),
     "toxicity": ("evaluate", "toxicity"), "toxicity_n": ("evaluate", "toxicity_n"),
     "toxicity_scorer": ("evaluate", "toxicity_scorer"),
-    "detoxify_checkpoint": ("evaluate", "detoxify_checkpoint"),
+    "detoxify_checkpoint": ("evaluate", "detoxify_checkpoint"), "detoxify_config": ("evaluate", "detoxify_config"),
     "seed": ("data", "seed"),
 }
 """Where each field of the flat ``SweepConfig`` lives now. A flat name not listed maps to the one stage config

@@ -8,8 +8,10 @@ This module turns any of these sources into documents, then into token windows:
 - ``"prose"``: the 79 English help topics of ``pydoc_data.topics`` (offline);
 - a local ``.txt`` file: one document per blank-line-separated paragraph;
 - a local ``.jsonl`` file: one document per line, read from the ``text_field`` of each JSON object;
-- a local directory: every ``.txt``, ``.md`` and ``.py`` file under it is one document, every
-  ``.jsonl`` file contributes one document per line (files in sorted path order);
+- a local directory: every text file under it (any name or extension: ``README``, ``.c``, ``.js``,
+  ``.html``, ``.rst``, ``.tex``, ...) is one document, every ``.jsonl`` file contributes one document per
+  line (files in sorted path order). Binary files (a NUL byte in their first 8 KiB) are skipped with a
+  warning, hidden files and folders (``.git``) are not read, and ``glob`` narrows the files read;
 - ``"hf:NAME[:CONFIG]"``: a Hugging Face dataset (``datasets.load_dataset``), online only.
 
 Windows are made by *packing*: the documents, in a seeded random order, are tokenised (no special tokens)
@@ -43,7 +45,8 @@ BUILTIN_SOURCES = {
 }
 """Offline corpora that need no file and no network."""
 
-_DIR_SUFFIXES = (".txt", ".md", ".py", ".jsonl")
+BINARY_SNIFF_BYTES = 8192
+"""Bytes read from the start of a file to tell text from binary (a NUL byte among them: binary, as git does)."""
 
 
 @dataclass
@@ -127,6 +130,53 @@ def _read_text(path: Path) -> str:
                          "Check the path and its permissions.") from exc
 
 
+def _is_binary(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return b"\0" in fh.read(BINARY_SNIFF_BYTES)
+    except OSError as exc:
+        raise ValueError(f"cannot read corpus file {str(path)!r}: {exc.strerror or exc}. "
+                         "Check the path and its permissions.") from exc
+
+
+def _directory_files(root: Path, glob: str | None) -> list[Path]:
+    """Files under ``root`` in sorted relative-path order: all of them, or those ``glob`` matches.
+
+    A pattern with a ``/`` is matched against the path relative to ``root`` (``docs/*.rst``,
+    ``**/*.c``); one without is matched against file names at any depth (``*.c``).
+    """
+    if glob is None:
+        found = root.rglob("*")
+    else:
+        found = root.glob(glob) if "/" in glob else root.rglob(glob)
+    files = []
+    for p in found:
+        rel = p.relative_to(root)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+            files.append(p)
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _directory_texts(root: Path, source: str, text_field: str, glob: str | None) -> list[str]:
+    files = _directory_files(root, glob)
+    texts: list[str] = []
+    binary: list[str] = []
+    for f in files:
+        if _is_binary(f):
+            binary.append(f.relative_to(root).as_posix())
+            continue
+        texts += _file_texts(f, text_field, in_directory=True)
+    if binary:
+        shown = ", ".join(binary[:5]) + (f" and {len(binary) - 5} more" if len(binary) > 5 else "")
+        logger.warning("corpus directory %r: skipped %d binary file(s): %s", source, len(binary), shown)
+    if not texts:
+        what = f"files matching {glob!r}" if glob is not None else "files"
+        extra = f" ({len(binary)} binary file(s) skipped)" if binary else ""
+        raise ValueError(f"corpus directory {source!r} holds no text {what}{extra}; give a folder of text "
+                         "files" + (" or another --glob" if glob is not None else ""))
+    return texts
+
+
 def _paragraphs(text: str) -> list[str]:
     paras: list[str] = []
     cur: list[str] = []
@@ -192,8 +242,10 @@ def _hf_texts(spec: str, split: str, text_field: str, max_docs: int | None) -> l
 
 
 def load_texts(source: str, *, split: str = "train", text_field: str = "text", max_docs: int | None = None,
-               seed: int = 0) -> list[str]:
+               seed: int = 0, glob: str | None = None) -> list[str]:
     """The documents of ``source`` (see the module docstring for the accepted sources).
+
+    ``glob`` (directories only) reads just the files it matches, e.g. ``"*.c"`` or ``"docs/**/*.rst"``.
 
     With ``max_docs``, a reproducible random subset of that many documents (chosen by ``seed``), kept in
     source order; Hugging Face datasets take their first ``max_docs`` rows instead (no full download).
@@ -221,13 +273,15 @@ def load_texts(source: str, *, split: str = "train", text_field: str = "text", m
         return _hf_texts(source[3:], split, text_field, max_docs)
     else:
         path = Path(source).expanduser()
+        if glob is not None and not path.is_dir():
+            raise ValueError(f"glob {glob!r} narrows a corpus directory, but {source!r} is not a directory; "
+                             "drop the glob (--glob) or give a directory")
         if path.is_dir():
-            files = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _DIR_SUFFIXES),
-                           key=lambda p: p.relative_to(path).as_posix())
-            if not files:
-                raise ValueError(f"corpus directory {source!r} holds no {'/'.join(_DIR_SUFFIXES)} files")
-            texts = [t for f in files for t in _file_texts(f, text_field, in_directory=True)]
+            texts = _directory_texts(path, source, text_field, glob)
         elif path.is_file():
+            if _is_binary(path):
+                raise ValueError(f"corpus file {source!r} is binary (it holds NUL bytes), not text; give a "
+                                 "text file (.txt, .jsonl, ...) or a directory of them")
             texts = _file_texts(path, text_field, in_directory=False)
         elif path.exists():
             raise ValueError(f"corpus source {source!r} is neither a regular file nor a directory")
@@ -318,8 +372,8 @@ def make_windows(model: Any, texts: list[str], *, n_ctx: int = 128, max_windows:
 
 def load_corpus(model: Any, source: str, *, n_ctx: int = 128, max_windows: int | None = None, seed: int = 0,
                 split: str = "train", text_field: str = "text", max_docs: int | None = None,
-                name: str | None = None, max_doc_tokens: int | None = None) -> TokenWindows:
+                name: str | None = None, max_doc_tokens: int | None = None, glob: str | None = None) -> TokenWindows:
     """``load_texts`` then ``make_windows``: a source name or path straight to token windows."""
-    texts = load_texts(source, split=split, text_field=text_field, max_docs=max_docs, seed=seed)
+    texts = load_texts(source, split=split, text_field=text_field, max_docs=max_docs, seed=seed, glob=glob)
     return make_windows(model, texts, n_ctx=n_ctx, max_windows=max_windows, seed=seed,
                         name=source if name is None else name, max_doc_tokens=max_doc_tokens)

@@ -108,6 +108,7 @@ class LocalEmbedder:
     >= 0.9999 on explanation sentences (>= 0.99 tested). ``"auto"`` is ``"bf16-weights"`` where the CPU
     runs bfloat16 natively (AVX512-BF16/AMX), else fp32.
     ``max_seq_length`` caps tokens per text (explanations are one sentence; 128 covers them).
+    ``num_threads`` sets torch's thread count during each ``embed`` call only (None keeps the caller's).
     """
 
     def __init__(self, model: str | os.PathLike[str] | None = None, *, batch_size: int = 256,
@@ -123,8 +124,9 @@ class LocalEmbedder:
                              "sentence-transformers model directory, or no model for the built-in MiniLM")
         import torch
 
-        if num_threads is not None:
-            torch.set_num_threads(num_threads)
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 or None (torch's own setting), got {num_threads}")
+        self.num_threads = num_threads
         if precision == "auto":
             precision = "bf16-weights" if device == "cpu" and bf16_supported() else "fp32"
         self.model = _sentence_transformer(path, device, precision == "bf16-weights")
@@ -153,12 +155,20 @@ class LocalEmbedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         unique = list(dict.fromkeys(texts))
         self.model.max_seq_length = self.max_seq_length  # the loaded model is shared between instances
-        # sentence-transformers sorts each call's texts by length, so batches carry little padding.
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
-                                                    enabled=self.precision == "bf16"):
-            vecs = self.model.encode(unique, batch_size=self.batch_size, convert_to_tensor=True,
-                                     normalize_embeddings=True,
-                                     show_progress_bar=self.progress and len(unique) > self.batch_size)
+        # torch's thread count is process-wide: ``num_threads`` holds only for this call, then it is restored.
+        threads = torch.get_num_threads()
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
+        try:
+            # sentence-transformers sorts each call's texts by length, so batches carry little padding.
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                                        enabled=self.precision == "bf16"):
+                vecs = self.model.encode(unique, batch_size=self.batch_size, convert_to_tensor=True,
+                                         normalize_embeddings=True,
+                                         show_progress_bar=self.progress and len(unique) > self.batch_size)
+        finally:
+            if self.num_threads is not None:
+                torch.set_num_threads(threads)
         vecs = normalize_rows(vecs.float().cpu().numpy())
         if len(unique) == len(texts):
             return vecs

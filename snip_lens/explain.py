@@ -689,9 +689,34 @@ def explain(records: Any, config: ExplainConfig, *, neurons: Sequence[NeuronId] 
             out.extend(run_all(chunk, one, bar=bar))
     n_fail = sum(not e.ok for e in out)
     if n_fail:
-        logger.warning("%d of %d neurons could not be explained (recorded with error set; rerun to retry them)",
-                       n_fail, len(out))
+        logger.warning("%d of %d neurons could not be explained (recorded with error set); rerun the same command "
+                       "to retry only them", n_fail, len(out))
     return out
+
+
+def retry_failed(explanations: list[NeuronExplanation], records: Any, config: ExplainConfig, *,
+                 neurons: Sequence[NeuronId] | None = None, cache_dir: str | os.PathLike[str] | None = None,
+                 progress: bool = True, client: ChatClient | None = None,
+                 where: str = "the previous run") -> tuple[list[NeuronExplanation], int]:
+    """Explain again exactly the neurons of ``explanations`` that failed, plus those of ``neurons`` it lacks.
+
+    Successes are kept as they are. Returns the merged list (the old order, then the neurons that were
+    missing) and how many neurons were asked again; ``(explanations, 0)`` when nothing failed. The heuristic
+    explainer is deterministic, so its failures are kept rather than recomputed. Says what it retries.
+    """
+    have = {e.neuron for e in explanations}
+    missing = [n for n in (neurons or []) if n not in have]
+    failed = [e.neuron for e in explanations if not e.ok] if config.kind != "heuristic" else []
+    todo = failed + missing
+    if not todo:
+        return list(explanations), 0
+    logger.warning("retrying %d failed and %d missing explanation(s) of %d from %s; the %d that succeeded are kept",
+                   len(failed), len(missing), len(explanations) + len(missing), where,
+                   sum(e.ok for e in explanations))
+    fresh = {e.neuron: e for e in explain(records, config, neurons=todo, cache_dir=cache_dir, progress=progress,
+                                          client=client)}
+    merged = [fresh.get(e.neuron, e) for e in explanations] + [fresh[n] for n in missing if n in fresh]
+    return merged, len(todo)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -748,12 +773,39 @@ def explain_to_file(out: str | os.PathLike[str], *, records: Any = None, config:
 
     With ``import_path`` the published explanations are read instead, checked against the model shape of
     ``n_layers``/``d_mlp`` (default: taken from ``records`` when it has ``layers``/``d_mlp``).
-    ``cache_dir`` defaults to ``<out>.cache/``.
+    ``cache_dir`` defaults to ``<out>.cache/``. When ``out`` exists, the same call again (same explainer
+    config and records) retries exactly the neurons that failed, keeping the rest (``retry_failed``);
+    ``out`` from another call is refused unless ``overwrite``.
     """
     outp = Path(out)
+    cfg_path = outp.with_name(outp.name + ".config.json")
     if outp.exists() and not overwrite:
-        raise FileExistsError(f"{outp} already exists; pass --overwrite to replace it or choose another --out")
-    if import_path is not None:
+        # The same command again retries what failed (what explain() advises); anything else is refused.
+        config = config or ExplainConfig()
+        if import_path is not None:
+            meta = {"import": str(import_path), "min_score": min_score}
+        else:
+            meta = {"explain": config.to_json(), "prompt_version": PROMPT_VERSION,
+                    "records": getattr(records, "config_hash", None)}
+        try:
+            old_meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old_meta = None
+        same = (isinstance(old_meta, dict) and (import_path is not None or records is not None)
+                and {k: old_meta.get(k) for k in meta} == json.loads(json.dumps(meta, default=str)))
+        if not same:
+            raise FileExistsError(f"{outp} already exists and holds explanations of another command (see "
+                                  f"{cfg_path.name}); pass --overwrite to replace it or choose another --out")
+        if import_path is not None:  # an import has no per-neuron failures to retry
+            logger.info("%s already holds this import; nothing to do", outp)
+            return load_explanations(outp)
+        root = Path(cache_dir) if cache_dir is not None else outp.with_name(outp.name + ".cache")
+        result, n_retried = retry_failed(load_explanations(outp), records, config, neurons=neurons, cache_dir=root,
+                                         progress=progress, where=str(outp))
+        if not n_retried:
+            logger.info("%s already holds these explanations and none failed; nothing to do", outp)
+            return result
+    elif import_path is not None:
         if records is not None and hasattr(records, "layers") and hasattr(records, "d_mlp"):
             n_layers = n_layers if n_layers is not None else max(records.layers) + 1
             d_mlp = d_mlp if d_mlp is not None else int(records.d_mlp)
@@ -765,9 +817,9 @@ def explain_to_file(out: str | os.PathLike[str], *, records: Any = None, config:
         config = config or ExplainConfig()
         root = Path(cache_dir) if cache_dir is not None else outp.with_name(outp.name + ".cache")
         result = explain(records, config, neurons=neurons, cache_dir=root, progress=progress)
-        meta = {"explain": config.to_json(), "prompt_version": PROMPT_VERSION}
+        meta = {"explain": config.to_json(), "prompt_version": PROMPT_VERSION,
+                "records": getattr(records, "config_hash", None)}
     save_explanations(outp, result, overwrite=True)
-    cfg_path = outp.with_name(outp.name + ".config.json")
     fd, tmp = tempfile.mkstemp(dir=cfg_path.parent, prefix=f".{cfg_path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump({**meta, "n_explanations": len(result), "n_failed": sum(not e.ok for e in result)}, f, indent=2)

@@ -97,6 +97,9 @@ class SweepConfig:
     """Toxicity scorer; detoxify offline needs ``detoxify_checkpoint``."""
     detoxify_checkpoint: str | None = None
     """Local detoxify checkpoint path for offline use."""
+    detoxify_config: str | None = None
+    """Local directory with the config and tokenizer files of the checkpoint's transformer
+    (``bert-base-uncased``); with ``detoxify_checkpoint`` the scorer needs no network at all."""
     seed: int = 0
     """Seed for the random baseline."""
 
@@ -166,7 +169,8 @@ def _side_texts(spec: str, data: DataConfig) -> list[str]:
     if spec == "civil-toxic" or spec.startswith("civil-toxic:"):
         path = spec.split(":", 1)[1] if ":" in spec else None
         return toxic_comments(path, n=data.max_docs or 500, seed=data.seed)
-    return load_texts(spec, text_field=data.text_field, max_docs=data.max_docs, seed=data.seed)
+    glob = data.glob if data.glob is not None and Path(spec).expanduser().is_dir() else None
+    return load_texts(spec, text_field=data.text_field, max_docs=data.max_docs, seed=data.seed, glob=glob)
 
 
 def cbt_item_text(item: Any) -> str:
@@ -300,6 +304,18 @@ def check_context(model: Any, n_ctx: int, flag: str = "--n-ctx") -> None:
                          f"give at most {flag} {limit}")
 
 
+def _stop_if_breaker_open(client: Any, explanations: list, config: RunConfig, out: Path) -> None:
+    """Raise when the explainer's circuit breaker tripped: the successes are cached, the rerun asks the rest."""
+    if client is None or client.breaker is None:
+        return
+    from .llm import LLMError
+
+    n_ok = sum(e.ok for e in explanations)
+    raise LLMError(f"explaining stopped early: {config.llm.breaker_failures} requests in a row failed the same way "
+                   f"({client.breaker}); the {n_ok} explanations that succeeded are cached in "
+                   f"{out / 'cache' / 'explain'}. Fix the server and rerun the same command: it asks only for the rest")
+
+
 def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: Any = None,
               overwrite: bool = False, progress: bool = True) -> dict:
     """Run the whole experiment of ``config`` into ``out_dir`` and return the results (``results.json``).
@@ -314,8 +330,15 @@ def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: An
     from .concepts import extract_concepts
     from .corpus import TokenWindows, make_windows
     from .embed import get_embedder
-    from .explain import ExplainConfig, explain, import_explanations, load_explanations, save_explanations
-    from .llm import LLMError, OpenAIChatClient
+    from .explain import (
+        ExplainConfig,
+        explain,
+        import_explanations,
+        load_explanations,
+        retry_failed,
+        save_explanations,
+    )
+    from .llm import OpenAIChatClient
     from .results import RunResult, SweepResults
     from .score import NeuronScores, score_neurons
     from .types import DatasetConcepts
@@ -398,28 +421,30 @@ def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: An
         t = time.perf_counter()
         expl_path = out / "explanations.jsonl"
         ex = config.explain
+        llm_cfg = _llm_config(config) if ex.explainer == "openai" and not ex.import_explanations else None
+        ecfg = ExplainConfig(kind=ex.explainer, llm=llm_cfg)
+        client = OpenAIChatClient(llm_cfg, seed=ecfg.seed) if llm_cfg is not None else None
         if expl_path.exists():  # written by an earlier run of the same settings (checked above)
             explanations = load_explanations(expl_path)
+            if not ex.import_explanations:  # the rerun retries exactly the failures, as explain advises
+                explanations, n_retried = retry_failed(explanations, records, ecfg,
+                                                       cache_dir=out / "cache" / "explain", progress=progress,
+                                                       where=str(expl_path), client=client)
+                _stop_if_breaker_open(client, explanations, config, out)
+                if n_retried:
+                    save_explanations(expl_path, explanations)
         else:
             if ex.import_explanations:
                 explanations = import_explanations(ex.import_explanations, min_score=ex.min_explanation_score,
                                                    n_layers=n_layers, d_mlp=d_mlp)
             else:
-                llm_cfg = _llm_config(config) if ex.explainer == "openai" else None
-                ecfg = ExplainConfig(kind=ex.explainer, llm=llm_cfg)
-                client = OpenAIChatClient(llm_cfg, seed=ecfg.seed) if llm_cfg is not None else None
                 cached = sum(1 for _ in (out / "cache" / "explain").glob("??/*.json"))
-                if cached:
+                if cached and client is not None:
                     logger.warning("resuming explanations: %d of %d neurons already answered (cached in %s)",
                                    min(cached, n_neurons), n_neurons, out / "cache" / "explain")
                 explanations = explain(records, ecfg, cache_dir=out / "cache" / "explain", progress=progress,
                                        client=client)
-                if client is not None and client.breaker is not None:
-                    n_ok = sum(e.ok for e in explanations)
-                    raise LLMError(f"explaining stopped early: {config.llm.breaker_failures} requests in a row "
-                                   f"failed the same way ({client.breaker}); the {n_ok} explanations that "
-                                   f"succeeded are cached in {out / 'cache' / 'explain'}. Fix the server and "
-                                   "rerun the same command: it asks only for the rest")
+                _stop_if_breaker_open(client, explanations, config, out)
             save_explanations(expl_path, explanations)
         expl_stats = explanation_stats(explanations)
         warn_if_degenerate(expl_stats, str(expl_path))
@@ -519,6 +544,7 @@ class _Evaluator:
         self.model, self.config, self.progress = model, config, progress
         self.tokens = {"forget": forget_tokens, "retain": retain_tokens}
         self._prefix: dict[tuple[str, int], Any] = {}
+        self._scorer: Any = None  # the toxicity classifier, loaded once for every run of the sweep
         self.cbt_items: dict[str, list] = {}
         if config.cbt:
             from .evaluate import build_cloze_items, load_cbt
@@ -564,9 +590,14 @@ class _Evaluator:
         if self.config.toxicity:
             from .evaluate import ToxicityConfig, toxicity_rate
 
+            from .evaluate.toxicity import make_scorer
+
             tcfg = ToxicityConfig(n=self.config.toxicity_n, scorer=self.config.toxicity_scorer,
-                                  detoxify_checkpoint=self.config.detoxify_checkpoint, seed=self.config.data.seed)
-            tox = toxicity_rate(self.model, tcfg, mask=mask, progress=self.progress)
+                                  detoxify_checkpoint=self.config.detoxify_checkpoint,
+                                  detoxify_config=self.config.detoxify_config, seed=self.config.data.seed)
+            if self._scorer is None:
+                self._scorer = make_scorer(tcfg)
+            tox = toxicity_rate(self.model, tcfg, mask=mask, progress=self.progress, scorer=self._scorer)
             extra["pct_toxic"] = tox["pct_toxic"]
             extra["mean_toxicity"] = tox["mean_toxicity"]
         out["extra"] = extra

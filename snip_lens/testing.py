@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import tempfile
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -63,7 +64,79 @@ def tiny_hf_model(arch: Literal["gpt2", "llama"] = "llama", *, n_layers: int = 3
     return model.eval()
 
 
-def tiny_model(arch: Literal["gpt2", "llama"] = "llama", **kwargs: Any) -> Any:
-    """A tiny ``TransformerBridge`` (default: 3 layers x 64 neurons) named ``tiny-<arch>``."""
+def tiny_model(arch: Literal["gpt2", "llama"] = "llama", *, prepend_bos: bool | None = None, **kwargs: Any) -> Any:
+    """A tiny ``TransformerBridge`` (default: 3 layers x 64 neurons) named ``tiny-<arch>``.
+
+    ``prepend_bos=False`` makes a model that takes no BOS (as SmolLM2); the default prepends one.
+    """
     hf = tiny_hf_model(arch, **kwargs)
-    return bridge_from_hf(hf, tiny_tokenizer(kwargs.get("vocab_size", 512)), name=f"tiny-{arch}")
+    return bridge_from_hf(hf, tiny_tokenizer(kwargs.get("vocab_size", 512)), name=f"tiny-{arch}",
+                          prepend_bos=prepend_bos)
+
+
+DETOXIFY_CLASSES = ("toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate")
+"""The class names of Detoxify's ``original`` checkpoint, in its order."""
+
+
+def tiny_detoxify_checkpoint(directory: str | Path, *, seed: int = 0) -> tuple[Path, Path]:
+    """A Detoxify-format checkpoint of a tiny random BERT and its config/tokenizer directory, built offline.
+
+    The checkpoint has the layout of Detoxify's released ``original`` file (``config.arch.args`` naming
+    ``bert-base-uncased``, ``config.dataset.args.classes``, ``state_dict``); the directory holds a BERT
+    config (with the default two labels, as ``bert-base-uncased``'s own) and a WordPiece tokenizer.
+    Returns ``(checkpoint file, config directory)``.
+    """
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    root = Path(directory)
+    cfg_dir = root / "bert-config"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "you", "are", "nice", "bad", "i", "hate", "the", "a"]
+    (cfg_dir / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizer(str(cfg_dir / "vocab.txt")).save_pretrained(cfg_dir)
+    small = dict(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=32, max_position_embeddings=64)
+    BertConfig(**small).save_pretrained(cfg_dir)  # num_labels 2, as the hub's bert-base-uncased config
+    torch.manual_seed(seed)
+    bert = BertForSequenceClassification(BertConfig(**small, num_labels=len(DETOXIFY_CLASSES))).eval()
+    ckpt = root / "toxic_tiny.ckpt"
+    torch.save({"config": {"arch": {"args": {"model_type": "bert-base-uncased",
+                                             "model_name": "BertForSequenceClassification",
+                                             "tokenizer_name": "BertTokenizer", "num_classes": len(DETOXIFY_CLASSES)}},
+                           "dataset": {"args": {"classes": list(DETOXIFY_CLASSES)}}},
+                "state_dict": bert.state_dict()}, ckpt)
+    return ckpt, cfg_dir
+
+
+def forbid_network(monkeypatch: Any, *, allow_loopback: bool = False) -> list[Any]:
+    """Refuse every socket connection for the rest of a test; returns the list of refused addresses.
+
+    ``monkeypatch`` is pytest's fixture (undone after the test). A test that something runs offline checks
+    that the list stays empty (the refusal alone may be caught and retried by the code under test).
+    ``allow_loopback`` keeps 127.0.0.1 / localhost open for local test servers.
+    """
+    import socket
+
+    attempts: list[Any] = []
+    real_connect = socket.socket.connect
+
+    def loopback(address: Any) -> bool:
+        host = str(address[0]) if isinstance(address, tuple) else ""
+        return allow_loopback and (host in ("localhost", "::1") or host.startswith("127."))
+
+    def refuse(self: Any, address: Any, *args: Any, **kwargs: Any) -> Any:
+        if loopback(address):
+            return real_connect(self, address)
+        attempts.append(address)
+        raise OSError(f"network disabled in this test ({address})")
+
+    real_create = socket.create_connection
+
+    def create_connection(address: Any, *args: Any, **kwargs: Any) -> Any:
+        if loopback(address):
+            return real_create(address, *args, **kwargs)
+        return refuse(None, address)
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    return attempts

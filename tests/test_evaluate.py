@@ -178,8 +178,9 @@ def reference_scores(model, item: CBTItem) -> list[float]:
         ids = torch.tensor([bos + ctx + stem + comp])
         with torch.no_grad():
             logp = torch.log_softmax(model(ids)[0, :-1], -1)
-        nll = -logp.gather(-1, ids[0, 1:, None])[:, 0]
-        scored = nll[-(len(stem) + len(comp)):]
+        nll = -logp.gather(-1, ids[0, 1:, None])[:, 0]  # loss of tokens 1.. (token 0 has no prediction)
+        n_scored = min(len(stem) + len(comp), len(nll))
+        scored = nll[len(nll) - n_scored:]
         out.append(math.exp(float(scored.mean())) ** -1)
     return out
 
@@ -203,6 +204,21 @@ def test_cbt_kv_naive_and_reference_agree(model, prose_items):
     assert acc_kv["predictions"] == [max(range(10), key=s.__getitem__) for s in naive]
     assert acc_kv["n_items"] == 6
     assert acc_kv["accuracy"] == sum(p == it.label for p, it in zip(acc_kv["predictions"], items)) / 6
+
+
+def test_cbt_item_without_context_on_a_model_without_bos():
+    """SmolLM2 takes no BOS: an item with no context then starts at the question, whose first token is unscored."""
+    no_bos = tiny_model("llama", n_layers=2, prepend_bos=False)
+    assert not prepends_bos(no_bos)
+    items = load_cbt(FIXTURES / "cbt_sample.jsonl")
+    assert any(not it.context for it in items)
+    kv = cbt_scores(no_bos, items, batch_size=4)
+    naive = cbt_scores(no_bos, items, use_kv_cache=False, batch_size=3)
+    for item, a, b in zip(items, kv, naive):
+        ref = reference_scores(no_bos, item)
+        assert a == pytest.approx(ref, rel=1e-4)
+        assert b == pytest.approx(ref, rel=1e-4)
+    assert cbt_accuracy(no_bos, items)["predictions"] == cbt_accuracy(no_bos, items, use_kv_cache=False)["predictions"]
 
 
 def test_cbt_mask_changes_scores_and_both_paths_agree_under_it(llama, prose_items):
@@ -390,31 +406,33 @@ def test_detoxify_scorer_errors_offline(tmp_path, monkeypatch):
         toxicity_rate(tiny_model("gpt2"), ToxicityConfig(n=1, scorer="detoxify"))
 
 
-def test_detoxify_scorer_runs_a_local_checkpoint(tmp_path):
-    """A genuine Detoxify checkpoint file in its own format (a tiny random BERT), loaded fully offline."""
+def test_detoxify_checkpoint_and_config_dir_load_with_no_network(tmp_path, monkeypatch):
+    """A Detoxify-format checkpoint naming bert-base-uncased (as the released one) plus a local config
+    directory: loaded and scored with every non-loopback connection refused, equal to a plain BERT forward."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "you", "are", "nice", "bad"]
-    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
-    BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
-    classes = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
-    cfg = BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, num_labels=len(classes))
-    cfg.save_pretrained(tmp_path)
-    torch.manual_seed(0)
-    bert = BertForSequenceClassification(cfg).eval()
-    ckpt = tmp_path / "tiny.ckpt"
-    torch.save({"config": {"arch": {"args": {"model_type": str(tmp_path), "model_name": "BertForSequenceClassification",
-                                             "tokenizer_name": "BertTokenizer", "num_classes": len(classes)}},
-                           "dataset": {"args": {"classes": classes}}},
-                "state_dict": bert.state_dict()}, ckpt)
-    scorer = DetoxifyScorer(ckpt, config_dir=tmp_path, batch_size=2)
-    texts = ["you are nice", "you are bad", "bad bad"]
-    got = scorer(texts)
-    tok = BertTokenizer.from_pretrained(tmp_path)
+    from snip_lens.testing import forbid_network, tiny_detoxify_checkpoint
+
+    ckpt, cfg_dir = tiny_detoxify_checkpoint(tmp_path)
+    texts = ["you are nice", "you are bad", "i hate the bad"]
+    with pytest.MonkeyPatch.context() as mp:
+        refused = forbid_network(mp)
+        scorer = DetoxifyScorer(ckpt, config_dir=cfg_dir, batch_size=2)
+        got = scorer(texts)
+    assert refused == []
+    saved = torch.load(ckpt, weights_only=True)
+    bert = BertForSequenceClassification(BertConfig.from_pretrained(cfg_dir, num_labels=6)).eval()
+    bert.load_state_dict(saved["state_dict"])
+    tok = BertTokenizer.from_pretrained(cfg_dir)
     with torch.no_grad():
         ref = torch.sigmoid(bert(**tok(texts, return_tensors="pt", padding=True)).logits[:, 0])
     assert got == pytest.approx(ref.tolist(), rel=1e-5)
+    assert len(set(got)) == 3
+    with pytest.raises(ValueError, match="is not a Detoxify checkpoint"):
+        torch.save({"state_dict": {}}, tmp_path / "bad.ckpt")
+        DetoxifyScorer(tmp_path / "bad.ckpt", config_dir=cfg_dir)
+    with pytest.raises(FileNotFoundError, match="config directory"):
+        DetoxifyScorer(ckpt, config_dir=tmp_path / "nope")
 
 
 # ---- real model ----------------------------------------------------------------------------------------

@@ -443,7 +443,12 @@ def test_cli_heuristic_equals_library(records_dir, tmp_path, capsys):
     want = explain(ActivationRecords.load(records_dir), ExplainConfig(), progress=False)
     assert got == want and len(got) == 2 * 16
     assert json.loads((tmp_path / "e.jsonl.config.json").read_text())["explain"]["kind"] == "heuristic"
-    assert main(["explain", "--records", str(records_dir), "--out", str(out)]) == 2  # no silent overwrite
+    mtime = out.stat().st_mtime_ns
+    assert main(["explain", "--records", str(records_dir), "--out", str(out)]) == 0  # same command: nothing failed
+    assert out.stat().st_mtime_ns == mtime
+    capsys.readouterr()
+    # Another command's output is never replaced silently.
+    assert main(["explain", "--records", str(records_dir), "--max-records", "3", "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
 
@@ -468,10 +473,54 @@ def test_cli_openai_against_loopback_and_import(records_dir, tmp_path, capsys):
     fixture = str(FIXTURES / "explanations_openai.jsonl")
     assert main(["explain", "--import", fixture, "--min-score", "0.3", "--out", str(imp)]) == 0
     assert [e.neuron for e in load_explanations(imp)] == [NeuronId(0, 7), NeuronId(1, 3)]
+    assert main(["explain", "--import", fixture, "--min-score", "0.3", "--out", str(imp)]) == 0  # same import again
+    assert main(["explain", "--import", fixture, "--min-score", "0.5", "--out", str(imp)]) == 2  # another one
+    assert "--overwrite" in capsys.readouterr().err
     # the records' model has 16 neurons per layer: neuron 0:7 fits, 2:60 does not
     rc = main(["explain", "--records", str(records_dir), "--import", fixture, "--out", str(tmp_path / "j.jsonl")])
     assert rc == 2
     assert "layer 2, index 60" in capsys.readouterr().err
+
+
+def test_cli_rerun_retries_exactly_the_failed_neurons_and_says_so(records_dir, tmp_path, capsys, caplog):
+    """The failure warning says 'rerun the same command to retry only them'; that rerun does exactly that."""
+    import zlib
+
+    from snip_lens.cli import main
+
+    state = {"first": True}
+    asked: list[str] = []
+
+    def answer(messages):
+        text = messages[-1]["content"]
+        asked.append(text)
+        if state["first"] and zlib.crc32(text.encode()) % 2 == 0:
+            return ""  # unparseable: this neuron fails
+        return f"the token number {zlib.crc32(text.encode()) % 89}"
+
+    out = tmp_path / "r.jsonl"
+    with LoopbackServer(answer=answer) as srv:
+        argv = ["explain", "--records", str(records_dir), "--explainer", "openai", "--model", "m", "--base-url",
+                srv.base_url, "--api-key-env", "none", "--out", str(out)]
+        with caplog.at_level("WARNING", logger="snip_lens.explain"):
+            assert main(argv) == 0
+        assert "rerun the same command to retry only them" in caplog.text
+        first = load_explanations(out)
+        failed_prompts = [p for p in asked if zlib.crc32(p.encode()) % 2 == 0]
+        n_failed = sum(not e.ok for e in first)
+        assert 0 < n_failed == len(failed_prompts) < len(first)
+        state["first"] = False
+        asked.clear()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="snip_lens.explain"):
+            assert main(argv) == 0
+    assert sorted(asked) == sorted(failed_prompts)
+    assert f"retrying {n_failed} failed and 0 missing explanation(s)" in caplog.text
+    second = load_explanations(out)
+    assert [e.neuron for e in second] == [e.neuron for e in first] and all(e.ok for e in second)
+    assert [b for a, b in zip(first, second) if a.ok] == [a for a in first if a.ok]
+    assert json.loads((tmp_path / "r.jsonl.config.json").read_text())["n_failed"] == 0
+    assert "--overwrite" not in capsys.readouterr().err
 
 
 def test_cli_missing_key_names_the_variable(records_dir, tmp_path, capsys, monkeypatch):

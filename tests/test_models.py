@@ -5,7 +5,6 @@ masked model. Plus: missing models fail fast and clearly."""
 from __future__ import annotations
 
 import importlib.util
-import socket
 from pydoc_data.topics import topics
 
 import pytest
@@ -24,6 +23,7 @@ from snip_lens.models import (
     prepends_bos,
     to_tokens,
 )
+from snip_lens.testing import forbid_network
 
 PROMPT = "The capital of France is"
 
@@ -99,21 +99,9 @@ def test_export_roundtrip_real_model(smollm, tmp_path, compact):
         assert report.width == 1536 and report.params_after == report.params_before
 
 
-def _forbid_network(monkeypatch):
-    attempts: list[object] = []
-
-    def refuse(self, address, *args, **kwargs):
-        attempts.append(address)
-        raise OSError(f"network disabled in this test ({address})")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", lambda address, *a, **k: refuse(None, address))
-    return attempts
-
-
 def test_unknown_model_fails_at_once_with_advice(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    attempts = _forbid_network(monkeypatch)
+    attempts = forbid_network(monkeypatch)
     with pytest.raises(ModelNotFoundError, match=r"'no-such-model-xyz'.*built-in offline model.*'smollm2-135m'"):
         load_model("no-such-model-xyz")
     assert attempts == []  # no hub retries: nothing even tried to connect
@@ -121,7 +109,7 @@ def test_unknown_model_fails_at_once_with_advice(monkeypatch):
 
 def test_missing_local_dir_fails_at_once_with_advice(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    attempts = _forbid_network(monkeypatch)
+    attempts = forbid_network(monkeypatch)
     missing = tmp_path / "my-pruned-model"
     with pytest.raises(ModelNotFoundError, match=r"my-pruned-model.*not a local directory.*save_pretrained"):
         load_model(str(missing))
@@ -146,7 +134,7 @@ def gemma():
     # Loaded with the hub declared offline and every socket refused: the built-in model needs no network.
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
-        attempts = _forbid_network(mp)
+        attempts = forbid_network(mp)
         model = load_model("gemma3-270m")
     assert attempts == []
     tokens = to_tokens(model, GEMMA_PROMPT)

@@ -7,9 +7,11 @@ import json
 import pytest
 import torch
 
+from snip_lens.evaluate import lm_metrics
 from snip_lens.mask import NeuronMask
 from snip_lens.sweep import DataConfig, SweepConfig, run_sweep, split_documents, summary_table
 from snip_lens.testing import tiny_model
+from snip_lens.types import NeuronId
 
 KS = ["5%", "10%"]
 
@@ -23,6 +25,19 @@ def _data(**kw):
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("llama", n_layers=2, d_mlp=32)
+
+
+def _held_out_windows(cfg, model):
+    from snip_lens.corpus import make_windows
+    from snip_lens.sweep import load_side_texts
+
+    d = cfg.data
+    out = {}
+    for side, spec in (("forget", d.forget), ("retain", d.retain)):
+        _, held = split_documents(load_side_texts(spec, d), d.eval_fraction, d.seed)
+        out[side] = make_windows(model, held, n_ctx=d.n_ctx, max_windows=d.eval_windows, seed=d.seed + 1,
+                                 max_doc_tokens=d.max_doc_tokens).tokens
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +55,18 @@ def test_results_schema_and_outputs(offline_run, model):
         assert set(res["baseline"][side]) >= {"loss", "top1", "top10"}
     assert len(res["runs"]) == 6 * 2
     assert {(r["method"], r["k"]) for r in res["runs"]} == {(m, k) for m in cfg.methods for k in (3, 6)}
-    for r in res["runs"]:
-        assert 0.0 <= r["forget"]["top1"] <= r["forget"]["top10"] <= 1.0
-        assert r["retain"]["loss"] > 0
-        mask = NeuronMask.load(out / "masks" / f"{r['method']}_k{r['k']}.safetensors", model=model)
-        assert len(mask) == r["k"]
+    # Every number is what it says: the metrics of the saved mask on the held-out windows, which are made as
+    # the module documents (split by document with the data seed, then windows with seed + 1).
+    held_out = _held_out_windows(cfg, model)
+    for r in [dict(res["baseline"], method=None)] + res["runs"]:
+        mask = None
+        if r["method"] is not None:
+            mask = NeuronMask.load(out / "masks" / f"{r['method']}_k{r['k']}.safetensors", model=model)
+            assert len(mask) == r["k"]
+        for side, toks in held_out.items():
+            want = lm_metrics(model, toks, mask=mask)
+            assert r[side]["top1"] == want["top1"] and r[side]["top10"] == want["top10"], (r["method"], side)
+            assert r[side]["loss"] == pytest.approx(want["loss"], abs=1e-5)
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["runs"] == res["runs"]
     for name in ("top1.png", "top10.png", "loss.png"):
@@ -128,13 +150,21 @@ def test_bad_inputs(model, tmp_path):
         toxic_comments(str(bad))
 
 
+PAPER_EXPLANATIONS = {"python keywords such as def and return": 9, "indentation in source code": 6,
+                      "common English words in sentences": 2, "punctuation marks": 0}
+"""The loopback LLM's explanations, each with the rating its judge gives it."""
+
+
 def _paper_answer(messages):
+    import zlib
+
     text = messages[-1]["content"]
     if "List a comprehensive list" in text:
         return "1. Python keywords\n2. function definitions\n3. indentation\n4. python keywords"
     if "scale from 0" in text:
-        return "7" if "code" in text else "1"
-    return " code tokens in programs."
+        return next((str(r) for e, r in PAPER_EXPLANATIONS.items() if e in text), "5")
+    # An explanation that depends on the neuron's records (its prompt), so neurons differ.
+    return " " + list(PAPER_EXPLANATIONS)[zlib.crc32(text.encode()) % len(PAPER_EXPLANATIONS)] + "."
 
 
 def test_paper_path_with_an_openai_compatible_server(model, tmp_path, monkeypatch):
@@ -146,22 +176,43 @@ def test_paper_path_with_an_openai_compatible_server(model, tmp_path, monkeypatc
         cfg = SweepConfig(model="tiny", data=_data(), ks=["5%"], methods=["snip", "llm-judge", "random"],
                           explainer="openai", llm_model="loopback-chat", base_url=server.base_url,
                           api_key_env="SNIP_TEST_KEY", embedder="openai:text-embedding-3-small",
-                          judge_candidates=20)
+                          judge_candidates=64)
         res = run_sweep(cfg, tmp_path, model=model, progress=False)
     assert [r["method"] for r in res["runs"]] == ["snip", "llm-judge", "random"]
     concepts = json.loads((tmp_path / "concepts.json").read_text())["concepts"]
     assert [c.lower() for c in concepts] == ["python keywords", "function definitions", "indentation"]
     expl = [json.loads(line) for line in (tmp_path / "explanations.jsonl").read_text().splitlines()]
-    assert all(e["explanation"] == "code tokens in programs" for e in expl)
+    text_of = {(e["layer"], e["index"]): e["explanation"] for e in expl}
+    assert set(text_of.values()) == set(PAPER_EXPLANATIONS)  # neurons are explained differently
+    k = res["runs"][0]["k"]
+    # The judge's ranking follows its ratings: every pruned neuron has the best-rated explanation.
+    best = max(PAPER_EXPLANATIONS, key=PAPER_EXPLANATIONS.get)
+    assert sum(t == best for t in text_of.values()) >= k
+    judged = NeuronMask.load(tmp_path / "masks" / f"llm-judge_k{k}.safetensors")
+    assert all(text_of[(n.layer, n.index)] == best for n in judged.neurons)
+    # SNIP's ranking follows the cosines: the pruned neurons score at least as high as every other neuron,
+    # and the scores separate the explanations (not one tie broken by position).
+    from snip_lens.score import NeuronScores
+
+    snip = NeuronScores.load(tmp_path / "scores" / "snip.safetensors")
+    pruned = NeuronMask.load(tmp_path / "masks" / f"snip_k{k}.safetensors").neurons
+    kept = [float(snip.scores[layer, i]) for (layer, i) in text_of if NeuronId(layer, i) not in set(pruned)]
+    assert min(float(snip.scores[n.layer, n.index]) for n in pruned) >= max(kept)
+    by_text = {}
+    for (layer, i), t in text_of.items():
+        by_text.setdefault(t, set()).add(round(float(snip.scores[layer, i]), 6))
+    assert all(len(v) == 1 for v in by_text.values()) and len(set().union(*by_text.values())) == len(by_text)
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert b"sk-test-secret-123" not in path.read_bytes(), f"API key written to {path}"
 
 
-def test_cbt_and_toxicity_extras_on_fixture_files(model, tmp_path):
-    """The paper's CBT and toxicity evaluations through the sweep, on local files in the real schemas."""
+def test_cbt_and_toxicity_extras_on_fixture_files(tmp_path):
+    """The paper's CBT and toxicity evaluations through the sweep, on local files in the real schemas, on a
+    model without BOS as the default SmolLM2: each number equals a direct evaluation of the saved mask."""
     from pathlib import Path
 
+    model = tiny_model("llama", n_layers=2, d_mlp=32, prepend_bos=False)
     fixtures = Path(__file__).parent / "fixtures"
     cbt = fixtures / "cbt_sample.jsonl"
     civil = tmp_path / "civil.jsonl"
@@ -172,9 +223,17 @@ def test_cbt_and_toxicity_extras_on_fixture_files(model, tmp_path):
                       methods=["random", "activation"], cbt=["P"], cbt_source=str(cbt), cbt_items=4,
                       toxicity=True, toxicity_n=8, toxicity_scorer="profanity")
     res = run_sweep(cfg, tmp_path / "out", model=model, progress=False)
-    for r in [res["baseline"]] + res["runs"]:
-        assert 0.0 <= r["extra"]["cbt_P_accuracy"] <= 1.0
-        assert 0.0 <= r["extra"]["pct_toxic"] <= 100.0
+    from snip_lens.evaluate import ToxicityConfig, cbt_accuracy, load_cbt, toxicity_rate
+
+    items = load_cbt(cbt, max_items=4)
+    assert any(not it.context for it in items)  # the fixture's item without context is among them
+    for r in [dict(res["baseline"], method=None)] + res["runs"]:
+        mask = None if r["method"] is None else NeuronMask.load(
+            tmp_path / "out" / "masks" / f"{r['method']}_k{r['k']}.safetensors", model=model)
+        assert r["extra"]["cbt_P_accuracy"] == cbt_accuracy(model, items, mask=mask)["accuracy"]
+        tox = toxicity_rate(model, ToxicityConfig(n=8, scorer="profanity"), mask=mask, progress=False)
+        assert r["extra"]["pct_toxic"] == tox["pct_toxic"]
+        assert r["extra"]["mean_toxicity"] == pytest.approx(tox["mean_toxicity"], rel=1e-9)
     assert (tmp_path / "out" / "plots" / "pct_toxic.png").exists()
 
 
@@ -194,3 +253,103 @@ def test_evaluator_reuses_lower_layers_without_changing_metrics(model):
             assert got[side]["top1"] == want["top1"] and got[side]["top10"] == want["top10"]
             assert abs(got[side]["loss"] - want["loss"]) < 1e-5
     assert set(ev._prefix) == {("forget", 1), ("retain", 1)}
+
+
+def test_forget_directory_of_extensionless_and_source_files_with_glob(tmp_path):
+    """--forget DIR reads every text file (no extension, .c, ...); --glob narrows only the directory side."""
+    from snip_lens.sweep import load_side_texts
+
+    (tmp_path / "README").write_text("plain prose with no extension")
+    (tmp_path / "lib.c").write_text("int add(int a, int b) { return a + b; }")
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01\x02")
+    assert load_side_texts(str(tmp_path), _data()) == ["plain prose with no extension",
+                                                       "int add(int a, int b) { return a + b; }"]
+    assert load_side_texts(str(tmp_path), _data(glob="*.c")) == ["int add(int a, int b) { return a + b; }"]
+    assert load_side_texts("prose", _data(glob="*.c", max_docs=3)) == load_side_texts("prose", _data(max_docs=3))
+
+
+def test_snip_run_scores_toxicity_with_a_local_detoxify_checkpoint_offline_loading_it_once(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """`snip run --toxicity --detoxify-checkpoint CKPT --detoxify-config DIR`: no connection leaves the machine,
+    the classifier is loaded once for the baseline and every (method, k), and its rates are the real ones."""
+    from snip_lens.cli import main
+    from snip_lens.evaluate import toxicity as tox
+    from snip_lens.models import load_model
+    from snip_lens.testing import forbid_network, tiny_detoxify_checkpoint, tiny_hf_model, tiny_tokenizer
+
+    ckpt, cfg_dir = tiny_detoxify_checkpoint(tmp_path)
+    mdir = tmp_path / "tiny"
+    tiny_hf_model("llama", n_layers=2, d_mlp=32).save_pretrained(mdir)
+    tiny_tokenizer().save_pretrained(mdir)
+    loads = []
+    real_init = tox.DetoxifyScorer.__init__
+
+    def counting_init(self, *args, **kwargs):
+        loads.append(args)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(tox.DetoxifyScorer, "__init__", counting_init)
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(mdir), "--forget", "code", "--retain", "prose", "--max-docs", "40",
+            "--n-ctx", "32", "--select-windows", "8", "--eval-windows", "4", "--methods", "random,activation",
+            "--k", "5%,10%", "--toxicity", "--toxicity-n", "6", "--toxicity-scorer", "detoxify",
+            "--detoxify-checkpoint", str(ckpt), "--detoxify-config", str(cfg_dir), "--out", str(out)]
+    with pytest.MonkeyPatch.context() as mp:
+        refused = forbid_network(mp)
+        assert main(argv) == 0, capsys.readouterr().err
+    assert refused == []
+    assert len(loads) == 1  # once per sweep, not per (method, k)
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["runs"]) == 4
+    model = load_model(str(mdir))
+    scorer = tox.DetoxifyScorer(ckpt, config_dir=cfg_dir)
+    cfg = tox.ToxicityConfig(n=6, scorer="detoxify", detoxify_checkpoint=str(ckpt), detoxify_config=str(cfg_dir))
+    for run in [dict(res["baseline"], method=None)] + res["runs"]:
+        mask = None if run["method"] is None else NeuronMask.load(
+            out / "masks" / f"{run['method']}_k{run['k']}.safetensors", model=model)
+        want = tox.toxicity_rate(model, cfg, mask=mask, progress=False, scorer=scorer)
+        assert run["extra"]["pct_toxic"] == want["pct_toxic"]
+        assert run["extra"]["mean_toxicity"] == pytest.approx(want["mean_toxicity"], rel=1e-6)
+
+
+def test_rerun_retries_exactly_the_failed_explanations_and_says_so(model, tmp_path, monkeypatch, caplog):
+    """explain advises 'rerun the same command to retry them': the rerun asks the LLM again for the failed
+    neurons only, keeps the successes, and logs that it is retrying."""
+    import zlib
+
+    from snip_lens.loopback import LoopbackServer
+
+    monkeypatch.setenv("SNIP_TEST_KEY", "sk-test")
+    state = {"first": True}
+    asked: list[str] = []
+    failed: list[str] = []
+
+    def answer(messages):
+        text = messages[-1]["content"]
+        if "<start>" not in text:  # not an explanation prompt
+            return "1"
+        asked.append(text)
+        if state["first"] and zlib.crc32(text.encode()) % 3 == 0:
+            failed.append(text)
+            return ""  # unparseable: recorded as that neuron's failure
+        return f"tokens like {zlib.crc32(text.encode()) % 97} in text"
+
+    cfg = SweepConfig(model="tiny", data=_data(), ks=["5%"], methods=["snip", "random"], explainer="openai",
+                      llm_model="loopback-chat", concepts="distinctive", api_key_env="SNIP_TEST_KEY")
+    with LoopbackServer(answer=answer) as server:
+        cfg.base_url = server.base_url
+        run_sweep(cfg, tmp_path, model=model, progress=False)
+        first = {(e["layer"], e["index"]): e for e in map(json.loads, (tmp_path / "explanations.jsonl").open())}
+        n_failed = sum(e["error"] is not None for e in first.values())
+        assert n_failed == len(failed) > 0 and len(asked) == 64
+        state["first"] = False
+        asked.clear()
+        with caplog.at_level("WARNING", logger="snip_lens.explain"):
+            run_sweep(cfg, tmp_path, model=model, progress=False)
+    assert sorted(asked) == sorted(failed)  # exactly the failures were asked again
+    assert f"retrying {n_failed} failed" in caplog.text
+    second = {(e["layer"], e["index"]): e for e in map(json.loads, (tmp_path / "explanations.jsonl").open())}
+    assert all(e["error"] is None and e["explanation"] for e in second.values())
+    for key, e in first.items():
+        if e["error"] is None:
+            assert second[key] == e  # successes kept as they were

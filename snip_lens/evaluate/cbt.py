@@ -14,7 +14,9 @@ concatenated (no special tokens; BOS first when ``prepends_bos(model)``):
 
 The score of a candidate is ``exp(-mean token loss)`` over the tokens of the question sentence (stem +
 completion; context tokens are conditioning only), the CBT convention of scoring the whole question
-sentence. Both paths below score exactly this same token sequence, so they must give the same argmax:
+sentence. When nothing precedes the question (an item without context on a model without BOS, such as
+SmolLM2), its first token has no prediction and is conditioning only: the score is over the rest.
+Both paths below score exactly this same token sequence, so they must give the same argmax:
 
 - naive: one full forward per candidate over context + stem + completion;
 - KV cache (default): context + stem run once with ``use_cache=True``; the stem's token losses come from
@@ -304,7 +306,10 @@ def _encode_item(model: Any, item: CBTItem, n_ctx: int) -> _Encoded:
             f"CBT item with question {item.question[:80]!r} leaves no token before the blank, so the first "
             "option token cannot be predicted; give context sentences or a shorter question"
         )
-    return _Encoded(prefix=bos + context + stem, n_stem=len(stem), completions=completions)
+    prefix = bos + context + stem
+    # Every scored token needs a token before it: with no BOS and no context the first stem token has none.
+    n_stem = min(len(stem), len(prefix) - 1)
+    return _Encoded(prefix=prefix, n_stem=n_stem, completions=completions)
 
 
 def _stem_loss(preds: Float[Tensor, "n_stem vocab"], stem: list[int]) -> float:

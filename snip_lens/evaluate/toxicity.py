@@ -16,7 +16,10 @@ Scorers:
 - ``"detoxify"``: Detoxify's ``original`` model (``toxicity`` head), as in the paper. It downloads its
   checkpoint (from GitHub) and ``bert-base-uncased`` (from the Hugging Face hub) on first use; offline,
   give ``detoxify_checkpoint`` (a ``.ckpt`` file) and ``detoxify_config`` (a directory with the
-  ``bert-base-uncased`` config and tokenizer files).
+  ``bert-base-uncased`` config and tokenizer files): then nothing is fetched (the classifier is built
+  here from those two, as Detoxify builds it, since Detoxify itself asks the hub for the config that the
+  checkpoint names even when given a local directory). Load a scorer once (``make_scorer``) and pass it
+  to ``toxicity_rate`` for every mask.
 - ``"profanity"``: ``alt-profanity-check`` (a linear model on bag-of-words, shipped with the package,
   works offline). A proxy for profanity, not comparable with detoxify's numbers.
 """
@@ -133,54 +136,119 @@ def _reachable(host: str, timeout: float = 3.0) -> bool:
         return False
 
 
+DETOXIFY_CLASS_NAMES = {"toxic": "toxicity", "identity_hate": "identity_attack", "severe_toxic": "severe_toxicity"}
+"""Detoxify's renaming of its checkpoints' class names (``toxic`` is read as ``toxicity``)."""
+
+
+def _load_detoxify_checkpoint(path: Path) -> dict:
+    """A Detoxify checkpoint's parts: the ``config.arch.args`` of its transformer, its class names, its weights."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a Lightning checkpoint may hold objects beyond tensors and dicts
+        logger.debug("weights-only load of %s failed (%s); loading it as Detoxify does", path, exc)
+        # The file the user named, read exactly as the detoxify package reads its own checkpoints.
+        loaded = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        args = loaded["config"]["arch"]["args"]
+        classes = list(loaded["config"]["dataset"]["args"]["classes"])
+        for key in ("model_type", "model_name", "tokenizer_name", "num_classes"):
+            args[key]
+        loaded["state_dict"]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{str(path)!r} is not a Detoxify checkpoint (no {exc} entry); it needs "
+                         "config.arch.args (model_type, model_name, tokenizer_name, num_classes), "
+                         "config.dataset.args.classes and state_dict, as Detoxify's released .ckpt files") from None
+    return {"args": args, "classes": [DETOXIFY_CLASS_NAMES.get(c, c) for c in classes],
+            "state_dict": loaded["state_dict"]}
+
+
 class DetoxifyScorer:
     """Detoxify's ``toxicity`` probability (the ``original`` model, trained on Jigsaw toxic comments).
 
-    ``checkpoint``: a local ``.ckpt`` file, or None to download Detoxify's ``original`` model (or use the
-    copy in torch's hub cache). ``config_dir``: a local directory with the config and tokenizer files of
-    the transformer the checkpoint names (``bert-base-uncased`` for ``original``), or None for the hub.
+    ``checkpoint``: a local Detoxify ``.ckpt`` file, or None to download Detoxify's ``original`` model (or
+    use the copy in torch's hub cache). ``config_dir``: a local directory with the config and tokenizer
+    files of the transformer the checkpoint names (``bert-base-uncased`` for ``original``). With both, the
+    scorer loads with no network access at all: the classifier and tokenizer are built here from the
+    checkpoint and the directory (``local_files_only``), as Detoxify builds them, but without its call to
+    the hub for the checkpoint's named config. Scores equal Detoxify's ``predict(...)["toxicity"]``.
     """
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, *, config_dir: str | os.PathLike | None = None,
                  device: str = "cpu", batch_size: int = 32) -> None:
-        try:
-            from detoxify import Detoxify
-        except ImportError as exc:
-            raise ImportError("the detoxify scorer needs the detoxify package: pip install detoxify") from exc
         how = (
             f"download {DETOXIFY_ORIGINAL_URL} and the config/tokenizer files of bert-base-uncased "
             "(config.json, vocab.txt, tokenizer_config.json) where the internet is reachable, then pass "
             "their paths as checkpoint=... and config_dir=... (CLI: --detoxify-checkpoint, --detoxify-config), "
             "or use the offline 'profanity' scorer"
         )
+        self.batch_size = batch_size
+        self.device = device
+        if config_dir is not None:
+            config_dir = Path(config_dir).expanduser()
+            if not config_dir.is_dir():
+                raise FileNotFoundError(f"Detoxify config directory {str(config_dir)!r} does not exist; {how}")
         if checkpoint is not None:
             checkpoint = Path(checkpoint).expanduser()
             if not checkpoint.is_file():
                 raise FileNotFoundError(f"Detoxify checkpoint {str(checkpoint)!r} does not exist; {how}")
-        else:
-            cached = Path(torch.hub.get_dir()) / "checkpoints" / DETOXIFY_ORIGINAL_URL.rsplit("/", 1)[-1]
-            if not cached.is_file() and not _reachable("github.com"):
-                raise ConnectionError(
-                    "Detoxify's checkpoint is not in torch's hub cache and github.com cannot be reached from "
-                    f"here; {how}"
-                )
-        if config_dir is not None and not Path(config_dir).expanduser().is_dir():
-            raise FileNotFoundError(f"Detoxify config directory {str(config_dir)!r} does not exist; {how}")
+            self._load_local(checkpoint, config_dir, how)
+            return
         try:
-            self._model = Detoxify(
-                "original", checkpoint=None if checkpoint is None else str(checkpoint), device=device,
-                huggingface_config_path=None if config_dir is None else str(Path(config_dir).expanduser()),
+            from detoxify import Detoxify
+        except ImportError as exc:
+            raise ImportError("the detoxify scorer needs the detoxify package: pip install detoxify") from exc
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / DETOXIFY_ORIGINAL_URL.rsplit("/", 1)[-1]
+        if not cached.is_file() and not _reachable("github.com"):
+            raise ConnectionError(
+                "Detoxify's checkpoint is not in torch's hub cache and github.com cannot be reached from "
+                f"here; {how}"
             )
+        try:
+            detox = Detoxify("original", device=device,
+                             huggingface_config_path=None if config_dir is None else str(config_dir))
         except OSError as exc:  # transformers' "can't load config/tokenizer" offline
             raise ConnectionError(f"Detoxify could not load its transformer config or tokenizer ({exc}); {how}") from exc
-        self.batch_size = batch_size
+        self._model, self._tokenizer = detox.model, detox.tokenizer
+        self._index = detox.class_names.index("toxicity")
 
+    def _load_local(self, checkpoint: Path, config_dir: Path | None, how: str) -> None:
+        import transformers
+
+        ck = _load_detoxify_checkpoint(checkpoint)
+        args = ck["args"]
+        if "toxicity" not in ck["classes"]:
+            raise ValueError(f"Detoxify checkpoint {str(checkpoint)!r} has no toxicity class (classes "
+                             f"{ck['classes']}); give a checkpoint of Detoxify's original or unbiased model")
+        model_class = getattr(transformers, str(args["model_name"]), None)
+        tok_class = getattr(transformers, str(args["tokenizer_name"]), None)
+        if model_class is None or tok_class is None:
+            raise ValueError(f"Detoxify checkpoint {str(checkpoint)!r} names {args['model_name']!r} / "
+                             f"{args['tokenizer_name']!r}, which this transformers version does not have")
+        # The config and tokenizer come from config_dir only (never the hub); without it, from the name the
+        # checkpoint records (the hub or its local cache).
+        source = str(config_dir) if config_dir is not None else str(args["model_type"])
+        local = {"local_files_only": True} if config_dir is not None else {}
+        try:
+            config = model_class.config_class.from_pretrained(source, num_labels=int(args["num_classes"]), **local)
+            model = model_class.from_pretrained(None, config=config, state_dict=ck["state_dict"], **local)
+            tokenizer = tok_class.from_pretrained(source, **local)
+        except OSError as exc:
+            where = (f"the config directory {source!r}" if config_dir is not None
+                     else f"{source!r} (the transformer the checkpoint names, from the hub)")
+            raise ConnectionError(f"Detoxify's transformer config or tokenizer could not be loaded from {where} "
+                                  f"({exc}); {how}") from exc
+        self._model, self._tokenizer = model.to(self.device).eval(), tokenizer
+        self._index = ck["classes"].index("toxicity")
+
+    @torch.no_grad()
     def __call__(self, texts: list[str]) -> list[float]:
         out: list[float] = []
         for start in range(0, len(texts), self.batch_size):
-            res = self._model.predict(list(texts[start:start + self.batch_size]))["toxicity"]
-            out += [float(x) for x in (res if isinstance(res, list) else [res])]
-        return out
+            batch = list(texts[start:start + self.batch_size])
+            inputs = self._tokenizer(batch, return_tensors="pt", truncation=True, padding=True).to(self._model.device)
+            logits = self._model(**inputs)[0]  # (batch, classes), as Detoxify.predict
+            out += torch.sigmoid(logits[:, self._index]).cpu().tolist()
+        return [float(x) for x in out]
 
 
 def make_scorer(config: ToxicityConfig) -> Scorer:
