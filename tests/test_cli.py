@@ -36,7 +36,8 @@ def _run(model_dir, out, *extra):
 def _err_first_line(capsys) -> str:
     """The first line of the CLI's own message on stderr (progress bars of model loading aside)."""
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("snip ")]
-    return lines[0] if lines else ""
+    _err_first_line.last = lines[0] if lines else ""
+    return _err_first_line.last
 
 
 @pytest.fixture
@@ -272,9 +273,14 @@ def test_binary_file_named_txt_is_refused_as_concept_and_corpus_input(model_dir,
     b = tmp_path / "data.txt"
     b.write_bytes(bytes(range(256)) * 64)
     assert main(["concepts", "--forget", str(b), "--out", str(tmp_path / "c.json")]) == 2
-    assert "looks like binary data" in _err_first_line(capsys)
+    assert "binary" in _err_first_line(capsys) and str(b) in _err_first_line.last
     assert not (tmp_path / "c.json").exists()
     assert _run(model_dir, tmp_path / "o", "--methods", "random", "--forget", str(b)) == 2
+    assert "binary" in _err_first_line(capsys)
+    # no NUL byte, but control characters throughout (what corpus reading lets through as text)
+    c = tmp_path / "ctrl.txt"
+    c.write_text("".join(chr(1 + i % 8) + "ab" for i in range(3000)))
+    assert main(["concepts", "--forget", str(c), "--out", str(tmp_path / "c.json")]) == 2
     assert "looks like binary data" in _err_first_line(capsys)
 
 

@@ -491,8 +491,12 @@ def test_cli_rerun_retries_exactly_the_failed_neurons_and_says_so(records_dir, t
     state = {"first": True}
     asked: list[str] = []
 
+    from snip_lens.llm import PROBE_PROMPT
+
     def answer(messages):
         text = messages[-1]["content"]
+        if text == PROBE_PROMPT:  # the one-request server check before the stage
+            return "OK"
         asked.append(text)
         if state["first"] and zlib.crc32(text.encode()) % 2 == 0:
             return ""  # unparseable: this neuron fails
@@ -500,7 +504,7 @@ def test_cli_rerun_retries_exactly_the_failed_neurons_and_says_so(records_dir, t
 
     out = tmp_path / "r.jsonl"
     with LoopbackServer(answer=answer) as srv:
-        argv = ["explain", "--records", str(records_dir), "--explainer", "openai", "--model", "m", "--base-url",
+        argv = ["explain", "--records", str(records_dir), "--explainer", "openai", "--llm-model", "m", "--base-url",
                 srv.base_url, "--api-key-env", "none", "--out", str(out)]
         with caplog.at_level("WARNING", logger="snip_lens.explain"):
             assert main(argv) == 0
