@@ -442,7 +442,7 @@ class RunConfig:
                             ("--detoxify-checkpoint", self.evaluate.detoxify_checkpoint),
                             ("--detoxify-config", self.evaluate.detoxify_config)):
             if value and not Path(value).exists():
-                raise ValueError(f"{flag} {value!r} does not exist; give the path of an existing file")
+                raise ValueError(f"{flag} {value!r} does not exist; give an existing path")
         if self.evaluate.cbt and self.evaluate.cbt_source not in ("hf", "prose") \
                 and not Path(self.evaluate.cbt_source).is_file():
             raise ValueError(f"--cbt-source {self.evaluate.cbt_source!r} is not a file; give a JSONL file in the "
