@@ -1,12 +1,19 @@
-"""Compacted vs zeroed export: parameter counts and MLP (and whole-model) forward time on SmolLM2-135M.
+"""Compacted vs zeroed export of REAL top-k masks: parameters and MLP (and whole-model) time on SmolLM2-135M.
 
-Half of every layer's neurons (random, seed 0) are pruned with a zero mask; the model is exported twice,
-``compact=False`` (weights zeroed, 1536 neurons per MLP) and ``compact=True`` (768 neurons per MLP), and
-both are reloaded with plain transformers. The MLPs of all 30 layers are timed on the same hidden states,
-interleaved, on one torch thread, by this process's CPU time (robust on a shared machine) and wall clock;
-ratio = compact / zeroed. Writes benchmarks/results/export.json.
+The masks are the ones a sweep makes: the activation method's scores (Pochinkov & Schoots: mean |act| on
+forget / on retain, collected here on stdlib code vs pydoc prose, as the demo does; or ``--scores`` from a
+finished run, e.g. ``snip_demo/scores/hybrid.safetensors``), top k = ``--k`` of all neurons, selected
 
-    python benchmarks/export.py [--fraction 0.5] [--repeats 7]
+- ``global``: the k best overall (uneven across layers, as every sweep mask is), and
+- ``per-layer``: k/L best in each of the L layers (``--select per-layer``).
+
+Each mask is exported ``compact=False`` (weights zeroed, the baseline) and ``compact=True``, and reloaded with
+plain transformers. The MLPs of all 30 layers are timed on the same hidden states, interleaved, on one torch
+thread, by this process's CPU time (robust on a shared machine) and wall clock; ratio = compact / zeroed of
+the same run. The report's count of neurons that could not be removed is printed and stored. Writes
+benchmarks/results/export.json.
+
+    python benchmarks/export.py [--k 4%] [--scores FILE] [--windows 16] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -24,8 +31,8 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from snip_lens.export import export_pruned
-from snip_lens.mask import NeuronMask
 from snip_lens.models import load_model
+from snip_lens.select import mask_from_scores
 
 
 def _tokens(model, batch: int, seq: int) -> torch.Tensor:
@@ -42,42 +49,64 @@ def _timed(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def _activation_scores(bridge, windows: int):
+    """The sweep's activation scores: stdlib code (forget) vs pydoc prose (retain), ``windows`` x 128 tokens each."""
+    from snip_lens.collect import collect
+    from snip_lens.corpus import load_corpus
+    from snip_lens.select import activation_scores
+
+    corpora = {name: load_corpus(bridge, src, n_ctx=128, max_windows=windows, seed=0, name=name, max_doc_tokens=512)
+               for name, src in (("forget", "code"), ("retain", "prose"))}
+    records = collect(bridge, corpora, top_k=1, n_random=0, batch_size=8, progress=True)
+    return activation_scores(records, model_name="smollm2-135m")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fraction", type=float, default=0.5)
+    ap.add_argument("--k", default="4%", help="neurons pruned: a count or a percentage of all 46,080")
+    ap.add_argument("--scores", help="a saved NeuronScores file (default: activation scores computed here)")
+    ap.add_argument("--windows", type=int, default=16, help="windows of 128 tokens per side for the scores")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     bridge = load_model("smollm2-135m")
     n_layers, d_mlp = bridge.cfg.n_layers, bridge.cfg.d_mlp
-    k = int(args.fraction * d_mlp)
-    neurons = [(l, int(i)) for l in range(n_layers) for i in torch.randperm(d_mlp)[:k]]
-    mask = NeuronMask.from_neurons(bridge, neurons)
-    tokens = _tokens(bridge, args.batch, args.seq)
-    with torch.no_grad(), mask.applied(bridge):
-        masked_logits = bridge(tokens)
+    if args.scores:
+        from snip_lens.score import NeuronScores
 
+        scores = NeuronScores.load(args.scores, n_layers=n_layers, d_mlp=d_mlp)
+        source = args.scores
+    else:
+        scores = _activation_scores(bridge, args.windows)
+        source = f"activation scores, code vs prose, {args.windows} x 128 tokens per side"
+    masks = {sel: mask_from_scores(bridge, scores, args.k, select=sel) for sel in ("global", "per-layer")}
+    tokens = _tokens(bridge, args.batch, args.seq)
+    masked_logits = {}
+    for sel, mask in masks.items():
+        with torch.no_grad(), mask.applied(bridge):
+            masked_logits[sel] = bridge(tokens)
+
+    names = [("zeroed", "global", False), ("compact", "global", True), ("compact", "per-layer", True)]
     with tempfile.TemporaryDirectory(prefix="snip-export-bench-") as tmp:
         reports, models, export_s = {}, {}, {}
-        for name, compact in (("zeroed", False), ("compact", True)):
+        for kind, sel, compact in names:
+            name = f"{kind}_{sel}"
             t = time.perf_counter()
-            reports[name] = export_pruned(bridge, mask, Path(tmp) / name, compact=compact)
+            reports[name] = export_pruned(bridge, masks[sel], Path(tmp) / name, compact=compact)
             export_s[name] = time.perf_counter() - t
             models[name] = AutoModelForCausalLM.from_pretrained(Path(tmp) / name).eval()
         del bridge
 
     with torch.no_grad():
-        logits = {name: m(tokens).logits for name, m in models.items()}
-        hidden = models["zeroed"].model.embed_tokens(tokens)  # (batch, seq, d_model)
+        rel = {name: ((m(tokens).logits - masked_logits[name.split("_", 1)[1]]).norm()
+                      / masked_logits[name.split("_", 1)[1]].norm()).item() for name, m in models.items()}
+        hidden = models["zeroed_global"].model.embed_tokens(tokens)  # (batch, seq, d_model)
         hidden = hidden / hidden.norm(dim=-1, keepdim=True) * hidden.shape[-1] ** 0.5
         mlp_out = {name: [layer.mlp(hidden) for layer in m.model.layers] for name, m in models.items()}
-    rel = {name: ((lg - masked_logits).norm() / masked_logits.norm()).item() for name, lg in logits.items()}
-    mlp_diff = max((a - b).abs().max().item() for a, b in zip(mlp_out["zeroed"], mlp_out["compact"]))
+    mlp_diff = max((a - b).abs().max().item() for a, b in zip(mlp_out["zeroed_global"], mlp_out["compact_global"]))
 
     def run_mlps(m):
         with torch.no_grad():
@@ -99,38 +128,50 @@ def main() -> None:
                 times[f"{what}_{name}"]["cpu"].append(c)
     med = statistics.median
     summary = {key: {"cpu_s": med(v["cpu"]), "wall_s": med(v["wall"])} for key, v in times.items()}
+    per_layer_counts = {sel: [sum(n.layer == layer for n in mask.neurons) for layer in range(n_layers)]
+                        for sel, mask in masks.items()}
     result = {
         "model": "smollm2-135m",
-        "pruned_per_layer": k,
+        "scores": source,
+        "k": args.k,
+        "n_masked": len(masks["global"]),
+        "pruned_per_layer": {sel: {"min": min(c), "max": max(c)} for sel, c in per_layer_counts.items()},
         "tokens": list(tokens.shape),
         "repeats": args.repeats,
         "load_average_1min": os.getloadavg()[0],
-        "width_zeroed": reports["zeroed"].width,
-        "width_compact": reports["compact"].width,
-        "params_original": reports["zeroed"].params_before,
-        "params_zeroed": models["zeroed"].num_parameters(),
-        "params_compact": models["compact"].num_parameters(),
+        "params_original": reports["zeroed_global"].params_before,
+        "exports": {name: {"width": r.width, "params": models[name].num_parameters(),
+                           "params_ratio": models[name].num_parameters() / r.params_before,
+                           "n_removed": r.n_removed, "n_not_removed": r.n_not_removed, "notes": r.notes}
+                    for name, r in reports.items()},
         "rel_err_vs_masked_bridge": rel,
         "max_abs_diff_mlp_zeroed_vs_compact": mlp_diff,
         "export_wall_s": export_s,
         "times": summary,
-        "ratio_mlp_cpu": summary["mlp_compact"]["cpu_s"] / summary["mlp_zeroed"]["cpu_s"],
-        "ratio_mlp_wall": summary["mlp_compact"]["wall_s"] / summary["mlp_zeroed"]["wall_s"],
-        "ratio_model_cpu": summary["model_compact"]["cpu_s"] / summary["model_zeroed"]["cpu_s"],
-        "ratio_model_wall": summary["model_compact"]["wall_s"] / summary["model_zeroed"]["wall_s"],
+        "ratio_mlp_cpu": {name: summary[f"mlp_{name}"]["cpu_s"] / summary["mlp_zeroed_global"]["cpu_s"]
+                          for name in models if name != "zeroed_global"},
+        "ratio_mlp_wall": {name: summary[f"mlp_{name}"]["wall_s"] / summary["mlp_zeroed_global"]["wall_s"]
+                           for name in models if name != "zeroed_global"},
+        "ratio_model_cpu": {name: summary[f"model_{name}"]["cpu_s"] / summary["model_zeroed_global"]["cpu_s"]
+                            for name in models if name != "zeroed_global"},
     }
-    print(f"SmolLM2-135M, {k} of {d_mlp} neurons pruned in each of {n_layers} layers, tokens {tuple(tokens.shape)}, "
-          f"load average {result['load_average_1min']:.1f}")
-    print(f"  parameters: original {result['params_original']:,}  zeroed {result['params_zeroed']:,}  "
-          f"compact {result['params_compact']:,} ({result['params_compact'] / result['params_original']:.3f}x)")
-    print(f"  MLP width: {result['width_zeroed']} -> {result['width_compact']}")
-    print(f"  logits rel. error vs masked bridge: zeroed {rel['zeroed']:.2e}, compact {rel['compact']:.2e}")
-    for what in ("mlp", "model"):
-        z, c = summary[f"{what}_zeroed"], summary[f"{what}_compact"]
-        label = "30 MLPs " if what == "mlp" else "forward "
-        print(f"  {label}: zeroed {z['cpu_s']:.3f} s cpu / {z['wall_s']:.3f} s wall, compact {c['cpu_s']:.3f} s cpu"
-              f" / {c['wall_s']:.3f} s wall  ->  ratio {result[f'ratio_{what}_cpu']:.3f} cpu,"
-              f" {result[f'ratio_{what}_wall']:.3f} wall")
+    print(f"SmolLM2-135M, top {args.k} = {result['n_masked']} of {n_layers * d_mlp} neurons by {source}; tokens "
+          f"{tuple(tokens.shape)}, load average {result['load_average_1min']:.1f}")
+    for sel, c in per_layer_counts.items():
+        print(f"  {sel:9} mask: {min(c)}..{max(c)} neurons pruned per layer")
+    print(f"  parameters: original {result['params_original']:,}")
+    for name, e in result["exports"].items():
+        print(f"  {name:18} MLP width {e['width']:5}  parameters {e['params']:,} ({e['params_ratio']:.3f}x)  "
+              f"removed {e['n_removed']} of {result['n_masked']}, {e['n_not_removed']} could not be removed")
+        for note in e["notes"]:
+            print(f"      note: {note}")
+    print(f"  logits rel. error vs masked bridge: " + ", ".join(f"{n} {v:.2e}" for n, v in rel.items()))
+    for name in models:
+        z, c = summary["mlp_zeroed_global"], summary[f"mlp_{name}"]
+        if name != "zeroed_global":
+            print(f"  30 MLPs {name:18}: {c['cpu_s']:.3f} s cpu vs zeroed {z['cpu_s']:.3f} s  ->  ratio "
+                  f"{result['ratio_mlp_cpu'][name]:.3f} cpu, {result['ratio_mlp_wall'][name]:.3f} wall; whole "
+                  f"forward {result['ratio_model_cpu'][name]:.3f} cpu")
     out = Path(__file__).parent / "results" / "export.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -247,9 +247,15 @@ def _search_cmd(args: argparse.Namespace) -> int:
     from .score import NeuronIndex
 
     embedder = _embedder_from_args(args)
+    index = None
     if args.index and (Path(args.index) / "index.faiss").exists():
         index = NeuronIndex.load(args.index, embedder)
-    else:
+        if args.explanations and not index.built_from(_read_explanations(args.explanations)):
+            # The index is derived from explanations only: rebuild it rather than answer from stale ones.
+            print(f"snip search: index {args.index} was built from other explanations than {args.explanations} "
+                  "(its recorded digest differs); rebuilding it", file=sys.stderr)
+            index = None
+    if index is None:
         if not args.explanations:
             raise ValueError("give --explanations FILE (or --index DIR of a saved index)")
         index = NeuronIndex.build(_read_explanations(args.explanations), embedder, kind=args.kind)
@@ -544,12 +550,28 @@ def _export_cmd(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out!r} is an existing file; give a directory for the model")
+    if bool(args.mask) == bool(args.scores):
+        raise ValueError("give either --mask FILE, or --scores FILE with --k (and optionally --select)")
+    if args.mask and (args.k or args.select != "global"):
+        raise ValueError("--k and --select choose neurons from --scores; a --mask already lists its neurons")
+    if args.scores and not args.k:
+        raise ValueError("--scores needs --k, e.g. --k 2% (and --select per-layer for a fully compact model)")
     model = _model_config(args).load()
-    mask = NeuronMask.load(args.mask, model=model)
+    if args.mask:
+        mask = NeuronMask.load(args.mask, model=model)
+    else:
+        from . import models as M
+        from .score import NeuronScores
+        from .select import mask_from_scores
+
+        scores = NeuronScores.load(args.scores, n_layers=M.n_layers(model), d_mlp=M.d_mlp(model))
+        mask = mask_from_scores(model, scores, args.k, select=args.select)
     report = export_pruned(model, mask, args.out, compact=args.compact, overwrite=args.overwrite)
     print(f"wrote {report.out_dir}: {report.architecture}, {report.mode} mask of {report.n_masked} neurons, "
           f"MLP width {report.d_mlp_before} -> {report.width}, parameters {report.params_before:,} -> "
           f"{report.params_after:,}")
+    print(f"removed {report.n_removed} of the {report.n_masked} masked neurons from the weights; "
+          f"{report.n_not_removed} could not be removed" + (":" if report.n_not_removed else ""))
     for note in report.notes:
         print(f"note: {note}")
     return 0
@@ -557,12 +579,19 @@ def _export_cmd(args: argparse.Namespace) -> int:
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     sp = sub.add_parser("export", help="write a pruned model as a plain Hugging Face model directory",
-                        description="Bake a saved NeuronMask into a copy of the model's weights and write a "
-                        "directory that transformers.AutoModelForCausalLM.from_pretrained loads as is.")
+                        description="Bake a saved NeuronMask (or the top k of saved scores) into a copy of the "
+                        "model's weights and write a directory that transformers.AutoModelForCausalLM."
+                        "from_pretrained loads as is.")
     _model_flags(sp, required=True)
-    sp.add_argument("--mask", required=True, help="mask file written by NeuronMask.save (.safetensors)")
+    sp.add_argument("--mask", help="mask file written by NeuronMask.save (.safetensors), e.g. a sweep's masks/*")
+    sp.add_argument("--scores", help="instead of --mask: scores file (snip score, a sweep's scores/*) and --k")
+    sp.add_argument("--k", help="with --scores: neurons to prune, a count or a percentage like 2%%")
+    sp.add_argument("--select", default="global", choices=["global", "per-layer"],
+                    help="with --scores: the k best overall, or k/L per layer (fully compactable)")
     sp.add_argument("--out", required=True, help="output model directory")
-    sp.add_argument("--compact", action="store_true", help="remove pruned neurons (smaller MLPs)")
+    sp.add_argument("--compact", action="store_true",
+                    help="remove pruned neurons (smaller MLPs): one MLP width for all layers, so a layer that "
+                    "pruned fewer limits it; per-layer masks shrink fully")
     sp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     sp.set_defaults(func=_export_cmd)
 

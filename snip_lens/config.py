@@ -134,7 +134,10 @@ class DataConfig:
     eval_fraction: float = 0.3
     """Fraction of each corpus's documents held out for evaluation."""
     max_docs: int | None = None
-    """Cap on documents read per corpus (none: all)."""
+    """Cap on FORGET documents, a seeded random draw (none: all; the paper's "100 randomly selected CBT training
+    samples" is --forget cbt:P --max-docs 100). The retain side has its own cap."""
+    retain_max_docs: int | None = None
+    """Cap on RETAIN documents, a seeded random draw (none: all; hf: datasets take their first rows)."""
     max_doc_tokens: int | None = field(default=512, metadata=_cli(zero_is_none=True))
     """Tokens kept from the start of each document, so that a few long files cannot fill every window (0: whole
     documents)."""
@@ -155,9 +158,11 @@ class DataConfig:
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"DataConfig.eval_fraction must be in (0, 1) (CLI --eval-fraction), got "
                              f"{self.eval_fraction}")
-        if self.max_docs is not None and self.max_docs < 2:
-            raise ValueError(f"DataConfig.max_docs must be at least 2 (some documents are held out for "
-                             f"evaluation) (CLI --max-docs), got {self.max_docs}")
+        for name in ("max_docs", "retain_max_docs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 2):
+                raise ValueError(f"DataConfig.{name}={v!r} must be None or at least 2 documents (some are held out "
+                                 f"for evaluation) (CLI --{name.replace('_', '-')})")
         if self.max_doc_tokens is not None and self.max_doc_tokens <= 0:
             raise ValueError(f"DataConfig.max_doc_tokens must be positive or None (CLI --max-doc-tokens 0 for "
                              f"whole documents), got {self.max_doc_tokens}")
@@ -266,8 +271,15 @@ class SelectionConfig:
     """Keywords for the keyword method, comma-separated."""
     hybrid_weight: float = 0.05
     """Weight of the concept term against the activation ratio in the hybrid method."""
-    judge_candidates: int = 2000
-    """The llm-judge rates this many neurons (the top of the snip ranking), not all of them."""
+    judge_candidates: int | None = None
+    """Neurons the llm-judge rates, one LLM call each (a shortlist, see --judge-shortlist); at least the largest k,
+    checked before any LLM call (default: the largest k)."""
+    judge_shortlist: Literal["snip+activation", "snip", "activation", "random"] = "snip+activation"
+    """How the judge's shortlist is chosen: by default the tops of the SNIP and activation rankings in turn, so
+    that the judge's ranking does not depend on SNIP's alone."""
+    selection: Literal["global", "per-layer"] = field(default="global", metadata=_cli("--select"))
+    """Top-k over all neurons (global), or k/L in each of the L layers (per-layer: masks that snip export
+    --compact shrinks fully)."""
 
     def __post_init__(self) -> None:
         from .select import METHODS, parse_k
@@ -290,8 +302,10 @@ class SelectionConfig:
             raise ValueError("the keyword method needs keywords: set keywords (CLI: --keywords python,code)")
         if not 0.0 <= self.hybrid_weight:
             raise ValueError(f"hybrid_weight must be >= 0 (CLI --hybrid-weight), got {self.hybrid_weight}")
-        if self.judge_candidates < 1:
-            raise ValueError(f"judge_candidates must be >= 1 (CLI --judge-candidates), got {self.judge_candidates}")
+        if self.judge_candidates is not None and (not isinstance(self.judge_candidates, int)
+                                                  or self.judge_candidates < 1):
+            raise ValueError(f"judge_candidates={self.judge_candidates!r} must be a positive number of neurons, or "
+                             "None for the largest k (CLI --judge-candidates 5000)")
 
 
 @dataclass
@@ -478,6 +492,7 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
     "concepts": ("concepts", "mode"), "embedder": ("embed", "embedder"),
     "methods": ("select", "methods"), "ks": ("select", "ks"), "keywords": ("select", "keywords"),
     "hybrid_weight": ("select", "hybrid_weight"), "judge_candidates": ("select", "judge_candidates"),
+    "judge_shortlist": ("select", "judge_shortlist"), "select": ("select", "selection"),
     "cbt": ("evaluate", "cbt"), "cbt_source": ("evaluate", "cbt_source"), "cbt_items": ("evaluate", "cbt_items"),
     "toxicity": ("evaluate", "toxicity"), "toxicity_n": ("evaluate", "toxicity_n"),
     "toxicity_scorer": ("evaluate", "toxicity_scorer"),

@@ -15,9 +15,13 @@ How each mode becomes weights (``W_out`` is the MLP output projection, a neuron 
 ``compact=True`` also removes the neurons whose output no longer depends on the input (all zero- and mean-
 masked neurons, scale factors of 0) from the MLP's input and output projections. A Hugging Face config has
 ONE ``intermediate_size`` (``n_inner`` for GPT-2) for every layer, so per-layer widths would not load in
-plain transformers: all layers are cut to the largest kept width and layers that pruned more are padded
-with inert neurons (zero input and output weights, which contribute exactly 0). The returned
-``ExportReport`` says how much could and could not be removed.
+plain transformers (Llama, Mistral, Qwen2, Gemma and GPT-2 build every layer's MLP from that one number,
+and loading a checkpoint of other shapes fails): all layers are cut to the largest kept width and layers
+that pruned more are padded with inert neurons (zero input and output weights, which contribute exactly 0).
+A global top-k mask prunes layers unevenly, so compaction is limited by the layer that pruned least; a
+per-layer selection (``mask_from_scores(..., select="per-layer")``, ``--select per-layer``: k/L neurons in
+every layer) compacts fully. The returned ``ExportReport`` says how many masked neurons were removed, how
+many could not be, and why.
 """
 
 from __future__ import annotations
@@ -82,8 +86,18 @@ class ExportReport:
         """Neuron slots actually removed from the MLPs (summed over layers)."""
         return (self.d_mlp_before - self.width) * len(self.kept_per_layer)
 
+    @property
+    def n_removed(self) -> int:
+        """Masked neurons removed from the weights (0 without ``compact``)."""
+        return self.removed
+
+    @property
+    def n_not_removed(self) -> int:
+        """Masked neurons still in the weights (zeroed, padded to the common width, or input-dependent)."""
+        return self.n_masked - self.n_removed
+
     def to_json(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "n_removed": self.n_removed, "n_not_removed": self.n_not_removed}
 
 
 @dataclass
@@ -259,13 +273,24 @@ def export_pruned(model: Any, mask: NeuronMask, out_dir: str | os.PathLike, *, c
         actually = (d - width) * mask.n_layers
         if actually < removable_total:
             worst = kept_counts.index(width)
+            n_layers_ = mask.n_layers
+            if max(kept_counts) - min(kept_counts) <= 1:  # already per-layer: k is not a multiple of the layers
+                fix = (f"k={removable_total} is not a multiple of the {n_layers_} layers; a per-layer k of "
+                       f"{removable_total - removable_total % n_layers_} or "
+                       f"{removable_total - removable_total % n_layers_ + n_layers_} compacts fully")
+            else:
+                fix = "a per-layer selection (k/L neurons in every layer: --select per-layer) compacts fully"
             notes.append(
-                f"{removable_total} neurons could be removed but only {actually} were: a Hugging Face config has "
-                f"one {width_attr} for all layers, so every layer keeps {width} neurons (layer {worst} prunes only "
-                f"{d - width} of {d}); {sum(padded)} pruned slots remain as inert zero neurons"
+                f"{removable_total - actually} of the {removable_total} removable masked neurons could not be removed: "
+                f"a Hugging Face config has one {width_attr} for all layers, so every layer keeps {width} neurons "
+                f"(layer {worst} prunes only {d - width} of {d}); they remain as inert zero neurons; {fix}"
             )
-        if mask.mode == "scale" and len(mask) > sum(d - k for k in kept_counts):
-            notes.append("scaled neurons with a non-zero factor still depend on the input and were kept")
+        if mask.mode == "scale" and len(mask) > removable_total:
+            notes.append(f"{len(mask) - removable_total} scaled neurons with a non-zero factor still depend on the "
+                         "input and were kept")
+    else:
+        notes.append(f"none of the {len(mask)} masked neurons was removed: without compact they are zeroed in the "
+                     "weights (same shapes); pass compact=True (--compact) to remove them")
     for note in notes:
         logger.warning("export: %s", note)
 

@@ -2,7 +2,8 @@
 
 ``plot_results`` draws one PNG per metric (metric vs k, one line per method, like the paper's Figure 2);
 ``write_report`` writes ``report.md`` and ``report.html`` with the results table and, for each method, the
-pruned neurons with their explanations and the concept each matched.
+pruned neurons with their explanations and each method's own evidence for pruning them (SNIP: the matched
+concept and its cosine; activation: the forget/retain ratio; random: nothing, it had none).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import html
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,9 @@ class PrunedNeuron:
     """Its explanation in words ('' when none)."""
     concept: str = ""
     """The forget-set concept it matched (SNIP, hybrid), or the keyword (keyword method)."""
+    evidence: dict[str, str] = field(default_factory=dict)
+    """The method's own evidence, column name -> formatted value (see ``neuron_evidence``); empty: the
+    report shows ``score`` and ``concept``."""
 
 
 @dataclass
@@ -65,6 +70,59 @@ class MethodDetail:
     neurons: list[PrunedNeuron] = field(default_factory=list)
     layer_histogram: dict[int, int] = field(default_factory=dict)
     """How many of its pruned neurons sit in each layer."""
+
+
+def neuron_evidence(method: str, neuron: Any, scores: dict[str, Any]) -> dict[str, str]:
+    """Why ``method`` pruned ``neuron``, from that method's own scores only (``scores``: method -> NeuronScores).
+
+    snip: the matched concept and its cosine; hybrid: its score, the activation ratio, the cosine and concept;
+    activation(-freq): the forget/retain ratio; keyword: the keyword and the explanation score; llm-judge:
+    the rating; random: nothing (a random draw has no evidence). Another method's concept is never shown.
+    """
+    def val(name: str) -> float | None:
+        sc = scores.get(name)
+        if sc is None:
+            return None
+        v = float(sc.scores[neuron.layer, neuron.index])
+        return v if v == v and abs(v) != float("inf") else None
+
+    def fmt(v: float | None) -> str:
+        return "" if v is None else f"{v:.3f}"
+
+    def concept(name: str) -> str:
+        sc = scores.get(name)
+        return sc.labels.get(neuron, "") if sc is not None else ""
+
+    if method == "snip":
+        return {"cosine": fmt(val("snip")), "matched concept": concept("snip")}
+    if method == "hybrid":
+        return {"hybrid score": fmt(val("hybrid")), "activation ratio": fmt(val("activation")),
+                "cosine": fmt(val("snip")), "matched concept": concept("snip")}
+    if method in ("activation", "activation-freq"):
+        return {"forget/retain ratio": fmt(val(method))}
+    if method == "keyword":
+        sc = scores.get("keyword")
+        q = None
+        if sc is not None and sc.secondary is not None:
+            q = float(sc.secondary[neuron.layer, neuron.index])
+            q = q if abs(q) != float("inf") else None
+        return {"keyword": concept("keyword"), "explanation score": fmt(q)}
+    if method == "llm-judge":
+        return {"judge rating": fmt(val("llm-judge"))}
+    return {}
+
+
+def _columns(d: "MethodDetail") -> list[str]:
+    """The evidence columns of one method's table (from its first neuron; none for random)."""
+    if d.neurons and (d.neurons[0].evidence or d.method == "random"):
+        return list(d.neurons[0].evidence)
+    return ["score", "matched concept"]
+
+
+def _cells(n: PrunedNeuron, columns: list[str]) -> list[str]:
+    if n.evidence or columns != ["score", "matched concept"]:
+        return [n.evidence.get(c, "") for c in columns]
+    return [f"{n.score:.3f}", n.concept]
 
 
 def _series(results: dict, method: str, side: str, metric: str) -> tuple[list[float], list[float]]:
@@ -156,7 +214,7 @@ def group_identical(neurons: list[PrunedNeuron]) -> list[tuple[PrunedNeuron, lis
     first appearance (so a ranking stays a ranking)."""
     groups: dict[tuple, tuple[PrunedNeuron, list[str]]] = {}
     for n in neurons:
-        key = (round(n.score, 3), n.explanation, n.concept)
+        key = (round(n.score, 3), n.explanation, n.concept, tuple(sorted(n.evidence.items())))
         if key in groups:
             groups[key][1].append(n.neuron)
         else:
@@ -214,11 +272,14 @@ def write_report(results: dict, details: list[MethodDetail], out_dir: str | Path
             md += ["Pruned neurons per layer: " + ", ".join(f"L{l}: {n}" for l, n in sorted(d.layer_histogram.items())),
                    ""]
         md += [variety_line(d), ""]
-        md += ["| neuron | score | explanation | matched concept | same row |", "|---|---|---|---|---|"]
+        cols = _columns(d)
+        if d.method == "random":
+            md += ["A random draw: there is no evidence to show for these neurons.", ""]
+        md += ["| " + " | ".join(["neuron", *cols, "explanation", "same row"]) + " |", "|" + "---|" * (len(cols) + 3)]
         for n, names in groups:
             same = f"{len(names)} neurons: {_names(names)}" if len(names) > 1 else ""
-            md.append(f"| {n.neuron} | {n.score:.3f} | {_md_escape(n.explanation)} | {_md_escape(n.concept)} | "
-                      f"{same} |")
+            cells = [n.neuron, *(_md_escape(c) for c in _cells(n, cols)), _md_escape(n.explanation), same]
+            md.append("| " + " | ".join(cells) + " |")
         md.append("")
     md_path = out / "report.md"
     md_path.write_text("\n".join(md), encoding="utf-8")
@@ -249,12 +310,15 @@ def write_report(results: dict, details: list[MethodDetail], out_dir: str | Path
             parts.append("<p>Pruned neurons per layer: " + e(", ".join(
                 f"L{l}: {n}" for l, n in sorted(d.layer_histogram.items()))) + "</p>")
         parts.append(f"<p>{e(variety_line(d))}</p>")
-        parts.append("<table><tr><th>neuron</th><th>score</th><th>explanation</th><th>matched concept</th>"
-                     "<th>same row</th></tr>")
+        cols = _columns(d)
+        if d.method == "random":
+            parts.append("<p>A random draw: there is no evidence to show for these neurons.</p>")
+        parts.append("<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in ["neuron", *cols, "explanation", "same row"])
+                     + "</tr>")
         for n, names in groups:
             same = f"{len(names)} neurons: {_names(names)}" if len(names) > 1 else ""
-            parts.append(f"<tr><td>{e(n.neuron)}</td><td>{n.score:.3f}</td><td>{e(n.explanation)}</td>"
-                         f"<td>{e(n.concept)}</td><td>{e(same)}</td></tr>")
+            cells = [n.neuron, *_cells(n, cols), n.explanation, same]
+            parts.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
         parts.append("</table>")
     parts.append("</body></html>")
     html_path = out / "report.html"

@@ -36,9 +36,34 @@ MISSING_SCORE = float("-inf")
 """Score of a neuron without an explanation."""
 
 
+SELECTIONS = ("global", "per-layer")
+"""How ``top_k`` picks k neurons: the k best overall, or k/L best in each of the L layers."""
+
+
+@dataclass
+class CutTies:
+    """How many neurons were tied at the cut of one top-k selection (what decided who was pruned)."""
+
+    tied: int = 0
+    """Neurons sharing the score of the last selected neuron, when that group straddles the cut (else 0)."""
+    selected: int = 0
+    """Of those, how many were selected."""
+    tied_after_secondary: int = 0
+    """Of ``tied``, how many also share the last selected neuron's secondary signal, when that group still
+    straddles the cut: the seeded random draw chose among these (0: the secondary signal decided)."""
+
+    def to_json(self) -> dict:
+        return {"tied": self.tied, "selected": self.selected, "tied_after_secondary": self.tied_after_secondary}
+
+
 @dataclass
 class NeuronScores:
-    """A score per MLP neuron (higher = more important for the forget set = pruned first)."""
+    """A score per MLP neuron (higher = more important for the forget set = pruned first).
+
+    Order: by ``scores``; among equal scores by the declared ``secondary`` signal (higher first); among
+    neurons equal on both, by a random draw seeded with ``tie_seed``. Never by (layer, index), which would
+    favour low layers and low indices whenever a method gives many neurons the same score.
+    """
 
     scores: Float[Tensor, "layer neuron"]
     """Score of neuron ``(layer, index)``; ``-inf`` for neurons the method could not score."""
@@ -48,6 +73,12 @@ class NeuronScores:
     """Why a neuron scored: for SNIP the concept that matched its explanation best."""
     model_name: str = ""
     """Name of the model the neurons belong to."""
+    secondary: Float[Tensor, "layer neuron"] | None = None
+    """Tie-break among equal scores (higher first; non-finite = no value, after those with one); None: none."""
+    secondary_name: str = ""
+    """What ``secondary`` measures, e.g. ``"explanation score"`` (shown in results and reports)."""
+    tie_seed: int = 0
+    """Seed of the random draw that orders neurons equal on score and secondary."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.scores, Tensor):
@@ -56,6 +87,17 @@ class NeuronScores:
             raise ValueError(f"NeuronScores.scores must be [layer, neuron], got shape {tuple(self.scores.shape)}")
         if not self.scores.is_floating_point():
             self.scores = self.scores.double()
+        if self.secondary is not None:
+            if not isinstance(self.secondary, Tensor):
+                self.secondary = torch.as_tensor(np.asarray(self.secondary))
+            self.secondary = self.secondary.double()
+            if tuple(self.secondary.shape) != tuple(self.scores.shape):
+                raise ValueError(f"NeuronScores.secondary has shape {tuple(self.secondary.shape)}, not the scores' "
+                                 f"{tuple(self.scores.shape)}: give one tie-break value per neuron")
+            if not self.secondary_name:
+                raise ValueError("NeuronScores.secondary needs a secondary_name saying what it measures")
+        if not isinstance(self.tie_seed, int | np.integer):
+            raise ValueError(f"NeuronScores.tie_seed must be an integer, got {self.tie_seed!r}")
 
     @property
     def n_layers(self) -> int:
@@ -65,13 +107,29 @@ class NeuronScores:
     def d_mlp(self) -> int:
         return int(self.scores.shape[1])
 
-    def _order(self) -> np.ndarray:
-        """Flat indices, best first; ties broken by (layer, index); non-finite scores last."""
+    @property
+    def tie_break(self) -> str:
+        """The declared tie-break, in words."""
+        second = f"{self.secondary_name}, then " if self.secondary is not None else ""
+        return f"{second}a random draw (seed {self.tie_seed})"
+
+    def _keys(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(primary, secondary, random) sort keys, each ascending = pruned first; non-finite primary last."""
         flat = self.scores.detach().double().flatten().cpu().numpy()
-        finite = np.isfinite(flat)
-        key = np.where(finite, -flat, np.inf)
-        # lexsort: last key is primary; flat index (= layer-major (layer, index) order) breaks ties.
-        return np.lexsort((np.arange(flat.size), key, ~finite))
+        key = np.where(np.isfinite(flat), -flat, np.inf)
+        if self.secondary is not None:
+            sec = self.secondary.detach().double().flatten().cpu().numpy()
+            sec_key = np.where(np.isfinite(sec), -sec, np.inf)
+        else:
+            sec_key = np.zeros_like(key)
+        rand = np.random.default_rng(int(self.tie_seed)).permutation(flat.size)
+        return key, sec_key, rand
+
+    def _order(self) -> np.ndarray:
+        """Flat indices, best first: by score, then secondary, then the seeded random draw; non-finite last."""
+        key, sec_key, rand = self._keys()
+        # lexsort: last key is primary.
+        return np.lexsort((rand, sec_key, key))
 
     def rank(self) -> Int[Tensor, "layer neuron"]:
         """Rank of every neuron: 0 for the one pruned first; unscored neurons after all scored ones."""
@@ -80,16 +138,78 @@ class NeuronScores:
         ranks[order] = np.arange(order.size)
         return torch.from_numpy(ranks).view(self.n_layers, self.d_mlp)
 
-    def top_k(self, k: int) -> list[NeuronId]:
-        """The ``k`` best-scored neurons, best first (ties by (layer, index)); only neurons with a score."""
+    def top_k(self, k: int, select: str = "global") -> list[NeuronId]:
+        """The ``k`` best-scored neurons, best first; only neurons with a score.
+
+        ``select="global"``: the k best overall. ``select="per-layer"``: ``k // n_layers`` best in every
+        layer, and the ``k % n_layers`` left over to the layers whose next neuron ranks best overall, so
+        that every layer loses the same number of neurons (give or take one) and an exported model can be
+        compacted fully (a Hugging Face config holds one MLP width for all layers).
+        """
+        if select not in SELECTIONS:
+            raise ValueError(f"unknown selection {select!r}; choose 'global' (k best overall) or 'per-layer' "
+                             "(k/L best in each layer)")
         n_scored = int(torch.isfinite(self.scores).sum())
         if not isinstance(k, int | np.integer) or k < 0:
             raise ValueError(f"k must be a non-negative number of neurons, got {k!r}")
         if k > n_scored:
             raise ValueError(f"k={k} but method {self.method!r} scored only {n_scored} of "
                              f"{self.scores.numel()} neurons (the rest have no explanation); lower k")
-        order = self._order()[:k]
-        return [NeuronId(int(i) // self.d_mlp, int(i) % self.d_mlp) for i in order]
+        order = self._order()
+        if select == "global":
+            chosen = order[:k]
+        else:
+            chosen = self._per_layer(order, int(k))
+        return [NeuronId(int(i) // self.d_mlp, int(i) % self.d_mlp) for i in chosen]
+
+    def _per_layer(self, order: np.ndarray, k: int) -> np.ndarray:
+        base, extra = divmod(k, self.n_layers)
+        finite = np.isfinite(self.scores.detach().double().flatten().cpu().numpy())
+        per_layer = finite.reshape(self.n_layers, self.d_mlp).sum(1)
+        short = [layer for layer in range(self.n_layers) if per_layer[layer] < base]
+        if short or int((per_layer > base).sum()) < extra:
+            raise ValueError(f"per-layer selection of k={k} needs {base} scored neurons in every layer (and one more "
+                             f"in {extra} layers), but method {self.method!r} scored only "
+                             f"{', '.join(f'L{layer}: {int(per_layer[layer])}' for layer in short[:8]) or 'fewer'}; "
+                             "lower k or use select='global'")
+        layer_of = order // self.d_mlp
+        # position of each neuron within its own layer, in the global order
+        by_layer = np.argsort(layer_of, kind="stable")
+        counts = np.bincount(layer_of, minlength=self.n_layers)
+        pos = np.empty(order.size, dtype=np.int64)
+        pos[by_layer] = np.arange(order.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        ok = finite[order]
+        take = ok & (pos < base)
+        if extra:
+            next_up = np.flatnonzero(ok & (pos == base))[:extra]
+            take[next_up] = True
+        return order[take]
+
+    def cut_ties(self, k: int, select: str = "global") -> CutTies:
+        """How many neurons were tied at the cut of ``top_k(k, select)`` (per layer for ``per-layer``)."""
+        chosen = self.top_k(k, select)
+        if not chosen:
+            return CutTies()
+        key, sec_key, _ = self._keys()
+        sel = np.zeros(key.size, dtype=bool)
+        sel[[n.layer * self.d_mlp + n.index for n in chosen]] = True
+        pools = [np.arange(key.size)] if select == "global" else [
+            np.arange(layer * self.d_mlp, (layer + 1) * self.d_mlp) for layer in range(self.n_layers)]
+        out = CutTies()
+        for pool in pools:
+            inside = pool[sel[pool]]
+            if inside.size == 0:
+                continue
+            last = inside[np.lexsort((sec_key[inside], key[inside]))[-1]]  # the worst selected neuron
+            group = pool[key[pool] == key[last]]
+            n_in = int(sel[group].sum())
+            if group.size > n_in:  # the tie straddles the cut: the tie-break decided
+                out.tied += int(group.size)
+                out.selected += n_in
+                both = group[sec_key[group] == sec_key[last]]
+                if both.size > int(sel[both].sum()):  # the secondary did not decide either: the draw did
+                    out.tied_after_secondary += int(both.size)
+        return out
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``path`` (safetensors, the scores) and ``path`` with suffix ``.json`` (method, labels).
@@ -104,12 +224,17 @@ class NeuronScores:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"method": self.method, "model_name": self.model_name,
                 "shape": [self.n_layers, self.d_mlp], "missing_score": "-inf",
+                "secondary_name": self.secondary_name if self.secondary is not None else "",
+                "tie_seed": int(self.tie_seed),
                 "labels": [{"layer": n.layer, "index": n.index, "label": lab}
                            for n, lab in sorted(self.labels.items())]}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
-            save_file({"scores": self.scores.detach().cpu().contiguous()}, tmp,
+            tensors = {"scores": self.scores.detach().cpu().contiguous()}
+            if self.secondary is not None:
+                tensors["secondary"] = self.secondary.detach().cpu().contiguous()
+            save_file(tensors, tmp,
                       metadata={"method": self.method, "model_name": self.model_name})
             os.replace(tmp, path)
         except BaseException:
@@ -133,12 +258,15 @@ class NeuronScores:
             if "scores" not in f.keys():
                 raise ValueError(f"{path} holds no 'scores' tensor (keys: {list(f.keys())}); not a NeuronScores file")
             scores = f.get_tensor("scores")
+            secondary = f.get_tensor("secondary") if "secondary" in f.keys() else None
             st_meta = f.metadata() or {}
         meta_path = path.with_suffix(".json")
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         out = cls(scores=scores, method=meta.get("method", st_meta.get("method", "")),
                   labels={NeuronId(int(d["layer"]), int(d["index"])): d["label"] for d in meta.get("labels", [])},
-                  model_name=meta.get("model_name", st_meta.get("model_name", "")))
+                  model_name=meta.get("model_name", st_meta.get("model_name", "")), secondary=secondary,
+                  secondary_name=meta.get("secondary_name", "") or ("secondary" if secondary is not None else ""),
+                  tie_seed=int(meta.get("tie_seed", 0)))
         want = (n_layers if n_layers is not None else out.n_layers, d_mlp if d_mlp is not None else out.d_mlp)
         if (out.n_layers, out.d_mlp) != want:
             raise ValueError(f"{path} scores a model of {out.n_layers} layers x {out.d_mlp} neurons "
@@ -246,11 +374,20 @@ def score_neurons(explanations: list[NeuronExplanation], concepts: DatasetConcep
 IndexKind = Literal["auto", "flat", "hnsw", "ivf"]
 
 
+def explanations_digest(explanations: list[NeuronExplanation]) -> str:
+    """sha256 of what a ``NeuronIndex`` is built from: every usable (neuron, explanation), last one per neuron."""
+    import hashlib
+
+    by_neuron = {e.neuron: e.explanation for e in explanations if e.ok}
+    payload = json.dumps([[n.layer, n.index, by_neuron[n]] for n in sorted(by_neuron)], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
 class NeuronIndex:
     """Neurons searchable by what their explanations say: a FAISS inner-product index over their vectors."""
 
     def __init__(self, index: Any, neurons: list[NeuronId], explanations: list[str], embedder: Any = None, *,
-                 embedder_name: str = "", kind: str = "flat") -> None:
+                 embedder_name: str = "", kind: str = "flat", digest: str = "") -> None:
         if index.ntotal != len(neurons) or len(neurons) != len(explanations):
             raise ValueError(f"index holds {index.ntotal} vectors for {len(neurons)} neurons and "
                              f"{len(explanations)} explanations; they must match")
@@ -260,6 +397,8 @@ class NeuronIndex:
         self.embedder = embedder
         self.embedder_name = embedder_name or getattr(embedder, "name", "")
         self.kind = kind
+        self.digest = digest
+        """``explanations_digest`` of the explanations it was built from ('' for an index saved without one)."""
 
     def __len__(self) -> int:
         return len(self.neurons)
@@ -300,7 +439,7 @@ class NeuronIndex:
             index.nprobe = min(nlist, 16)
         index.add(vecs)
         logger.info("indexed %d neurons (%s, dim %d)", len(neurons), kind, d)
-        return cls(index, neurons, texts, embedder, kind=kind)
+        return cls(index, neurons, texts, embedder, kind=kind, digest=explanations_digest(usable))
 
     def search(self, query: str, k: int = 10) -> list[tuple[NeuronId, float, str]]:
         """The ``k`` neurons whose explanations are most similar to ``query``: (neuron, cosine, explanation)."""
@@ -334,7 +473,8 @@ class NeuronIndex:
             Path(tmp).unlink(missing_ok=True)
             raise
         meta = {"embedder": self.embedder_name, "kind": self.kind, "dim": int(self.index.d),
-                "neurons": [[n.layer, n.index] for n in self.neurons], "explanations": self.explanations}
+                "neurons": [[n.layer, n.index] for n in self.neurons], "explanations": self.explanations,
+                "explanations_sha256": self.digest}
         atomic_write_text(directory / "neurons.json", json.dumps(meta, ensure_ascii=False))
         return directory
 
@@ -353,4 +493,9 @@ class NeuronIndex:
                              "use the same embedder or rebuild the index")
         index = faiss.read_index(str(directory / "index.faiss"))
         return cls(index, [NeuronId(int(a), int(b)) for a, b in meta["neurons"]], meta["explanations"], embedder,
-                   embedder_name=meta.get("embedder", ""), kind=meta.get("kind", "flat"))
+                   embedder_name=meta.get("embedder", ""), kind=meta.get("kind", "flat"),
+                   digest=meta.get("explanations_sha256", ""))
+
+    def built_from(self, explanations: list[NeuronExplanation]) -> bool:
+        """Whether this index was built from exactly these explanations (False when it recorded no digest)."""
+        return bool(self.digest) and self.digest == explanations_digest(explanations)

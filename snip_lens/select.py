@@ -1,12 +1,15 @@
 """Neuron selection methods: rank every MLP neuron for pruning, then keep the top k (SNIP step 4).
 
 Every method returns a ``NeuronScores`` (higher = prune first); ``mask_from_scores`` turns the top k into a
-``NeuronMask``. Methods:
+``NeuronMask`` (the k best overall, or with ``select="per-layer"`` k/L in each layer). Equal scores are
+ordered by each method's declared secondary signal, then by a seeded random draw (``NeuronScores``).
+Methods:
 
 - ``snip``: max cosine similarity between the neuron's explanation and any forget-set concept.
 - ``random``: a seeded random permutation (the floor any method must beat).
 - ``keyword``: neurons whose explanation contains one of the given keywords, ranked by explanation score.
-- ``llm-judge``: an LLM rates each neuron 0-10 from forget samples and the neuron's explanation.
+- ``llm-judge``: an LLM rates each neuron of a shortlist (``judge_shortlist``) 0-10 from forget samples and
+  the neuron's explanation.
 - ``activation``: Pochinkov & Schoots (2024) selective pruning, mean |act| on forget divided by mean |act|
   on retain (+eps); ``activation-freq`` uses the frequency of act > 0 instead.
 - ``hybrid``: concept and activation evidence together, see ``hybrid_scores``.
@@ -57,6 +60,19 @@ def parse_k(k: int | float | str, n_total: int) -> int:
     return int(k)
 
 
+def explanation_quality(explanations: Iterable[NeuronExplanation], n_layers: int, d_mlp: int
+                        ) -> torch.Tensor | None:
+    """Each neuron's explanation score (e.g. OpenAI's simulation correlation), -inf where unknown; None if none
+    is known. SNIP's declared secondary signal: among equal cosines, the better-explained neuron first."""
+    out = _empty(n_layers, d_mlp)
+    known = False
+    for nid, e in _explanation_grid(explanations, n_layers, d_mlp).items():
+        if e.score is not None and math.isfinite(e.score):
+            out[nid.layer, nid.index] = float(e.score)
+            known = True
+    return out if known else None
+
+
 def _empty(n_layers: int, d_mlp: int) -> torch.Tensor:
     return torch.full((n_layers, d_mlp), float("-inf"), dtype=torch.float64)
 
@@ -77,16 +93,17 @@ def random_scores(n_layers: int, d_mlp: int, *, seed: int = 0, model_name: str =
     """Uniform random scores from a seeded generator: the top k is a uniform random set of k neurons."""
     g = torch.Generator().manual_seed(seed)
     scores = torch.rand((n_layers, d_mlp), generator=g, dtype=torch.float64)
-    return NeuronScores(scores=scores, method="random", labels={}, model_name=model_name)
+    return NeuronScores(scores=scores, method="random", labels={}, model_name=model_name, tie_seed=seed)
 
 
 def keyword_scores(explanations: Iterable[NeuronExplanation], keywords: Sequence[str], *, n_layers: int,
-                   d_mlp: int, model_name: str = "") -> NeuronScores:
+                   d_mlp: int, model_name: str = "", seed: int = 0) -> NeuronScores:
     """Neurons whose explanation contains a keyword (whole word, case-insensitive), ranked by explanation score.
 
-    As in the paper's keyword baseline, selection is by keyword; the order among selected neurons follows the
-    explanation's own quality score (neurons without one rank after those with one). Unmatched neurons are
-    never chosen before matched ones.
+    As in the paper's keyword baseline, selection is by keyword: every matched neuron scores 1 and every
+    unmatched one has no score (never chosen). Among the matched ones the declared secondary signal, the
+    explanation's own quality score, decides (those without one come after those with one), then a random
+    draw seeded with ``seed``.
     """
     kws = [k.strip() for k in keywords if k and k.strip()]
     if not kws:
@@ -94,26 +111,30 @@ def keyword_scores(explanations: Iterable[NeuronExplanation], keywords: Sequence
     pattern = re.compile(r"\b(" + "|".join(re.escape(k) for k in kws) + r")\b", re.IGNORECASE)
     grid = _explanation_grid(explanations, n_layers, d_mlp)
     scores = _empty(n_layers, d_mlp)
+    quality = _empty(n_layers, d_mlp)
     labels: dict[NeuronId, str] = {}
     for nid, e in grid.items():
         m = pattern.search(e.explanation or "")
         if m:
-            # Matched neurons sit in [1, 2]: above every unmatched one, ordered by explanation score.
-            quality = e.score if e.score is not None and math.isfinite(e.score) else 0.0
-            scores[nid.layer, nid.index] = 1.0 + max(0.0, min(1.0, quality))
+            scores[nid.layer, nid.index] = 1.0
+            if e.score is not None and math.isfinite(e.score):
+                quality[nid.layer, nid.index] = float(e.score)
             labels[nid] = m.group(0).lower()
     if not labels:
         logger.warning("no explanation contains any of the keywords %s", kws)
-    return NeuronScores(scores=scores, method="keyword", labels=labels, model_name=model_name)
+    return NeuronScores(scores=scores, method="keyword", labels=labels, model_name=model_name, secondary=quality,
+                        secondary_name="explanation score", tie_seed=seed)
 
 
 def activation_scores(records: Any, *, forget: str = "forget", retain: str = "retain", eps: float = 1e-6,
-                      statistic: str = "mean_abs", model_name: str = "") -> NeuronScores:
+                      statistic: str = "mean_abs", model_name: str = "", seed: int = 0) -> NeuronScores:
     """Pochinkov & Schoots (2024): importance on forget data relative to retain data, per neuron.
 
     ``statistic="mean_abs"``: mean |activation| on forget / (mean |activation| on retain + eps).
     ``statistic="freq_pos"``: the frequency of act > 0 instead (their frequency variant).
-    ``records`` is an ``ActivationRecords`` collected on both corpora under the names given.
+    ``records`` is an ``ActivationRecords`` collected on both corpora under the names given. Equal ratios
+    (e.g. neurons silent on both corpora) are ordered by the declared secondary signal, the statistic on the
+    forget corpus alone (the neuron that does more on the forget data first), then by a draw seeded with ``seed``.
     """
     stats = getattr(records, "stats", None) or {}
     missing = [n for n in (forget, retain) if n not in stats]
@@ -128,10 +149,13 @@ def activation_scores(records: Any, *, forget: str = "forget", retain: str = "re
     layers = list(records.layers)
     n_layers = int(getattr(records, "n_layers", 0) or (max(layers) + 1))
     scores = _empty(n_layers, f.shape[-1])
+    forget_stat = _empty(n_layers, f.shape[-1])
     for i, layer in enumerate(layers):
         scores[layer] = ratio[i]
+        forget_stat[layer] = f[i]
     method = "activation" if statistic == "mean_abs" else "activation-freq"
-    return NeuronScores(scores=scores, method=method, labels={}, model_name=model_name or records.model_name)
+    return NeuronScores(scores=scores, method=method, labels={}, model_name=model_name or records.model_name,
+                        secondary=forget_stat, secondary_name=f"{statistic} on {forget}", tie_seed=seed)
 
 
 def _standardise(scores: torch.Tensor) -> torch.Tensor:
@@ -168,7 +192,7 @@ def hybrid_scores(snip: NeuronScores, activation: NeuronScores, *, weight: float
     combined = torch.log(ratio.clamp_min(0) + eps) + weight * _standardise(snip.scores)
     combined[~torch.isfinite(ratio)] = float("-inf")
     return NeuronScores(scores=combined, method="hybrid", labels=dict(snip.labels),
-                        model_name=snip.model_name or activation.model_name)
+                        model_name=snip.model_name or activation.model_name, tie_seed=activation.tie_seed)
 
 
 JUDGE_PROMPT_VERSION = "judge-v1"
@@ -197,21 +221,80 @@ def parse_judge_score(text: str) -> float:
     return float(m.group(1))
 
 
+JUDGE_SHORTLISTS = ("snip+activation", "snip", "activation", "random")
+"""How the LLM judge's shortlist is chosen (see ``judge_shortlist``)."""
+
+
+def judge_shortlist(n: int, explanations: Iterable[NeuronExplanation], *, how: str = "snip+activation",
+                    snip: NeuronScores | None = None, activation: NeuronScores | None = None, seed: int = 0,
+                    n_layers: int, d_mlp: int) -> list[NeuronId]:
+    """The ``n`` neurons the LLM judge rates, in shortlist order (the judge's declared tie-break).
+
+    Rating every neuron costs one LLM call each, so the judge rates a shortlist of neurons that have an
+    explanation (the judge reads it):
+
+    - ``"snip+activation"`` (default): the top of the SNIP ranking and the top of the activation ranking
+      taken in turn (duplicates once), so the shortlist does not depend on SNIP's ranking only;
+    - ``"snip"``: the top of the SNIP ranking (the judge then only re-orders SNIP's choice);
+    - ``"activation"``: the top of the activation ranking (Pochinkov & Schoots);
+    - ``"random"``: a seeded random draw (independent of every other method, but most calls are spent on
+      neurons no method would prune).
+    """
+    if how not in JUDGE_SHORTLISTS:
+        raise ValueError(f"unknown judge shortlist {how!r}; choose one of {', '.join(JUDGE_SHORTLISTS)}")
+    explained = sorted(_explanation_grid(explanations, n_layers, d_mlp))
+    if n < 1 or n > len(explained):
+        raise ValueError(f"the LLM judge's shortlist of {n} neurons must be between 1 and the {len(explained)} neurons "
+                         "with an explanation; lower --judge-candidates (or k)")
+    if how == "random":
+        g = torch.Generator().manual_seed(seed)
+        return [explained[int(i)] for i in torch.randperm(len(explained), generator=g)[:n]]
+    need = {"snip": [snip], "activation": [activation], "snip+activation": [snip, activation]}[how]
+    if any(x is None for x in need):
+        raise ValueError(f"judge shortlist {how!r} needs the {how.replace('+', ' and ')} scores")
+    has_expl = torch.zeros((n_layers, d_mlp), dtype=torch.bool)
+    for nid in explained:
+        has_expl[nid.layer, nid.index] = True
+    rankings = []
+    for sc in need:
+        ranked = sc.top_k(int(torch.isfinite(sc.scores).sum()))
+        rankings.append([nid for nid in ranked if has_expl[nid.layer, nid.index]])
+    out: list[NeuronId] = []
+    seen: set[NeuronId] = set()
+    pos = [0] * len(rankings)
+    while len(out) < n and any(p < len(r) for p, r in zip(pos, rankings)):
+        for j, r in enumerate(rankings):
+            while pos[j] < len(r) and r[pos[j]] in seen:
+                pos[j] += 1
+            if pos[j] < len(r) and len(out) < n:
+                out.append(r[pos[j]])
+                seen.add(r[pos[j]])
+                pos[j] += 1
+    if len(out) < n:
+        raise ValueError(f"judge shortlist {how!r} found only {len(out)} ranked neurons with an explanation, not {n}; "
+                         "lower --judge-candidates or use --judge-shortlist random")
+    return out
+
+
 def llm_judge_scores(explanations: Iterable[NeuronExplanation], samples: Sequence[str], client: Any, *,
                      n_layers: int, d_mlp: int, model_name: str = "", candidates: Iterable[NeuronId] | None = None,
-                     cache_dir: Any = None, progress: bool = True) -> NeuronScores:
+                     cache_dir: Any = None, progress: bool = True, seed: int = 0,
+                     shortlist_name: str = "shortlist") -> NeuronScores:
     """LLM-judge baseline: ask ``client`` (with ``async generate(messages)``) for a 0-10 rating per neuron.
 
     Rating all neurons of a model costs one call per neuron; ``candidates`` limits the calls to a shortlist
-    (e.g. the top neurons of another method). Neurons not rated, or whose answer could not be parsed, get
-    -inf and are never pruned by this method. Answers are cached per neuron/explanation/samples.
+    (see ``judge_shortlist``). Neurons not rated, or whose answer could not be parsed, get -inf and are never
+    pruned by this method. Answers are cached per neuron/explanation/samples. The ratings are integers, so
+    many neurons tie: ties go to the neuron earlier in ``candidates`` (the declared secondary signal,
+    ``"<shortlist_name> position"``), then to a draw seeded with ``seed``.
     """
     from .llm import DiskCache, run_all
 
     if not samples:
         raise ValueError("the LLM judge needs forget samples to show the model; got none")
     grid = _explanation_grid(explanations, n_layers, d_mlp)
-    todo = [n for n in (candidates if candidates is not None else grid) if n in grid]
+    listed = list(candidates) if candidates is not None else None
+    todo = [n for n in (listed if listed is not None else grid) if n in grid]
     cache = DiskCache(cache_dir) if cache_dir is not None else None
     scores = _empty(n_layers, d_mlp)
     samples = list(samples)
@@ -238,12 +321,22 @@ def llm_judge_scores(explanations: Iterable[NeuronExplanation], samples: Sequenc
     for nid, value in results:
         if value is not None:
             scores[nid.layer, nid.index] = value
-    return NeuronScores(scores=scores, method="llm-judge", labels={}, model_name=model_name)
+    secondary = None
+    if listed is not None:
+        secondary = _empty(n_layers, d_mlp)
+        for pos, nid in enumerate(listed):  # earlier in the shortlist = higher
+            secondary[nid.layer, nid.index] = float(len(listed) - pos)
+    return NeuronScores(scores=scores, method="llm-judge", labels={}, model_name=model_name, secondary=secondary,
+                        secondary_name=f"{shortlist_name} position" if listed is not None else "", tie_seed=seed)
 
 
 def mask_from_scores(model: Any, scores: NeuronScores, k: int | str, *, mode: str = "zero",
-                     values: Any = None) -> Any:
-    """The ``NeuronMask`` of the top-k neurons of ``scores`` (k a count or a percentage like ``"2%"``)."""
+                     values: Any = None, select: str = "global") -> Any:
+    """The ``NeuronMask`` of the top-k neurons of ``scores`` (k a count or a percentage like ``"2%"``).
+
+    ``select="per-layer"`` takes k/L neurons from each of the L layers (see ``NeuronScores.top_k``), whose
+    mask an export can compact fully; ``"global"`` the k best overall.
+    """
     from .mask import NeuronMask
 
     n_total = int(scores.scores.numel())
@@ -252,4 +345,4 @@ def mask_from_scores(model: Any, scores: NeuronScores, k: int | str, *, mode: st
     if count > n_finite:
         raise ValueError(f"k={k} asks for {count} neurons but method {scores.method!r} ranked only {n_finite} "
                          "(the rest have no score, e.g. no explanation or no keyword match); lower k")
-    return NeuronMask.from_neurons(model, scores.top_k(count), mode=mode, values=values)
+    return NeuronMask.from_neurons(model, scores.top_k(count, select), mode=mode, values=values)

@@ -3,7 +3,9 @@
 ``run_sweep`` runs every selection method at every k on held-out forget and retain data and writes
 
 - ``results.json``: ``{"model", "n_neurons", "baseline": {"forget", "retain"}, "runs": [{"method", "k",
-  "forget": {"loss", "top1", "top10"}, "retain": {...}, "extra": {...}}]}`` (CBT / toxicity under ``extra``),
+  "forget": {"loss", "top1", "top10"}, "retain": {...}, "extra": {...}, "ties_at_cut": {...}}], "skipped":
+  [{"method", "k", "reason"}]}`` (CBT / toxicity under ``extra``; ``ties_at_cut`` says how many neurons the
+  tie-break decided between, see ``NeuronScores.cut_ties``; ``skipped`` the runs a method could not fill),
 - ``plots/*.png`` (metric vs k, one line per method), ``report.md`` / ``report.html`` (what was removed),
 - ``masks/<method>_k<k>.safetensors`` (each run's mask), ``config.json`` (the resolved config, no secrets),
 - the intermediate artifacts (activation records, explanations, concepts, scores) so a rerun reuses them.
@@ -28,11 +30,22 @@ from tqdm.auto import tqdm
 from . import models as M
 from ._io import atomic_write_json, iter_jsonl
 from .config import DataConfig, RunConfig, from_flat
-from .report import MethodDetail, PrunedNeuron, format_table, plot_results, results_table, write_report
+from .report import (
+    MethodDetail,
+    PrunedNeuron,
+    format_table,
+    neuron_evidence,
+    plot_results,
+    results_table,
+    write_report,
+)
 from .select import (
+    JUDGE_SHORTLISTS,
     METHODS,
     activation_scores,
+    explanation_quality,
     hybrid_scores,
+    judge_shortlist,
     keyword_scores,
     llm_judge_scores,
     mask_from_scores,
@@ -77,8 +90,15 @@ class SweepConfig:
     """Keywords for the keyword baseline."""
     hybrid_weight: float = 0.05
     """Weight of the concept term in the hybrid method (see ``select.hybrid_scores``)."""
-    judge_candidates: int = 2000
-    """The llm-judge rates this many neurons (the top of the snip ranking), not all of them."""
+    judge_candidates: int | None = None
+    """The llm-judge rates this many neurons (a shortlist, see ``judge_shortlist``), one LLM call each; at
+    least the largest k (checked before any LLM call). None: exactly the largest k."""
+    judge_shortlist: Literal["snip+activation", "snip", "activation", "random"] = "snip+activation"
+    """How the judge's shortlist is chosen (``select.judge_shortlist``): by default the tops of the SNIP and
+    activation rankings in turn, so that the judge's ranking does not depend on SNIP's alone."""
+    select: Literal["global", "per-layer"] = "global"
+    """Top-k over all neurons ("global"), or k/L in each of the L layers ("per-layer": masks that an export
+    compacts fully, see ``snip export --compact``)."""
     top_k_records: int = 20
     """Top activating records kept per neuron for the explainer."""
     batch_size: int = 8
@@ -121,6 +141,14 @@ class SweepConfig:
             raise ValueError("explainer 'openai' needs llm_model (CLI: --llm-model gpt-4o-mini)")
         if self.concepts == "llm" and not self.llm_model:
             raise ValueError("concepts 'llm' needs llm_model (CLI: --llm-model gpt-4o-mini)")
+        if self.judge_candidates is not None and (not isinstance(self.judge_candidates, int)
+                                                  or self.judge_candidates < 1):
+            raise ValueError(f"SweepConfig.judge_candidates={self.judge_candidates!r} must be a positive number of "
+                             "neurons, or None for the largest k (CLI: --judge-candidates 5000)")
+        if self.judge_shortlist not in JUDGE_SHORTLISTS:
+            raise ValueError(f"unknown judge_shortlist {self.judge_shortlist!r}; choose from {list(JUDGE_SHORTLISTS)}")
+        if self.select not in ("global", "per-layer"):
+            raise ValueError(f"unknown select {self.select!r}; choose 'global' or 'per-layer' (CLI: --select)")
         bad = [c for c in self.cbt if c not in ("P", "V", "NE", "CN")]
         if bad:
             raise ValueError(f"unknown CBT config(s) {bad}; choose from P, V, NE, CN")
@@ -146,17 +174,17 @@ def as_run_config(config: RunConfig | SweepConfig) -> RunConfig:
 # ---- data ------------------------------------------------------------------------------------------
 
 
-def load_side_texts(spec: str, data: DataConfig, *, side: str = "forget") -> list[str]:
-    """Texts of one corpus spec, including the experiment-specific sources of the paper; binary input (a
-    binary file named .txt) is refused naming ``side``'s flag."""
+def load_side_texts(spec: str, data: DataConfig, max_docs: int | None = None, *, side: str = "forget") -> list[str]:
+    """Texts of one corpus spec (at most ``max_docs``, a seeded random draw), including the paper's sources;
+    binary input (a binary file named .txt) is refused naming ``side``'s flag."""
     from .checks import check_not_binary
 
-    texts = _side_texts(spec, data)
+    texts = _side_texts(spec, data, max_docs)
     check_not_binary(texts, spec, f"--{side}")
     return texts
 
 
-def _side_texts(spec: str, data: DataConfig) -> list[str]:
+def _side_texts(spec: str, data: DataConfig, max_docs: int | None) -> list[str]:
     from .corpus import load_texts
 
     if spec.startswith("cbt:"):
@@ -164,13 +192,29 @@ def _side_texts(spec: str, data: DataConfig) -> list[str]:
 
         _, config, *rest = spec.split(":", 2)
         source = rest[0] if rest else "hf"
-        items = load_cbt(source, config=config, split="train", max_items=data.max_docs)
+        items = load_cbt(source, config=config, split="train")
+        if max_docs is not None and max_docs < len(items):
+            # "randomly selected CBT training samples": a seeded draw, kept in file order
+            items = [items[i] for i in sorted(random.Random(data.seed).sample(range(len(items)), max_docs))]
         return [cbt_item_text(it) for it in items]
     if spec == "civil-toxic" or spec.startswith("civil-toxic:"):
         path = spec.split(":", 1)[1] if ":" in spec else None
-        return toxic_comments(path, n=data.max_docs or 500, seed=data.seed)
+        return toxic_comments(path, n=max_docs or 500, seed=data.seed)
     glob = data.glob if data.glob is not None and Path(spec).expanduser().is_dir() else None
-    return load_texts(spec, text_field=data.text_field, max_docs=data.max_docs, seed=data.seed, glob=glob)
+    return load_texts(spec, text_field=data.text_field, max_docs=max_docs, seed=data.seed, glob=glob)
+
+
+def load_sides(data: DataConfig) -> tuple[list[str], list[str]]:
+    """(forget texts, retain texts), each side with its own cap (``max_docs``, ``retain_max_docs``)."""
+    if data.glob is not None and not any(Path(s).expanduser().is_dir() for s in (data.forget, data.retain)):
+        raise ValueError(f"glob {data.glob!r} narrows a directory corpus, but neither forget ({data.forget!r}) nor "
+                         f"retain ({data.retain!r}) is a directory; drop --glob or give a directory")
+    forget = load_side_texts(data.forget, data, data.max_docs, side="forget")
+    retain = load_side_texts(data.retain, data, data.retain_max_docs, side="retain")
+    if data.forget == data.retain or forget == retain:
+        raise ValueError(f"forget ({data.forget!r}) and retain ({data.retain!r}) data are identical: unlearning "
+                         "needs a retain set that differs from what should be forgotten")
+    return forget, retain
 
 
 def cbt_item_text(item: Any) -> str:
@@ -231,6 +275,25 @@ def split_documents(texts: list[str], fraction: float, seed: int, *,
 
 
 # ---- the sweep -------------------------------------------------------------------------------------
+
+
+def judge_candidates(config: SweepConfig, ks: list[int], n_neurons: int) -> int:
+    """How many neurons the llm-judge rates: ``config.judge_candidates``, or the largest k when None.
+
+    Raises before any LLM call when the shortlist could not fill the largest k (every judge call would be
+    paid for, then the largest k would fail) or is larger than the model. 0 when llm-judge is not run.
+    """
+    if "llm-judge" not in config.methods:
+        return 0
+    largest = max(ks) if ks else 0
+    n = config.judge_candidates if config.judge_candidates is not None else largest
+    if n < largest:
+        raise ValueError(f"judge_candidates={n} is smaller than the largest k={largest}: the llm-judge could not "
+                         f"prune {largest} neurons from a shortlist of {n}; raise --judge-candidates to at least "
+                         f"{largest} (or leave it unset) or lower the largest k")
+    if n > n_neurons:
+        raise ValueError(f"judge_candidates={n} is more than the model's {n_neurons} neurons; give at most {n_neurons}")
+    return max(n, 1)
 
 
 
@@ -356,11 +419,7 @@ def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: An
 
     # -- data: read and split by document before the model loads (a bad corpus fails in seconds) ---------
     d = config.data
-    forget_texts = load_side_texts(d.forget, d, side="forget")
-    retain_texts = load_side_texts(d.retain, d, side="retain")
-    if forget_texts == retain_texts:
-        raise ValueError(f"forget ({d.forget!r}) and retain ({d.retain!r}) data are identical: unlearning needs "
-                         "a retain set that differs from what should be forgotten")
+    forget_texts, retain_texts = load_sides(d)
     f_sel, f_eval = split_documents(forget_texts, d.eval_fraction, d.seed, side=f"forget ({d.forget})")
     r_sel, r_eval = split_documents(retain_texts, d.eval_fraction, d.seed, side=f"retain ({d.retain})")
     timings["load_data"] = time.perf_counter() - t0
@@ -372,6 +431,7 @@ def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: An
     n_neurons = n_layers * d_mlp
     name = M.model_name(model)
     ks = sorted({parse_k(k, n_neurons) for k in config.select.ks})
+    n_judge = judge_candidates(config, ks, n_neurons)  # checked before any LLM call is paid for
     check_context(model, d.n_ctx)
     timings["load_model"] = time.perf_counter() - t
 
@@ -471,25 +531,34 @@ def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: An
         scores["snip"] = score_neurons(explanations, concepts, embedder, n_layers=n_layers, d_mlp=d_mlp)
         timings["score"] = time.perf_counter() - t
 
+        quality = explanation_quality(explanations, n_layers, d_mlp)
+        snip = scores["snip"]
+        scores["snip"] = NeuronScores(snip.scores, snip.method, snip.labels, snip.model_name or name,
+                                      secondary=quality, secondary_name="explanation score" if quality is not None
+                                      else "", tie_seed=d.seed)
+
     sel = config.select
-    if any(m in sel.methods for m in ("activation", "hybrid")):
-        scores["activation"] = activation_scores(records, model_name=name)
+    if any(m in sel.methods for m in ("activation", "hybrid")) or (
+            "llm-judge" in sel.methods and "activation" in sel.judge_shortlist):
+        scores["activation"] = activation_scores(records, model_name=name, seed=d.seed)
     if "activation-freq" in sel.methods:
-        scores["activation-freq"] = activation_scores(records, statistic="freq_pos", model_name=name)
+        scores["activation-freq"] = activation_scores(records, statistic="freq_pos", model_name=name, seed=d.seed)
     if "hybrid" in sel.methods:
         scores["hybrid"] = hybrid_scores(scores["snip"], scores["activation"], weight=sel.hybrid_weight)
     if "random" in sel.methods:
         scores["random"] = random_scores(n_layers, d_mlp, seed=d.seed, model_name=name)
     if "keyword" in sel.methods:
         scores["keyword"] = keyword_scores(explanations, sel.keywords, n_layers=n_layers, d_mlp=d_mlp,
-                                           model_name=name)
+                                           model_name=name, seed=d.seed)
     if "llm-judge" in sel.methods:
         samples = random.Random(d.seed).sample(f_sel, min(5, len(f_sel)))
-        shortlist = scores["snip"].top_k(min(sel.judge_candidates, n_neurons))
+        shortlist = judge_shortlist(n_judge, explanations, how=sel.judge_shortlist, snip=scores.get("snip"),
+                                    activation=scores.get("activation"), seed=d.seed, n_layers=n_layers,
+                                    d_mlp=d_mlp)
         scores["llm-judge"] = llm_judge_scores(
             explanations, [s[:400] for s in samples], OpenAIChatClient(_llm_config(config)), n_layers=n_layers,
             d_mlp=d_mlp, model_name=name, candidates=shortlist, cache_dir=out / "cache" / "judge",
-            progress=progress)
+            progress=progress, seed=d.seed, shortlist_name=f"{sel.judge_shortlist} shortlist")
     (out / "scores").mkdir(exist_ok=True)
     for method, s in scores.items():
         s.save(out / "scores" / f"{method}.safetensors")
@@ -498,31 +567,50 @@ def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: An
     t = time.perf_counter()
     results = SweepResults(model=name, n_neurons=n_neurons,
                            baseline=RunResult.from_json(evaluator.run(None), baseline=True),
-                           explanations=expl_stats.to_json() if expl_stats is not None else None)
+                           explanations=expl_stats.to_json() if expl_stats is not None else None,
+                           more={"select": sel.selection, "tie_break": {m: scores[m].tie_break for m in sel.methods},
+                                 "skipped": []})
+    if "llm-judge" in sel.methods:
+        results.more["judge"] = {"candidates": n_judge, "shortlist": sel.judge_shortlist}
     (out / "masks").mkdir(exist_ok=True)
     details: list[MethodDetail] = []
     expl_by_id = {e.neuron: e for e in explanations}
     bar = tqdm(total=len(sel.methods) * len(ks), desc="evaluate", unit="run", disable=not progress)
     for method in sel.methods:
         s = scores[method]
+        done = 0
         for k in ks:
             bar.set_postfix_str(f"{method} k={k}")
-            mask = mask_from_scores(model, s, k)
+            try:
+                mask = mask_from_scores(model, s, k, select=sel.selection)
+            except ValueError as exc:
+                # The method ranked fewer neurons than k (keywords matched few explanations, judge answers
+                # failed): record why and go on, so the other runs are not lost.
+                logger.warning("%s k=%d skipped: %s", method, k, exc)
+                results.more["skipped"].append({"method": method, "k": k, "k_percent": 100.0 * k / n_neurons,
+                                                "reason": str(exc)})
+                bar.update(1)
+                continue
             mask.save(out / "masks" / f"{method}_k{k}.safetensors")
             r = evaluator.run(mask)
+            # how many neurons the tie-break (secondary signal, then the seeded draw) decided between
+            ties = s.cut_ties(k, sel.selection).to_json()
             results.runs.append(RunResult.from_json({"method": method, "k": k, "k_percent": 100.0 * k / n_neurons,
-                                                     **r}))
+                                                     **r, "ties_at_cut": ties}))
             logger.info("%s k=%d forget top1 %.3f retain top1 %.3f", method, k, r["forget"]["top1"],
                         r["retain"]["top1"])
+            done = k
             bar.update(1)
-        top = s.top_k(max(ks))
+        if not done:
+            continue
+        top = s.top_k(done, sel.selection)
         hist: dict[int, int] = {}
         for nid in top:
             hist[nid.layer] = hist.get(nid.layer, 0) + 1
-        details.append(MethodDetail(method=method, k=max(ks), layer_histogram=hist, neurons=[
+        details.append(MethodDetail(method=method, k=done, layer_histogram=hist, neurons=[
             PrunedNeuron(str(nid), float(s.scores[nid.layer, nid.index]),
                          (expl_by_id[nid].explanation or "") if nid in expl_by_id else "",
-                         s.labels.get(nid, "") or scores.get("snip", s).labels.get(nid, ""))
+                         s.labels.get(nid, ""), neuron_evidence(method, nid, scores))
             for nid in top[:200]]))
     bar.close()
     timings["evaluate"] = time.perf_counter() - t
@@ -605,5 +693,8 @@ class _Evaluator:
 
 
 def summary_table(results: dict) -> str:
-    """The short table the CLI prints at the end of a sweep."""
-    return format_table(results_table(results))
+    """The short table the CLI prints at the end of a sweep, and the runs that could not be made."""
+    lines = [format_table(results_table(results))]
+    for r in results.get("skipped", []):
+        lines.append(f"skipped {r['method']} k={r['k']}: {r['reason']}")
+    return "\n".join(lines)

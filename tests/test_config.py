@@ -84,12 +84,13 @@ def test_every_sweepconfig_field_maps_into_the_run_config():
                        concepts="distinctive")
     cfg = flat.to_run_config()
     for f in dataclasses.fields(SweepConfig):
-        if f.name not in ("data", "seed", "model", "concepts"):  # these two names are stage fields now
+        if f.name not in ("data", "seed", "model", "concepts", "select"):  # these names are stage fields now
             got = getattr(cfg, f.name)  # the flat view resolves every old name
             want = getattr(flat, f.name)
             assert got == (None if f.name == "api_key_env" else want), f.name
     assert cfg.model.name == "gpt2" and cfg.model.batch_size == 4 and cfg.llm.model == "m"
     assert cfg.select.judge_candidates == 7 and cfg.concepts.mode == "distinctive"
+    assert SweepConfig(select="per-layer").to_run_config().select.selection == "per-layer"
     with pytest.raises(ValueError, match="belongs to no stage config"):
         from_flat({"no_such_setting": 1})
 

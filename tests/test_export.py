@@ -162,3 +162,38 @@ def test_cli_export(tmp_path, capsys):
     assert "overwrite" in capsys.readouterr().err
     assert main([*argv[:4], str(tmp_path / "missing.safetensors"), *argv[5:]]) == 2
     assert "missing.safetensors" in capsys.readouterr().err
+
+
+def test_cli_export_from_scores_per_layer_compacts_fully_and_global_says_what_is_left(tmp_path, capsys):
+    from snip_lens.cli import main
+    from snip_lens.models import load_model
+    from snip_lens.score import NeuronScores
+    from snip_lens.testing import tiny_hf_model, tiny_tokenizer
+
+    src = tmp_path / "src"
+    tiny_hf_model("llama").save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    g = torch.Generator().manual_seed(0)
+    raw = torch.rand(N_LAYERS, D_MLP, generator=g, dtype=torch.float64)
+    raw[2] += 1.0  # a global top-k takes layer 2 first: uneven
+    scores = NeuronScores(raw, "activation").save(tmp_path / "scores")
+    base = ["export", "--model", str(src), "--scores", str(scores), "--k", "30", "--compact"]
+    assert main([*base, "--out", str(tmp_path / "global")]) == 0
+    out = capsys.readouterr().out
+    assert "MLP width 64 -> 64" in out and "removed 0 of the 30 masked neurons" in out
+    assert "30 could not be removed" in out and "--select per-layer" in out
+    assert main([*base, "--select", "per-layer", "--out", str(tmp_path / "per-layer")]) == 0
+    out = capsys.readouterr().out
+    assert "MLP width 64 -> 54" in out and "removed 30 of the 30 masked neurons" in out
+    assert "0 could not be removed" in out and "note:" not in out
+    model = load_model(str(src))
+    mask = NeuronMask.load(tmp_path / "per-layer" / MASK_FILE, model=model)
+    assert sorted(n.layer for n in mask.neurons) == [0] * 10 + [1] * 10 + [2] * 10
+    tokens = to_tokens(model, TEXTS)
+    with torch.no_grad(), mask.applied(model):
+        want = model(tokens)
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "per-layer")(tokens).logits
+    assert _rel_err(got, want) < 1e-4
+    assert main(["export", "--model", str(src), "--out", str(tmp_path / "x")]) == 2
+    assert "either --mask FILE, or --scores FILE" in capsys.readouterr().err

@@ -101,19 +101,70 @@ def test_score_neurons_bad_inputs():
         score_neurons([NeuronExplanation(NeuronId(0, 0), None, error="boom")], CONCEPTS, emb, n_layers=3, d_mlp=6)
 
 
-def test_top_k_and_rank_tie_break():
-    scores = torch.tensor([[0.5, 0.9, -math.inf], [0.9, 0.5, 0.1]], dtype=torch.float64)
+def test_top_k_and_rank_order_by_score():
+    scores = torch.tensor([[0.5, 0.9, -math.inf], [0.8, 0.4, 0.1]], dtype=torch.float64)
     s = NeuronScores(scores, "t")
     assert s.top_k(5) == [NeuronId(0, 1), NeuronId(1, 0), NeuronId(0, 0), NeuronId(1, 1), NeuronId(1, 2)]
     assert s.rank().tolist() == [[2, 0, 5], [1, 3, 4]]
     with pytest.raises(ValueError, match="k=6 but method 't' scored only 5"):
         s.top_k(6)
-    # brute force on random scores with many ties
+
+
+def test_ties_go_to_the_secondary_signal_then_a_seeded_draw_never_layer_index():
+    flat = NeuronScores(torch.ones(4, 50, dtype=torch.float64), "t", tie_seed=0)
+    by_index = [NeuronId(0, i) for i in range(20)]
+    got = flat.top_k(20)
+    assert got != by_index and len({n.layer for n in got}) > 1  # the old (layer, index) order: all layer 0
+    assert got == NeuronScores(torch.ones(4, 50, dtype=torch.float64), "t", tie_seed=0).top_k(20)
+    assert got != NeuronScores(torch.ones(4, 50, dtype=torch.float64), "t", tie_seed=1).top_k(20)
+    # brute force on random scores with many ties: score, then secondary, then the seeded draw
     g = torch.Generator().manual_seed(0)
-    r = torch.randint(0, 5, (4, 7), generator=g).double()
-    got = NeuronScores(r, "r").top_k(28)
-    want = sorted((NeuronId(a, b) for a in range(4) for b in range(7)), key=lambda n: (-r[n.layer, n.index], n))
-    assert got == want
+    r = torch.randint(0, 3, (4, 7), generator=g).double()
+    sec = torch.randint(0, 2, (4, 7), generator=g).double()
+    s = NeuronScores(r, "r", secondary=sec, secondary_name="test signal", tie_seed=5)
+    draw = np.random.default_rng(5).permutation(28)
+    want = sorted((NeuronId(a, b) for a in range(4) for b in range(7)),
+                  key=lambda n: (-r[n.layer, n.index], -sec[n.layer, n.index], draw[n.layer * 7 + n.index]))
+    assert s.top_k(28) == want
+    assert s.tie_break == "test signal, then a random draw (seed 5)"
+    with pytest.raises(ValueError, match="secondary_name"):
+        NeuronScores(r, "r", secondary=sec)
+    with pytest.raises(ValueError, match=r"secondary has shape \(2, 2\)"):
+        NeuronScores(r, "r", secondary=torch.zeros(2, 2), secondary_name="x")
+
+
+def test_cut_ties_counts_the_neurons_the_tie_break_decided():
+    scores = torch.tensor([[3.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    plain = NeuronScores(scores, "t")
+    assert plain.cut_ties(1).to_json() == {"tied": 0, "selected": 0, "tied_after_secondary": 0}
+    assert plain.cut_ties(3).to_json() == {"tied": 4, "selected": 2, "tied_after_secondary": 4}
+    assert plain.cut_ties(5).tied == 0  # the cut falls between 1.0 and 0.0: nothing tied across it
+    sec = torch.tensor([[0.0, 4.0, 3.0, 2.0], [1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    with_sec = NeuronScores(scores, "t", secondary=sec, secondary_name="s")
+    assert with_sec.top_k(3) == [NeuronId(0, 0), NeuronId(0, 1), NeuronId(0, 2)]
+    assert with_sec.cut_ties(3).to_json() == {"tied": 4, "selected": 2, "tied_after_secondary": 0}
+
+
+def test_per_layer_selection_takes_k_over_l_from_every_layer():
+    g = torch.Generator().manual_seed(0)
+    r = torch.rand(3, 10, generator=g, dtype=torch.float64)
+    r[0] += 10  # a global top-k would take layer 0 only
+    s = NeuronScores(r, "r")
+    assert {n.layer for n in s.top_k(6)} == {0}
+    chosen = s.top_k(6, "per-layer")
+    assert sorted(n.layer for n in chosen) == [0, 0, 1, 1, 2, 2]
+    for layer in range(3):
+        best = set(torch.argsort(r[layer], descending=True)[:2].tolist())
+        assert {n.index for n in chosen if n.layer == layer} == best
+    # 7 = 2 per layer and one more, to the layer whose next neuron ranks best overall (layer 0)
+    assert sorted(n.layer for n in s.top_k(7, "per-layer")) == [0, 0, 0, 1, 1, 2, 2]
+    assert s.cut_ties(6, "per-layer").tied == 0
+    sparse = r.clone()
+    sparse[2, 1:] = -math.inf
+    with pytest.raises(ValueError, match="L2: 1"):
+        NeuronScores(sparse, "r").top_k(6, "per-layer")
+    with pytest.raises(ValueError, match="'per-layer'"):
+        s.top_k(3, "uneven")
 
 
 def test_scores_save_load_roundtrip_and_shape_check(tmp_path):
@@ -122,6 +173,13 @@ def test_scores_save_load_roundtrip_and_shape_check(tmp_path):
     assert path.name == "snip.safetensors" and (tmp_path / "snip.json").exists()
     back = NeuronScores.load(path, n_layers=3, d_mlp=6)
     assert torch.equal(back.scores, s.scores) and back.labels == s.labels
+    assert back.secondary is None
+    sec = NeuronScores(s.scores, "snip", secondary=torch.rand(3, 6, dtype=torch.float64), secondary_name="q",
+                       tie_seed=7)
+    again = NeuronScores.load(sec.save(tmp_path / "sec"))
+    assert torch.equal(again.secondary, sec.secondary) and again.secondary_name == "q" and again.tie_seed == 7
+    n = int(torch.isfinite(sec.scores).sum())
+    assert again.top_k(n) == sec.top_k(n)
     assert back.method == "snip" and back.model_name == "tiny"
     with pytest.raises(ValueError, match=r"3 layers x 6 neurons \(tiny\), not 30 x 1536"):
         NeuronScores.load(path, n_layers=30, d_mlp=1536)
@@ -219,3 +277,29 @@ def test_quality_floor_code_concepts_pick_code_neurons():
     s = score_neurons(expl, concepts, LocalEmbedder(progress=False), n_layers=4, d_mlp=4)
     top = s.top_k(len(code))
     assert {n.layer * 4 + n.index for n in top} == set(range(len(code)))
+
+
+def test_cli_search_index_rebuilds_when_the_explanations_differ(tmp_path, capsys):
+    """A saved index answers only for the explanations it was built from (a digest is recorded and checked)."""
+    a = tmp_path / "a.jsonl"
+    a.write_text(json.dumps(NeuronExplanation(NeuronId(0, 1), "numbers and digits", source="t").to_json()) + "\n"
+                 + json.dumps(NeuronExplanation(NeuronId(0, 2), "the word because", source="t").to_json()) + "\n")
+    b = tmp_path / "b.jsonl"
+    b.write_text(json.dumps(NeuronExplanation(NeuronId(2, 5), "numbers and digits", source="t").to_json()) + "\n")
+    index = tmp_path / "index"
+    common = ["--index", str(index), "--embedder", "local", "--no-cache", "-k", "1"]
+    assert main(["search", "numbers", "--explanations", str(a), *common]) == 0
+    assert capsys.readouterr().out.startswith("L0/N1\t")
+    meta = json.loads((index / "neurons.json").read_text())
+    from snip_lens.explain import load_explanations
+    from snip_lens.score import explanations_digest
+
+    assert meta["explanations_sha256"] == explanations_digest(load_explanations(a))
+    assert main(["search", "numbers", "--explanations", str(a), *common]) == 0  # same explanations: reused
+    captured = capsys.readouterr()
+    assert captured.out.startswith("L0/N1\t") and "rebuilding" not in captured.err
+    assert main(["search", "numbers", "--explanations", str(b), *common]) == 0  # other explanations: rebuilt
+    captured = capsys.readouterr()
+    assert captured.out.startswith("L2/N5\t") and "built from other explanations" in captured.err
+    assert main(["search", "numbers", *common]) == 0  # no --explanations: the saved index as it is
+    assert capsys.readouterr().out.startswith("L2/N5\t")

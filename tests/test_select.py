@@ -11,6 +11,7 @@ from snip_lens.score import NeuronScores
 from snip_lens.select import (
     activation_scores,
     hybrid_scores,
+    judge_shortlist,
     keyword_scores,
     llm_judge_scores,
     mask_from_scores,
@@ -60,6 +61,7 @@ def test_keyword_scores_select_matches_ranked_by_explanation_score():
     ]
     s = keyword_scores(ex, ["python"], n_layers=2, d_mlp=3)
     assert s.top_k(2) == [NeuronId(1, 0), NeuronId(0, 0)]
+    assert s.secondary_name == "explanation score"
     assert int(torch.isfinite(s.scores).sum()) == 2
     assert s.labels[NeuronId(1, 0)] == "python"
     with pytest.raises(ValueError, match="keyword"):
@@ -80,7 +82,9 @@ def test_activation_scores_are_the_forget_retain_ratio():
     s = activation_scores(rec, eps=0.0)
     expected = torch.tensor([[1.0, 2.0, 0.5], [2.0, 1.0, 0.25]], dtype=torch.float64)
     assert torch.allclose(s.scores, expected, atol=1e-5)
-    assert s.top_k(2) == [NeuronId(0, 1), NeuronId(1, 0)]  # tie at 2.0 broken by (layer, index)
+    # tie at 2.0: the declared secondary signal (mean |act| on forget: 4.0 > 2.0) decides, not (layer, index)
+    assert s.top_k(2) == [NeuronId(1, 0), NeuronId(0, 1)]
+    assert s.secondary_name == "mean_abs on forget"
     f = activation_scores(rec, statistic="freq_pos")
     assert f.method == "activation-freq"
     with pytest.raises(ValueError, match="'forget'"):
@@ -166,3 +170,47 @@ def test_mask_from_scores_prunes_the_top_k():
         mask_from_scores(model, partial, 2)
     with pytest.raises(ValueError, match="larger than"):
         mask_from_scores(model, s, 33)
+
+
+def test_keyword_matches_without_a_score_tie_and_a_seeded_draw_orders_them():
+    ex = [_expl(layer, i, "python code") for layer in range(3) for i in range(20)]
+    a = keyword_scores(ex, ["python"], n_layers=3, d_mlp=20, seed=0).top_k(10)
+    assert a == keyword_scores(ex, ["python"], n_layers=3, d_mlp=20, seed=0).top_k(10)
+    assert a != keyword_scores(ex, ["python"], n_layers=3, d_mlp=20, seed=1).top_k(10)
+    assert a != [NeuronId(0, i) for i in range(10)] and len({n.layer for n in a}) > 1
+
+
+def test_judge_shortlist_takes_snip_and_activation_in_turn_and_ties_follow_it():
+    ex = [_expl(layer, i, f"neuron {layer} {i}") for layer in range(2) for i in range(6)]
+    snip = NeuronScores(torch.arange(12, dtype=torch.float64).view(2, 6), "snip")  # best: L1/N5, L1/N4, ...
+    act = NeuronScores(-torch.arange(12, dtype=torch.float64).view(2, 6), "activation")  # best: L0/N0, ...
+    short = judge_shortlist(4, ex, snip=snip, activation=act, n_layers=2, d_mlp=6)
+    assert short == [NeuronId(1, 5), NeuronId(0, 0), NeuronId(1, 4), NeuronId(0, 1)]
+    assert judge_shortlist(2, ex, how="snip", snip=snip, n_layers=2, d_mlp=6) == [NeuronId(1, 5), NeuronId(1, 4)]
+    rnd = judge_shortlist(5, ex, how="random", seed=3, n_layers=2, d_mlp=6)
+    assert rnd == judge_shortlist(5, ex, how="random", seed=3, n_layers=2, d_mlp=6) and len(set(rnd)) == 5
+    with pytest.raises(ValueError, match="between 1 and the 12"):
+        judge_shortlist(13, ex, snip=snip, activation=act, n_layers=2, d_mlp=6)
+    with pytest.raises(ValueError, match="needs the snip and activation scores"):
+        judge_shortlist(2, ex, n_layers=2, d_mlp=6)
+
+    class Flat:  # every neuron gets the same rating: the shortlist order decides
+        model = "flat"
+
+        async def generate(self, messages):
+            return "5"
+
+    s = llm_judge_scores(ex, ["x"], Flat(), n_layers=2, d_mlp=6, candidates=short, progress=False)
+    assert s.top_k(4) == short
+    assert s.secondary_name == "shortlist position" and s.cut_ties(2).to_json() == {
+        "tied": 4, "selected": 2, "tied_after_secondary": 0}
+
+
+def test_mask_from_scores_per_layer_selection():
+    from snip_lens.testing import tiny_model
+
+    model = tiny_model("llama", n_layers=2, d_mlp=16)
+    s = NeuronScores(torch.cat([torch.ones(1, 16) * 5, torch.rand(1, 16)]).double(), "t")
+    assert set(mask_from_scores(model, s, 8).layers) == {0}
+    per = mask_from_scores(model, s, 8, select="per-layer")
+    assert sorted(n.layer for n in per.neurons) == [0] * 4 + [1] * 4

@@ -29,12 +29,12 @@ def model():
 
 def _held_out_windows(cfg, model):
     from snip_lens.corpus import make_windows
-    from snip_lens.sweep import load_side_texts
+    from snip_lens.sweep import load_sides
 
     d = cfg.data
     out = {}
-    for side, spec in (("forget", d.forget), ("retain", d.retain)):
-        _, held = split_documents(load_side_texts(spec, d), d.eval_fraction, d.seed)
+    for side, texts in zip(("forget", "retain"), load_sides(d)):
+        _, held = split_documents(texts, d.eval_fraction, d.seed)
         out[side] = make_windows(model, held, n_ctx=d.n_ctx, max_windows=d.eval_windows, seed=d.seed + 1,
                                  max_doc_tokens=d.max_doc_tokens).tokens
     return out
@@ -80,22 +80,46 @@ def test_results_schema_and_outputs(offline_run, model):
     assert "(none)" in summary_table(res)
 
 
-def test_report_shows_explanations_and_concepts_of_snip_neurons(offline_run):
+def _report_rows(report: str, method: str) -> tuple[list[str], list[list[str]]]:
+    """(header cells, row cells) of one method's neuron table in report.md."""
+    part = report.split(f"## {method}:")[1].split("\n## ")[0]
+    lines = [line for line in part.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    # the last column lists the other neurons of a row that stands for several identical ones
+    assert cells[0][-1] == "same row"
+    return cells[0][:-1], [c[:-1] for c in cells[2:]]
+
+
+def test_report_shows_each_methods_own_evidence(offline_run):
+    from snip_lens.score import NeuronScores
+
     out, _, res = offline_run
     expl = [json.loads(line) for line in (out / "explanations.jsonl").read_text().splitlines()]
     assert len(expl) == 64
     concepts = json.loads((out / "concepts.json").read_text())["concepts"]
     assert concepts
     report = (out / "report.md").read_text()
-    snip_part = report.split("## snip")[1].split("## ")[0]
-    rows = [line for line in snip_part.splitlines() if line.startswith("| L")]
-    assert rows, "the report lists the neurons SNIP pruned"
-    # every listed SNIP neuron names a concept of the forget set and its own explanation
-    texts = {f"L{e['layer']}/N{e['index']}": e["explanation"] for e in expl}
-    for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[3] in concepts
-        assert cells[2] == texts[cells[0]].replace("|", "\\|")
+    texts = {f"L{e['layer']}/N{e['index']}": e["explanation"].replace("|", "\\|") for e in expl}
+    snip = NeuronScores.load(out / "scores" / "snip.safetensors")
+    act = NeuronScores.load(out / "scores" / "activation.safetensors")
+    # SNIP: the matched concept and its cosine, and the neuron's own explanation
+    head, rows = _report_rows(report, "snip")
+    assert head == ["neuron", "cosine", "matched concept", "explanation"] and rows
+    for neuron, cos, concept, text in rows:
+        n = NeuronId.parse(neuron)
+        assert concept in concepts and concept == snip.labels[n]
+        assert float(cos) == pytest.approx(float(snip.scores[n.layer, n.index]), abs=1e-3)
+        assert text == texts[neuron]
+    # activation: its ratio, and no concept it never used
+    head, rows = _report_rows(report, "activation")
+    assert head == ["neuron", "forget/retain ratio", "explanation"] and rows
+    for neuron, ratio, _ in rows:
+        n = NeuronId.parse(neuron)
+        assert float(ratio) == pytest.approx(float(act.scores[n.layer, n.index]), rel=1e-3, abs=1e-3)
+    # random: nothing but the neuron and what it does
+    head, rows = _report_rows(report, "random")
+    assert head == ["neuron", "explanation"] and rows
+    assert "no evidence" in report.split("## random:")[1].split("\n## ")[0]
 
 
 def test_masks_prune_what_the_scores_rank_first(offline_run, model):
@@ -179,11 +203,23 @@ def test_paper_path_with_an_openai_compatible_server(model, tmp_path, monkeypatc
                           judge_candidates=64)
         res = run_sweep(cfg, tmp_path, model=model, progress=False)
     assert [r["method"] for r in res["runs"]] == ["snip", "llm-judge", "random"]
+    assert res["tie_break"]["snip"] == "a random draw (seed 0)"
+    assert res["tie_break"]["llm-judge"].startswith("snip+activation shortlist position")
+    assert res["judge"] == {"candidates": 64, "shortlist": "snip+activation"}
     concepts = json.loads((tmp_path / "concepts.json").read_text())["concepts"]
     assert [c.lower() for c in concepts] == ["python keywords", "function definitions", "indentation"]
     expl = [json.loads(line) for line in (tmp_path / "explanations.jsonl").read_text().splitlines()]
     text_of = {(e["layer"], e["index"]): e["explanation"] for e in expl}
     assert set(text_of.values()) == set(PAPER_EXPLANATIONS)  # neurons are explained differently
+    # neurons with the same explanation tie on cosine: the seeded draw picks among them, not (layer, index)
+    snip_run = res["runs"][0]
+    snip_pruned = sorted(NeuronMask.load(tmp_path / "masks" / f"snip_k{snip_run['k']}.safetensors").neurons)
+    top_text = text_of[(snip_pruned[0].layer, snip_pruned[0].index)]
+    group = sorted(NeuronId(layer, i) for (layer, i), t in text_of.items() if t == top_text)
+    assert len(group) > snip_run["k"] and set(snip_pruned) <= set(group)
+    assert snip_run["ties_at_cut"] == {"tied": len(group), "selected": snip_run["k"],
+                                       "tied_after_secondary": len(group)}
+    assert snip_pruned != group[:snip_run["k"]]
     k = res["runs"][0]["k"]
     # The judge's ranking follows its ratings: every pruned neuron has the best-rated explanation.
     best = max(PAPER_EXPLANATIONS, key=PAPER_EXPLANATIONS.get)
@@ -253,6 +289,100 @@ def test_evaluator_reuses_lower_layers_without_changing_metrics(model):
             assert got[side]["top1"] == want["top1"] and got[side]["top10"] == want["top10"]
             assert abs(got[side]["loss"] - want["loss"]) < 1e-5
     assert set(ev._prefix) == {("forget", 1), ("retain", 1)}
+
+
+def test_results_record_the_ties_at_each_cut(offline_run):
+    _, cfg, res = offline_run
+    assert set(res["tie_break"]) == set(cfg.methods)
+    assert res["tie_break"]["activation"] == "mean_abs on forget, then a random draw (seed 0)"
+    assert res["tie_break"]["keyword"] == "explanation score, then a random draw (seed 0)"
+    for r in res["runs"]:
+        ties = r["ties_at_cut"]
+        assert set(ties) == {"tied", "selected", "tied_after_secondary"}
+        assert 0 <= ties["selected"] <= min(ties["tied"], r["k"]) and ties["tied_after_secondary"] <= ties["tied"]
+        if r["method"] == "random":
+            assert ties["tied"] == 0
+
+
+def test_judge_shortlist_defaults_to_the_largest_k_and_is_checked_before_any_call():
+    from snip_lens.select import parse_k
+    from snip_lens.sweep import judge_candidates
+
+    # the README's GPT-2 command: 12 x 3072 neurons, k up to 10%; the old fixed 2000 failed at 6% (2212)
+    readme = SweepConfig(methods=["snip", "llm-judge"], llm_model="m", ks=["1%", "2%", "4%", "6%", "8%", "10%"])
+    ks = sorted(parse_k(k, 36_864) for k in readme.ks)
+    assert judge_candidates(readme, ks, 36_864) == 3686
+    fixed = SweepConfig(methods=["snip", "llm-judge"], llm_model="m", ks=readme.ks, judge_candidates=2000)
+    with pytest.raises(ValueError, match="judge_candidates=2000 is smaller than the largest k=3686"):
+        judge_candidates(fixed, ks, 36_864)
+    assert judge_candidates(SweepConfig(methods=["random"], ks=readme.ks), ks, 36_864) == 0
+    with pytest.raises(ValueError, match="judge_candidates=0"):
+        SweepConfig(methods=["llm-judge"], llm_model="m", judge_candidates=0)
+    with pytest.raises(ValueError, match="judge_shortlist"):
+        SweepConfig(methods=["llm-judge"], llm_model="m", judge_shortlist="best")  # type: ignore[arg-type]
+    from snip_lens.cli import build_parser
+    from snip_lens.config import run_config_from_args
+
+    args = build_parser().parse_args(["run", "--model", "m", "--forget", "code", "--retain", "prose", "--methods",
+                                      "llm-judge", "--llm-model", "x", "--judge-candidates", "5000",
+                                      "--judge-shortlist", "random", "--select", "per-layer"])
+    cfg = run_config_from_args(args).select
+    assert (cfg.judge_candidates, cfg.judge_shortlist, cfg.selection) == (5000, "random", "per-layer")
+
+
+def test_export_of_a_real_sweep_mask_says_what_it_could_not_remove(offline_run, model, tmp_path):
+    """A global top-k mask from the sweep prunes layers unevenly; a per-layer one compacts fully."""
+    from snip_lens.export import export_pruned
+    from snip_lens.score import NeuronScores
+    from snip_lens.select import mask_from_scores
+
+    out, _, _ = offline_run
+    scores = NeuronScores.load(out / "scores" / "activation.safetensors")
+    uneven = NeuronMask.load(out / "masks" / "activation_k3.safetensors", model=model)
+    per_layer = [sum(n.layer == layer for n in uneven.neurons) for layer in range(2)]
+    assert per_layer[0] != per_layer[1]  # a real top-k mask: uneven (3 neurons over 2 layers)
+    report = export_pruned(model, uneven, tmp_path / "global", compact=True)
+    assert report.n_removed == 2 * min(per_layer) and report.n_not_removed == 3 - 2 * min(per_layer) > 0
+    assert any(f"{report.n_not_removed} of the 3 removable masked neurons could not be removed" in n
+               for n in report.notes)
+    even = mask_from_scores(model, scores, 6, select="per-layer")
+    report = export_pruned(model, even, tmp_path / "per-layer", compact=True)
+    assert report.width == 32 - 3 and report.n_removed == 6 and report.n_not_removed == 0 and not report.notes
+
+
+def test_per_layer_selection_through_the_sweep(model, tmp_path):
+    cfg = SweepConfig(model="tiny", data=_data(), ks=["10%"], methods=["activation"], select="per-layer")
+    res = run_sweep(cfg, tmp_path, model=model, progress=False)
+    assert res["select"] == "per-layer"
+    mask = NeuronMask.load(tmp_path / "masks" / "activation_k6.safetensors")
+    assert sorted(n.layer for n in mask.neurons) == [0, 0, 0, 1, 1, 1]
+
+
+def test_max_docs_caps_the_forget_side_only_and_cbt_samples_are_random(tmp_path):
+    from snip_lens.evaluate import build_cloze_items, save_cbt_jsonl
+    from snip_lens.sweep import load_side_texts, load_sides
+
+    retain = tmp_path / "retain.jsonl"
+    retain.write_text("\n".join(json.dumps({"text": f"retain document number {i}."}) for i in range(30)))
+    forget, kept = load_sides(DataConfig(forget="code", retain=str(retain), max_docs=5))
+    assert len(forget) == 5 and len(kept) == 30  # --max-docs no longer cuts the retain corpus too
+    _, kept = load_sides(DataConfig(forget="code", retain=str(retain), max_docs=5, retain_max_docs=7))
+    assert len(kept) == 7
+    # "100 randomly selected CBT training samples": a seeded draw, not the first items of the file
+    story = [" ".join(f"The {a} sat on the {b} ." for a in ("cat", "dog", "hen") for b in ("mat", "rug", str(i)))
+             for i in range(40)]
+    items = build_cloze_items(story, "P", n_items=40, seed=0, n_context=2)
+    path = tmp_path / "cbt.jsonl"
+    save_cbt_jsonl(items, path)
+    from snip_lens.sweep import cbt_item_text
+
+    data = DataConfig(forget=f"cbt:P:{path}", retain="prose", seed=0)
+    drawn = load_side_texts(data.forget, data, 10)
+    assert len(drawn) == 10 and drawn != [cbt_item_text(it) for it in items[:10]]
+    assert drawn == load_side_texts(data.forget, data, 10)
+    assert drawn != load_side_texts(data.forget, DataConfig(forget=data.forget, seed=1), 10)
+    with pytest.raises(ValueError, match="retain_max_docs=1"):
+        DataConfig(retain_max_docs=1)
 
 
 def test_forget_directory_of_extensionless_and_source_files_with_glob(tmp_path):
