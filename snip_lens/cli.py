@@ -296,18 +296,29 @@ def _explain_cmd(args: argparse.Namespace) -> int:
         llm = LLMConfig(model=server.model, base_url=server.base_url, api_key_env=server.api_key_env,
                         concurrency=args.concurrency, temperature=args.temperature, max_retries=args.max_retries)
     config = ExplainConfig(kind=args.explainer, llm=llm, local_model=args.local_model,
-                           max_records=args.max_records, few_shot=not args.no_few_shot)
+                           max_records=args.max_records, few_shot=not args.no_few_shot,
+                           explanations=args.explanations)
     records = None
     if args.records:
         from .collect import ActivationRecords
 
         records = ActivationRecords.load(args.records)
+    subject = None
+    if config.needs_model and not args.import_file:
+        name = args.subject_model or (records.model_name if records is not None else None)
+        if not name:
+            raise ValueError(f"--explanations {args.explanations} reads the subject model's weights: pass "
+                             "--subject-model NAME (or --records from that model)")
+        subject = _model_config(args, name=name).load()
     if llm is not None:
         probe_server(llm, timeout=server.probe_timeout)
+    if args.batch_api:
+        _explain_batched(args, records, config, neurons)
     try:
         result = explain_to_file(args.out, records=records, config=config, import_path=args.import_file,
                                  min_score=args.min_score, neurons=neurons, cache_dir=args.cache_dir,
-                                 n_layers=args.n_layers, d_mlp=args.d_mlp, overwrite=args.overwrite)
+                                 n_layers=args.n_layers, d_mlp=args.d_mlp, overwrite=args.overwrite,
+                                 model=subject)
     except FileExistsError as exc:
         raise ValueError(str(exc)) from None
     from .checks import explanation_stats, warn_if_degenerate
@@ -330,6 +341,25 @@ def _explain_interrupted(args: argparse.Namespace) -> str:
     return f"answers received so far are cached in {cache}; rerun the same command to ask only for the rest"
 
 
+def _explain_batched(args: argparse.Namespace, records: object, config: object, neurons: object) -> None:
+    """Answer every uncached neuron through the OpenAI Batch API into the per-neuron cache that
+    explain_to_file then reads (only requests whose batch line failed are then sent live)."""
+    from pathlib import Path
+
+    from .explain import explain
+    from .llm_batch import BatchConfig, run_batched
+
+    if config.llm is None or records is None:
+        raise ValueError("--batch-api needs --explainer openai and --records DIR")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    cache = args.cache_dir or str(out.with_name(out.name + ".cache"))
+    run_batched(lambda client: explain(records, config, neurons=neurons, cache_dir=cache, client=client,
+                                       progress=False),
+                config.llm, BatchConfig(args.batch_api, poll_interval=args.batch_poll, max_wait=args.batch_max_wait))
+
+
 def _add_explain(sub: argparse._SubParsersAction) -> None:
     sp = sub.add_parser("explain", help="SNIP step 1: explain MLP neurons in words (or import published ones)")
     sp.add_argument("--records", help="directory of collected activation records (snip collect)")
@@ -339,6 +369,11 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     _llm_flags(sp, default_model="gpt-4o-mini")
     sp.add_argument("--model", dest="deprecated_model", metavar="LLM",
                     help="deprecated alias of --llm-model (the LLM, not the subject model)")
+    sp.add_argument("--explanations", default="input", choices=["input", "output", "both"],
+                    help="evidence explanations rest on: top-activating inputs, VocabProj output tokens, or both")
+    sp.add_argument("--subject-model", help="model whose neurons are explained, for output evidence "
+                    "(default: the model the --records come from)")
+    _model_flags(sp, name=False)
     sp.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
     sp.add_argument("--temperature", type=float, default=1.0, help="LLM sampling temperature, in [0, 2]")
     sp.add_argument("--max-retries", type=int, default=5,
@@ -355,6 +390,11 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--min-score", type=float, help="drop imported explanations scored below this")
     sp.add_argument("--n-layers", type=int, help="model layers, to check imported indices (default: from --records)")
     sp.add_argument("--d-mlp", type=int, help="neurons per layer, to check imported indices")
+    sp.add_argument("--batch-api", metavar="DIR",
+                    help="send the requests through the OpenAI Batch API, keeping its state in DIR (rerun to resume)")
+    sp.add_argument("--batch-poll", type=float, default=60.0, help="seconds between batch status checks")
+    sp.add_argument("--batch-max-wait", type=float,
+                    help="stop waiting after this many seconds (batches keep running; rerun to continue)")
     sp.set_defaults(func=_explain_cmd, on_interrupt=_explain_interrupted)
 
 
@@ -387,9 +427,21 @@ def _collect_cmd(args: argparse.Namespace) -> int:
                                  max_doc_tokens=args.max_doc_tokens or None,
                                  glob=args.glob if name in dirs else None)
                for name, source in named}
-    rec = collect(model, corpora, layers=layers, top_k=args.top_k, context=(before, after), n_random=args.n_random,
-                  batch_size=args.batch_size, out_dir=args.out, progress=not args.no_progress, seed=args.seed,
-                  shard_windows=args.shard_windows, overwrite=args.overwrite)
+    executor = None
+    if args.ray is not None:
+        from .sharding import ModelSpec, RayExecutor
+
+        executor = RayExecutor(ModelSpec(name=args.model__name), address=None if args.ray == "local" else args.ray,
+                               n_actors=args.ray_actors, num_gpus=args.ray_gpus_per_actor,
+                               num_cpus=args.ray_cpus_per_actor)
+    try:
+        rec = collect(model, corpora, layers=layers, top_k=args.top_k, context=(before, after),
+                      n_random=args.n_random, batch_size=args.batch_size, out_dir=args.out,
+                      progress=not args.no_progress, seed=args.seed, shard_windows=args.shard_windows,
+                      overwrite=args.overwrite, executor=executor)
+    finally:
+        if executor is not None:
+            executor.close()
     n_tok = {name: int(st.count[0, 0]) for name, st in rec.stats.items()}
     print(f"{rec.n_neurons} neurons (layers {rec.layers[0]}..{rec.layers[-1]}) of {rec.model_name}; tokens per corpus "
           f"{n_tok}; top {rec.top_k} records from {rec.records_corpus!r} -> {args.out}")
@@ -424,6 +476,13 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--out", required=True, help="output directory (activations.safetensors + records.json)")
     sp.add_argument("--overwrite", action="store_true", help="replace results of a different config in --out")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sp.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                    help="collect the shards (--shard-windows each) on Ray actors: a local cluster, or the one at "
+                    "ADDRESS (auto, ray://HOST:10001)")
+    sp.add_argument("--ray-actors", type=int, help="model replicas (default: one per GPU, else one per CPU)")
+    sp.add_argument("--ray-gpus-per-actor", type=float,
+                    help="GPUs per replica (default 1 when the cluster has GPUs); more for a device_map over GPUs")
+    sp.add_argument("--ray-cpus-per-actor", type=float, default=1.0, help="CPUs (torch threads) per replica")
     sp.set_defaults(func=_collect_cmd, on_interrupt=lambda a: f"the last checkpoint in {a.out} is kept; rerun the "
                     "same command to resume from it")
 

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from . import models
 from ._io import atomic_write, atomic_write_text
 from .corpus import TokenWindows
-from .kernels.topk import NO_INDEX, update_topk
+from .kernels.topk import NO_INDEX, merge_topk, update_topk
 from .types import ActivationRecord, NeuronId, NeuronRecords
 
 logger = logging.getLogger(__name__)
@@ -332,7 +332,7 @@ class _State:
 
     def __init__(self, cfg: CollectConfig, d_mlp: int, corpora: list[str]):
         L, N, k, C, R = len(cfg.layers), d_mlp, cfg.top_k, cfg.context_len, cfg.n_candidates
-        self.cfg, self.N = cfg, N
+        self.cfg, self.N, self.n_corpora = cfg, N, len(corpora)
         self._buf: Tensor | None = None
         self._mask: Tensor | None = None
         self.t: dict[str, Tensor] = {
@@ -445,6 +445,56 @@ class _State:
             if ki is not old_ri:
                 self._apply(li, ("rnd_key", "rnd_i", "rnd_slot", "rnd_v", "rnd_ctx"), kv, ki, x, base, n_pos)
 
+    # -- merging the states of disjoint shards (sharded collection, snip_lens.sharding) --
+
+    _RECORD_KEYS = ("top_v", "top_i", "top_ctx", "top_slot", "rnd_key", "rnd_i", "rnd_v", "rnd_ctx", "rnd_slot")
+    _STAT_KEYS = ("n", "mean", "m2", "sum_abs", "n_pos", "max")
+
+    def part(self, ci: int, records: bool) -> dict[str, Tensor]:
+        """The tensors a shard of corpus ``ci`` changed: its statistics, and the records if ``records``."""
+        keys = [f"s{ci}.{k}" for k in self._STAT_KEYS] + (list(self._RECORD_KEYS) if records else [])
+        return {k: self.t[k].detach().cpu().contiguous() for k in keys}
+
+    def merge(self, part: dict[str, Tensor]) -> None:
+        """Fold in the ``part`` of a state collected over other windows (exact for records, Chan for moments).
+
+        Top-k and random candidates are merged by (key descending, token index ascending), the order the
+        per-batch updates keep, so merging shards gives the records of one pass over all their windows.
+        """
+        t = self.t
+        if "top_v" in part:
+            for key_n, idx_n, slot_n, val_n, ctx_n, size in (
+                    ("top_v", "top_i", "top_slot", None, "top_ctx", self.cfg.top_k),
+                    ("rnd_key", "rnd_i", "rnd_slot", "rnd_v", "rnd_ctx", self.cfg.n_candidates)):
+                if size == 0:
+                    continue
+                L, _, N = t[key_n].shape
+                for li in range(L):  # one layer at a time: the context payloads are the bulk of the state
+                    key, idx, src = merge_topk(t[key_n][li], t[idx_n][li], part[key_n][li], part[idx_n][li], size)
+                    # Rank row of cat([ours, theirs]) -> storage slot of cat([our slots, their slots]).
+                    slots = torch.cat([t[slot_n][li], part[slot_n][li] + size], 0)  # (2 size, N)
+                    store = torch.gather(slots, 0, src)  # (size, N)
+                    ctx = torch.cat([t[ctx_n][li], part[ctx_n][li]], 0)  # (2 size, N, C) in storage order
+                    t[ctx_n][li] = torch.gather(ctx, 0, store.unsqueeze(2).expand(-1, -1, ctx.shape[2]))
+                    if val_n is not None:
+                        t[val_n][li] = torch.gather(torch.cat([t[val_n][li], part[val_n][li]], 0), 0, store)
+                    t[key_n][li], t[idx_n][li] = key, idx
+                t[slot_n] = torch.arange(size).view(1, size, 1).expand(L, size, N).clone()  # rank order now
+        for ci in range(self.n_corpora):
+            p = f"s{ci}."
+            if p + "n" not in part:
+                continue
+            n_a, n_b = t[p + "n"], part[p + "n"].to(t[p + "n"].dtype)  # (L,)
+            n = n_a + n_b
+            w_b = torch.where(n > 0, n_b / n.clamp(min=1), 0).unsqueeze(1)  # (L, 1)
+            delta = part[p + "mean"] - t[p + "mean"]
+            t[p + "m2"] = t[p + "m2"] + part[p + "m2"] + delta.square() * (n_a.unsqueeze(1) * w_b)
+            t[p + "mean"] = t[p + "mean"] + delta * w_b
+            t[p + "n"] = n
+            t[p + "sum_abs"] = t[p + "sum_abs"] + part[p + "sum_abs"]
+            t[p + "n_pos"] = t[p + "n_pos"] + part[p + "n_pos"]
+            t[p + "max"] = torch.maximum(t[p + "max"], part[p + "max"])
+
     # -- results --
 
     def stats(self, ci: int) -> NeuronStats:
@@ -527,7 +577,7 @@ def collect(model: Any, corpus: TokenWindows | list[str] | str | dict[str, Any],
             out_dir: str | os.PathLike | None = None, progress: bool = True, seed: int = 0,
             shard_windows: int = 256, overwrite: bool = False,
             on_shard: Callable[[int], None] | None = None, n_ctx: int = 128,
-            max_doc_tokens: int | None = 512) -> ActivationRecords:
+            max_doc_tokens: int | None = 512, executor: Any = None) -> ActivationRecords:
     """Stream ``corpus`` through ``model`` and collect neuron records and statistics (see module docstring).
 
     ``corpus``: one ``TokenWindows``, or a dict name -> ``TokenWindows`` whose statistics are kept per
@@ -538,7 +588,10 @@ def collect(model: Any, corpus: TokenWindows | list[str] | str | dict[str, Any],
     first. ``layers``: layer indices (default all). ``out_dir``: directory for resumable checkpoints (one
     per ``shard_windows`` windows) and the final ``ActivationRecords``; a directory that holds results of
     a different config or corpus is refused unless ``overwrite``. ``on_shard`` is called with the number
-    of windows done after each checkpoint.
+    of windows done after each checkpoint. ``executor`` (such as
+    :class:`snip_lens.sharding.RayExecutor`) collects the shards of ``shard_windows`` windows elsewhere and
+    hands back their states, which are merged here; ``model`` then only supplies names, sizes and the
+    vocabulary.
     """
     n_model_layers, d_mlp = models.n_layers(model), models.d_mlp(model)
     if layers is None:
@@ -578,6 +631,14 @@ def collect(model: Any, corpus: TokenWindows | list[str] | str | dict[str, Any],
         done = _prepare_out_dir(out, chash, overwrite)
         if done is not None:
             return done
+    if executor is not None:
+        executor.run(model, state, corpora, rec_ci=rec_ci, config_hash=chash, batch_size=batch_size,
+                     shard_windows=shard_windows, out_dir=out, overwrite=overwrite, progress=progress,
+                     on_shard=on_shard)
+        result = _finish(state, cfg, mname, d_mlp, names, rec_ci, corpora, chash, model, out)
+        executor.finished(out)
+        return result
+    if out is not None:
         ck = out / CHECKPOINT
         if ck.exists():
             start_ci, start_w = _load_checkpoint(ck, chash, state)
@@ -585,13 +646,60 @@ def collect(model: Any, corpus: TokenWindows | list[str] | str | dict[str, Any],
             logger.warning("resuming from %d of %d windows (checkpoint in %s)", n_done,
                            sum(len(corpora[n]) for n in names), out)
 
-    L = len(cfg.layers)
-    row_of = {layer: i for i, layer in enumerate(cfg.layers)}
-    last = cfg.layers[-1]
     total = sum(tw.n_tokens for tw in corpora.values())
     done_tokens = sum(corpora[n].n_tokens for n in names[:start_ci]) + start_w * corpora[names[start_ci]].n_ctx
     bar = tqdm(total=total, initial=done_tokens, unit="tok", unit_scale=True, desc="collect",
                disable=not progress, dynamic_ncols=True)
+
+    def after_shard(ci: int, shard_end: int) -> None:
+        if out is not None:
+            _save_checkpoint(out / CHECKPOINT, chash, state, ci, shard_end)
+        if on_shard is not None:
+            on_shard(shard_end)
+
+    todo = []
+    for ci in range(start_ci, len(names)):
+        tw = corpora[names[ci]]
+        w0 = start_w if ci == start_ci else 0
+        for shard_start in range((w0 // shard_windows) * shard_windows, len(tw), shard_windows):
+            shard_end = min(shard_start + shard_windows, len(tw))
+            todo.append((ci, tw.tokens[shard_start:shard_end], shard_start, max(shard_start, w0)))
+    try:
+        _collect_windows(model, state, rec_ci, todo, batch_size, bar.update, after_shard)
+    finally:
+        bar.close()
+    return _finish(state, cfg, mname, d_mlp, names, rec_ci, corpora, chash, model, out)
+
+
+def _finish(state: _State, cfg: CollectConfig, mname: str, d_mlp: int, names: list[str], rec_ci: int,
+            corpora: dict[str, TokenWindows], chash: str, model: Any, out: Path | None) -> ActivationRecords:
+    """Turn the final running state into ``ActivationRecords``; with ``out``, save them and drop the checkpoint."""
+    rec_name = names[rec_ci]
+    result = _finalise(state, cfg, mname, d_mlp, names, rec_ci, corpora[rec_name], chash, model)
+    if out is not None:
+        result.save(out)
+        (out / CHECKPOINT).unlink(missing_ok=True)
+        atomic_write_text(out / "config.json", json.dumps(
+            {"config": asdict(cfg), "model": mname, "corpora": {n: list(corpora[n].tokens.shape) for n in names},
+             "records_corpus": rec_name, "config_hash": chash}, indent=2))
+    return result
+
+
+def _collect_windows(model: Any, state: _State, rec_ci: int, todo: list[tuple[int, Tensor, int, int]],
+                     batch_size: int, progress: Callable[[int], Any] | None,
+                     after_shard: Callable[[int, int], None] | None) -> None:
+    """Run shards of windows through ``model`` and reduce their activations into ``state``.
+
+    Each ``todo`` item is ``(corpus index, the shard's windows, index of its first window in its corpus,
+    first window to run)``; the last differs from the third only when resuming inside a shard. Batches
+    never cross a shard, so a shard gives the same arithmetic wherever it runs. ``progress`` gets the
+    tokens of each batch, ``after_shard`` the corpus index and end window of each finished shard.
+    """
+    cfg, d_mlp = state.cfg, state.N
+    bos_id = model.tokenizer.bos_token_id if models.prepends_bos(model) else None
+    L = len(cfg.layers)
+    row_of = {layer: i for i, layer in enumerate(cfg.layers)}
+    last = cfg.layers[-1]
     batch_ctx: dict[str, Any] = {}
 
     def make_hook(layer: int) -> Callable:
@@ -617,43 +725,27 @@ def collect(model: Any, corpus: TokenWindows | list[str] | str | dict[str, Any],
         return hook
 
     fwd_hooks = [(models.hook_name(layer), make_hook(layer)) for layer in cfg.layers]
-    try:
-        with torch.inference_mode():
-            for ci in range(start_ci, len(names)):
-                tw = corpora[names[ci]]
-                n_pos = tw.n_ctx
-                w0 = start_w if ci == start_ci else 0
-                for shard_start in range((w0 // shard_windows) * shard_windows, len(tw), shard_windows):
-                    shard_end = min(shard_start + shard_windows, len(tw))
-                    for b0 in range(max(shard_start, w0), shard_end, batch_size):
-                        b1 = min(b0 + batch_size, shard_end)
-                        bos = _bos_rows(tw.tokens[b0:b1], bos_id)
-                        text_rows = _text_rows(b1 - b0, n_pos, bos)
-                        batch_ctx.update(ci=ci, base=b0 * n_pos, n_pos=n_pos, rand_rows=None, rand_keys=None,
-                                         bos_rows=bos, text_rows=text_rows)
-                        if ci == rec_ci and cfg.n_random:
-                            rows, keys = _random_candidates(cfg, b0, b1 - b0, n_pos, L, d_mlp)
-                            if bos.numel():  # a BOS position is never a random record
-                                usable = ~torch.isin(rows, bos)
-                                rows, keys = rows[usable], keys[:, usable]
-                            batch_ctx.update(rand_rows=rows, rand_keys=keys)
-                        _forward(model, tw.tokens[b0:b1], fwd_hooks)
-                        bar.update((b1 - b0) * n_pos)
-                    if out is not None:
-                        _save_checkpoint(out / CHECKPOINT, chash, state, ci, shard_end)
-                    if on_shard is not None:
-                        on_shard(shard_end)
-    finally:
-        bar.close()
-
-    result = _finalise(state, cfg, mname, d_mlp, names, rec_ci, corpora[rec_name], chash, model)
-    if out is not None:
-        result.save(out)
-        (out / CHECKPOINT).unlink(missing_ok=True)
-        atomic_write_text(out / "config.json", json.dumps(
-            {"config": asdict(cfg), "model": mname, "corpora": {n: list(corpora[n].tokens.shape) for n in names},
-             "records_corpus": rec_name, "config_hash": chash}, indent=2))
-    return result
+    with torch.inference_mode():
+        for ci, tokens, first, w_from in todo:
+            n_pos = int(tokens.shape[1])
+            shard_end = first + int(tokens.shape[0])
+            for b0 in range(w_from, shard_end, batch_size):
+                b1 = min(b0 + batch_size, shard_end)
+                bos = _bos_rows(tokens[b0 - first:b1 - first], bos_id)
+                text_rows = _text_rows(b1 - b0, n_pos, bos)
+                batch_ctx.update(ci=ci, base=b0 * n_pos, n_pos=n_pos, rand_rows=None, rand_keys=None,
+                                 bos_rows=bos, text_rows=text_rows)
+                if ci == rec_ci and cfg.n_random:
+                    rows, keys = _random_candidates(cfg, b0, b1 - b0, n_pos, L, d_mlp)
+                    if bos.numel():  # a BOS position is never a random record
+                        usable = ~torch.isin(rows, bos)
+                        rows, keys = rows[usable], keys[:, usable]
+                    batch_ctx.update(rand_rows=rows, rand_keys=keys)
+                _forward(model, tokens[b0 - first:b1 - first], fwd_hooks)
+                if progress is not None:
+                    progress((b1 - b0) * n_pos)
+            if after_shard is not None:
+                after_shard(ci, shard_end)
 
 
 def _bos_rows(tokens: Int[Tensor, "window pos"], bos_id: int | None) -> Int[Tensor, " n"]:

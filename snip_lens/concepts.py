@@ -7,16 +7,15 @@ parameters; only answers that parsed are cached.
 
 Without an LLM, :func:`distinctive_concepts` compares the forget set with a reference corpus: the
 log-odds ratio with an informative Dirichlet prior (Monroe, Colaresi & Quinn 2008, "Fightin' Words")
-ranks words, identifiers, symbols and frequent bigrams by how much more the forget set uses them, and
-each is turned into a phrase written like a neuron explanation ("the Python keyword 'def' in Python
-source code", "code identifiers with underscores like 'file_name'"). A few domain-level concepts
-("Python source code", "indentation and newlines in source code", "English prose") are added when the
-character statistics of the forget set say so (share of symbols, indented lines, identifiers).
+ranks words (of any script), symbols and bigrams by how much more the forget set uses them. A concept is
+text copied from the forget set (a distinctive word, a bigram as written, a typical line), never a phrase
+in the explainers' words: the offline concepts share no template, vocabulary or code path with the
+offline explainers, and :func:`check_concepts_independent` fails a run where a concept equals an
+explanation.
 """
 
 from __future__ import annotations
 
-import keyword
 import logging
 import math
 import random
@@ -190,79 +189,14 @@ def extract_concepts(forget_texts: list[str], *, client: Any = None, n_samples: 
 
 
 # -- offline fallback ---------------------------------------------------------------------------------------
+#
+# The offline concepts share nothing with the offline explainers: neither how text is split (a Unicode regex over
+# the raw text here, the model's own tokens there), nor the statistic, nor a sentence template (a concept is
+# text copied from the forget set; an explanation is a sentence about a neuron's evidence). No rule names a
+# language, script or domain. :func:`check_concepts_independent` guards every scoring run.
 
-_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+(?:\.\d+)?|[^\sA-Za-z0-9_]")
-_ENGLISH = frozenset(
-    "the of and to a in is it that for on as with was be by this are or from at an not but which have "
-    "has can if will its they their one all were there been also more when would what so".split())
-_PY_KEYWORDS = frozenset(keyword.kwlist) | frozenset(getattr(keyword, "softkwlist", []))
-_PY_TOPICS = {
-    "def": "function definitions", "class": "class definitions", "import": "import statements",
-    "from": "import statements", "return": "return statements", "self": "attribute access on self",
-    "if": "control flow statements", "elif": "control flow statements", "else": "control flow statements",
-    "for": "loops", "while": "loops", "break": "loops", "continue": "loops", "try": "exception handling",
-    "except": "exception handling", "raise": "exception handling", "finally": "exception handling",
-    "lambda": "lambda expressions", "yield": "generators", "with": "context managers", "assert": "assertions",
-    "async": "asynchronous code", "await": "asynchronous code",
-}
-"""The construct a Python keyword or name introduces (named in its concept phrase)."""
-
-
-@dataclass
-class TextStats:
-    """Character and line statistics that tell source code from prose."""
-
-    symbol_frac: float
-    """Share of non-space characters that are neither letters nor digits."""
-    indent_frac: float
-    """Share of non-blank lines that start with spaces or a tab."""
-    identifier_frac: float
-    """Share of word tokens that look like code identifiers (underscores, dots between names, camelCase)."""
-    english_frac: float
-    """Share of word tokens that are common English function words."""
-    py_keyword_frac: float
-    """Share of word tokens that are Python keywords."""
-    comment_frac: float
-    """Share of non-blank lines that start with ``#``."""
-
-    @property
-    def is_code(self) -> bool:
-        """Source code: many symbols, indented lines and identifiers, few English function words."""
-        votes = (self.symbol_frac > 0.12) + (self.indent_frac > 0.25) + (self.identifier_frac > 0.08) \
-            + (self.english_frac < 0.15)
-        return votes >= 3
-
-    @property
-    def is_python(self) -> bool:
-        """Python in particular: code where Python keywords are frequent."""
-        return self.is_code and self.py_keyword_frac > 0.06
-
-
-def text_stats(texts: list[str]) -> TextStats:
-    """:class:`TextStats` over all of ``texts``."""
-    n_chars = n_sym = n_lines = n_ind = n_comment = 0
-    n_words = n_ident = n_eng = n_kw = 0
-    for t in texts:
-        for line in t.splitlines():
-            s = line.strip()
-            if not s:
-                continue
-            n_lines += 1
-            n_ind += line[:1] in (" ", "\t")
-            n_comment += s.startswith("#")
-        compact = re.sub(r"\s+", "", t)
-        n_chars += len(compact)
-        n_sym += sum(1 for c in compact if not c.isalnum())
-        for w in _WORD.findall(t):
-            n_words += 1
-            n_ident += ("_" in w.strip("_")) or w.startswith("__") or bool(re.search(r"[a-z][A-Z]", w))
-            n_eng += w.lower() in _ENGLISH
-            n_kw += w in _PY_KEYWORDS
-        n_ident += len(re.findall(r"\b[A-Za-z_]\w*\.[A-Za-z_]\w*\(", t))
-    return TextStats(symbol_frac=n_sym / max(n_chars, 1), indent_frac=n_ind / max(n_lines, 1),
-                     identifier_frac=n_ident / max(n_words, 1), english_frac=n_eng / max(n_words, 1),
-                     py_keyword_frac=n_kw / max(n_words, 1), comment_frac=n_comment / max(n_lines, 1))
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+"""Words (any script: ``\\w`` is Unicode-aware) and single non-space symbols."""
 
 
 def log_odds_dirichlet(counts_a: Counter, counts_b: Counter, *, prior_strength: float = 500.0
@@ -288,56 +222,77 @@ def log_odds_dirichlet(counts_a: Counter, counts_b: Counter, *, prior_strength: 
     return out
 
 
-def _token_counts(texts: list[str], desc: str = "counting tokens"
-                  ) -> tuple[Counter, Counter, Counter, dict[str, Counter]]:
-    """(token counts, bigram counts, document frequencies, surface forms) over lower-cased tokens."""
+def _is_word(tok: str) -> bool:
+    return tok[:1].isalnum() or tok[:1] == "_"
+
+
+def _counts(texts: list[str], desc: str) -> tuple[Counter, Counter, dict[str, Counter]]:
+    """(counts of unigrams and bigrams, document frequencies, surface forms) over case-folded tokens.
+
+    A bigram is two adjacent tokens of which at least one is a word; its surface form is the text span
+    as written, whitespace collapsed.
+    """
     from tqdm.auto import tqdm
 
-    tokens: Counter = Counter()
-    bigrams: Counter = Counter()
+    counts: Counter = Counter()
     doc_freq: Counter = Counter()
     surface: dict[str, Counter] = {}
     for t in tqdm(texts, desc=desc, disable=len(texts) < 500, leave=False):
         seen: set[str] = set()
-        prev: str | None = None
-        prev_start = 0
+        prev: tuple[str, int] | None = None
         for m in _TOKEN.finditer(t):
             raw = m.group(0)
-            key = raw.lower() if raw[0].isalpha() or raw[0] == "_" else raw
-            tokens[key] += 1
+            key = raw.casefold()
+            counts[key] += 1
             surface.setdefault(key, Counter())[raw] += 1
             seen.add(key)
-            if key[0].isalpha() or key[0] == "_":
-                if prev is not None:
-                    bi = f"{prev} {key}"
-                    bigrams[bi] += 1
-                    seen.add(bi)
-                    # the bigram as written ('self.assertEqual', 'if not'), whitespace collapsed
-                    surface.setdefault(bi, Counter())[" ".join(t[prev_start:m.end()].split())] += 1
-                prev, prev_start = key, m.start()
-            elif key not in (".", "_"):
-                prev = None  # bigrams of words only, not across punctuation (a dot keeps 'os.path' together)
+            if prev is not None and (_is_word(prev[0]) or _is_word(key)):
+                bi = f"{prev[0]}\x00{key}"
+                counts[bi] += 1
+                seen.add(bi)
+                surface.setdefault(bi, Counter())[" ".join(t[prev[1]:m.end()].split())] += 1
+            prev = (key, m.start())
         doc_freq.update(seen)
-    return tokens, bigrams, doc_freq, surface
+    return counts, doc_freq, surface
 
 
 def _default_reference() -> list[str]:
     import pydoc_data.topics
 
-    logger.info("no reference corpus given: using the English help topics of pydoc_data as reference")
+    logger.info("no reference corpus given: using the help topics of pydoc_data as reference")
     topics = pydoc_data.topics.topics
     return [topics[k] for k in sorted(topics)]
 
 
-def distinctive_concepts(forget_texts: list[str], reference_texts: list[str] | None = None, n: int = 30, *,
-                         prior_strength: float = 500.0) -> list[str]:
-    """Concept phrases for what sets ``forget_texts`` apart from ``reference_texts`` (offline step 2).
+def _typical_lines(texts: list[str], z: dict[str, float], n: int, *, min_tokens: int = 3,
+                   max_chars: int = 100) -> list[str]:
+    """The ``n`` lines of ``texts`` whose words are on average most distinctive (whole lines, as written)."""
+    scored: list[tuple[float, str]] = []
+    seen: set[str] = set()
+    for t in texts:
+        for line in t.splitlines():
+            s = " ".join(line.split())
+            if not s or len(s) > max_chars or s in seen:
+                continue
+            toks = [m.group(0).casefold() for m in _TOKEN.finditer(s) if _is_word(m.group(0))]
+            if len(set(toks)) < min_tokens:
+                continue
+            seen.add(s)
+            scored.append((sum(max(z.get(x, 0.0), 0.0) for x in toks) / len(toks), s))
+    scored.sort(key=lambda x: (-x[0], x[1]))
+    return [s for _, s in scored[:n]]
 
-    Tokens (words, identifiers, numbers, symbols) and word bigrams are ranked by the log-odds z-score of
-    :func:`log_odds_dirichlet`; those used by at least two forget documents (or often, when there are
-    few) become phrases in the style of neuron explanations, suffixed by the detected domain
-    ("in Python source code", "in English prose"). Domain-level concepts come first. With no reference,
-    the English help topics of ``pydoc_data`` serve as one.
+
+def distinctive_concepts(forget_texts: list[str], reference_texts: list[str] | None = None, n: int = 30, *,
+                         prior_strength: float = 500.0, n_lines: int = 3) -> list[str]:
+    """What sets ``forget_texts`` apart from ``reference_texts``, as text copied from the forget set (step 2).
+
+    Unigrams (words of any script, symbols) and bigrams are ranked by the log-odds z-score of
+    :func:`log_odds_dirichlet`; those used in at least two forget documents (when there are four or more)
+    are kept in their commonest written form. The list opens with the ``n_lines`` forget-set lines whose
+    tokens are most distinctive on average, then interleaves three unigrams per bigram. Every concept is a
+    substring of the forget set (whitespace collapsed). With no reference, the ``pydoc_data`` help topics
+    serve as one.
     """
     forget = [t for t in (forget_texts or []) if isinstance(t, str) and t.strip()]
     if not forget:
@@ -350,122 +305,62 @@ def distinctive_concepts(forget_texts: list[str], reference_texts: list[str] | N
         reference = _default_reference()
     elif not reference:
         raise ValueError("the reference corpus is empty; give reference documents (e.g. --reference prose) "
-                         "or none at all to use the built-in English reference")
-    stats = text_stats(forget)
-    ref_stats = text_stats(reference)
-    logger.info("forget set stats: %s (code=%s, python=%s)", stats, stats.is_code, stats.is_python)
-    f_tok, f_bi, f_df, surface = _token_counts(forget, "counting forget-set tokens")
-    r_tok, r_bi, _, _ = _token_counts(reference, "counting reference tokens")
-    z_tok = log_odds_dirichlet(f_tok, r_tok, prior_strength=prior_strength)
-    z_bi = log_odds_dirichlet(f_bi, r_bi, prior_strength=prior_strength)
+                         "or none at all to use the built-in reference")
+    f_counts, f_df, surface = _counts(forget, "counting forget-set tokens")
+    r_counts, _, _ = _counts(reference, "counting reference tokens")
+    z = log_odds_dirichlet(f_counts, r_counts, prior_strength=prior_strength)
     min_df = 2 if len(forget) >= 4 else 1
     min_count = 3 if len(forget) >= 4 else 2
-
-    def form(key: str) -> str:
-        return surface[key].most_common(1)[0][0] if key in surface else key
-
-    if stats.is_python:
-        where, lang = "in Python source code", "Python"
-    elif stats.is_code:
-        where, lang = "in source code", ""
-    elif stats.english_frac > 0.2:
-        where, lang = "in English prose", ""
-    else:
-        where, lang = "in text", ""
-
-    domain: list[str] = []
-    if stats.is_code:
-        domain.append("Python source code" if stats.is_python else "source code of computer programs")
-        domain.append("programming syntax and identifiers")
-        if stats.indent_frac > max(0.25, ref_stats.indent_frac * 1.5):
-            domain.append(f"indentation and newlines {where}")
-        if stats.comment_frac > 0.03 or f_tok.get('"', 0) > 0:
-            domain.append(f"comments and docstrings {where}")
-    elif stats.english_frac > 0.2:
-        domain.append("English prose")
-        domain.append("common English function words such as 'the', 'of' and 'and'")
-    else:
-        domain.append("natural language text")
-
-    candidates = [(z, k) for k, z in z_tok.items()
-                  if z > 0 and f_df.get(k, 0) >= min_df and f_tok.get(k, 0) >= min_count]
-    candidates.sort(key=lambda x: (-x[0], x[1]))
+    uni: list[str] = []
+    bi: list[str] = []
     # Bigrams must be spread over more documents: one file's repeated phrase is not a concept.
     bigram_df = max(min_df, math.ceil(0.02 * len(forget)))
-    bigram_cands = [(z, k) for k, z in z_bi.items()
-                    if z > 0 and f_df.get(k, 0) >= bigram_df and f_bi.get(k, 0) >= max(min_count, 5)]
-    bigram_cands.sort(key=lambda x: (-x[0], x[1]))
-
-    groups: dict[str, list[str]] = {"underscore": [], "dunder": [], "camel": [], "constant": [],
-                                    "symbol": [], "number": [], "letter": []}
-    singles: list[str] = []
-    for z, key in candidates:
-        w = form(key)
-        if not (w[0].isalpha() or w[0] == "_"):
-            groups["number" if w[0].isdigit() else "symbol"].append(w)
-        elif w.startswith("__") and w.endswith("__") and len(w) > 4:
-            groups["dunder"].append(w)
-        elif len(w) == 1:
-            groups["letter"].append(w)
-        elif len(w) > 1 and w.isupper() and ("_" in w or stats.is_code):
-            groups["constant"].append(w)
-        elif "_" in w.strip("_"):
-            groups["underscore"].append(w)
-        elif re.search(r"[a-z][A-Z]", w) and not w[0].isupper():
-            groups["camel"].append(w)
-        else:
-            singles.append(w)
-
-    def examples(ws: list[str], k: int = 3) -> str:
-        return ", ".join(f"'{w}'" for w in ws[:k])
-
-    grouped: list[str] = []
-    if groups["symbol"]:
-        syms = groups["symbol"][:5]
-        quotes = [c for c in syms if c in "'\"`"]
-        shown = examples([c for c in syms if c not in quotes], 4)
-        extra = (" and quote marks" if shown else "quote marks") if quotes else ""
-        grouped.append(f"punctuation and operators like {shown}{extra} {where}".replace("  ", " "))
-    if len(groups["underscore"]) >= 2:
-        grouped.append(f"code identifiers with underscores like {examples(groups['underscore'])}")
-    if groups["dunder"]:
-        grouped.append(f"special double-underscore names like {examples(groups['dunder'])} {where}")
-    if len(groups["camel"]) >= 2:
-        grouped.append(f"camelCase names like {examples(groups['camel'])} {where}")
-    if len(groups["constant"]) >= 2:
-        grouped.append(f"upper-case constant names like {examples(groups['constant'])}")
-    if len(groups["letter"]) >= 2:
-        kind = "single-letter variable names" if stats.is_code else "single letters"
-        grouped.append(f"{kind} like {examples(groups['letter'])} {where}")
-    if len(groups["number"]) >= 2:
-        grouped.append(f"numbers like {examples(groups['number'])} {where}")
-
-    def phrase(w: str) -> str:
-        if lang == "Python":
-            topic = _PY_TOPICS.get(w)
-            kind = "keyword" if w in _PY_KEYWORDS else "name"
-            return f"the Python {kind} '{w}' and {topic} {where}" if topic else f"the Python {kind} '{w}' {where}"
-        if stats.is_code:
-            return f"the name '{w}' {where}"
-        return f"the word '{w}' {where}"
-
-    word_phrases = [phrase(w) for w in singles]
-    bigram_phrases = []
-    for _, key in bigram_cands:
-        bigram_phrases.append(f"the sequence '{form(key)}' {where}")
-    # Interleave: mostly single tokens (neurons are mostly token detectors), some bigrams.
+    for key, score in sorted(z.items(), key=lambda x: (-x[1], x[0])):
+        if score <= 0:
+            break
+        is_bi = "\x00" in key
+        if f_df.get(key, 0) < (bigram_df if is_bi else min_df) or f_counts.get(key, 0) < min_count:
+            continue
+        (bi if is_bi else uni).append(surface[key].most_common(1)[0][0])
     rest: list[str] = []
-    wi = bi = 0
-    while wi < len(word_phrases) or bi < len(bigram_phrases):
+    wi = bj = 0
+    while wi < len(uni) or bj < len(bi):
         for _ in range(3):
-            if wi < len(word_phrases):
-                rest.append(word_phrases[wi])
+            if wi < len(uni):
+                rest.append(uni[wi])
                 wi += 1
-        if bi < len(bigram_phrases):
-            rest.append(bigram_phrases[bi])
-            bi += 1
-    out = list(dict.fromkeys(domain + grouped + rest))[:n]
+        if bj < len(bi):
+            rest.append(bi[bj])
+            bj += 1
+    lines = _typical_lines(forget, {k: v for k, v in z.items() if "\x00" not in k}, n_lines)
+    out = list(dict.fromkeys(lines + rest))[:n]
     if not out:
         raise ValueError("found no concept that distinguishes the forget set from the reference corpus; "
                          "give a larger forget set or a different reference")
     return out
+
+
+def _norm_text(s: str) -> str:
+    return " ".join(s.split()).casefold()
+
+
+def check_concepts_independent(concepts: Any, explanations: Any) -> None:
+    """Raise ``ValueError`` when any concept string equals any explanation string (case and spacing aside).
+
+    SNIP scores a neuron by how close its explanation is to a concept; a concept that *is* an explanation
+    scores 1.0 by construction (circular evaluation: the ranking then says nothing about the forget set).
+    ``concepts``: a :class:`DatasetConcepts` or strings; ``explanations``: NeuronExplanations or strings.
+    """
+    texts = concepts.concepts if isinstance(concepts, DatasetConcepts) else list(concepts)
+    by_text = {_norm_text(c): c for c in texts}
+    for e in explanations:
+        text = e if isinstance(e, str) else getattr(e, "explanation", None)
+        if not text:
+            continue
+        hit = by_text.get(_norm_text(text))
+        if hit is not None:
+            who = f" (neuron {e.neuron})" if not isinstance(e, str) and hasattr(e, "neuron") else ""
+            raise ValueError(
+                f"concept {hit!r} equals an explanation{who}: concepts and explanations must come from "
+                "independent sources, or the score is circular (cosine 1.0 by construction). Extract concepts "
+                "from the forget set (snip concepts) rather than from explanations, or drop that concept")

@@ -236,6 +236,11 @@ class ExplanationConfig:
     explainer: Literal["heuristic", "openai", "local"] = "heuristic"
     """Who explains neurons: heuristic (offline rules over the top tokens), openai (an OpenAI-compatible LLM,
     see --llm-model) or local (a small chat model in process)."""
+    explanations: Literal["input", "output", "both"] = "both"
+    """Evidence the explanations rest on: top-activating inputs, VocabProj output tokens, or both (default: both,
+    the ensemble Gur-Arieh et al. 2025 found best on input and output evaluations)."""
+    quality_weight: Literal["none", "embedding", "simulator"] = "none"
+    """Weight SNIP's scores by explanation quality (offline embedding AUROC, or the LLM simulator)."""
     import_explanations: str | None = None
     """Use published explanations from this file instead of explaining (OpenAI, DeepDecipher, Neuronpedia)."""
     min_explanation_score: float | None = None

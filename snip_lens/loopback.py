@@ -1,7 +1,9 @@
 """A loopback OpenAI-compatible HTTP server (stdlib only) for tests and benchmarks of the LLM stages.
 
-It answers ``POST /v1/chat/completions`` and ``POST /v1/embeddings`` on 127.0.0.1 with a fixed latency
-and, optionally, a seeded fault injector that returns 429s, 500s, hangs past the client's timeout, or
+It answers ``POST /v1/chat/completions`` and ``POST /v1/embeddings`` on 127.0.0.1 with a fixed latency,
+the Batch API's ``POST /v1/files``, ``GET /v1/files/{id}/content``, ``POST /v1/batches`` and
+``GET /v1/batches/{id}`` (a batch completes after ``batch_polls`` status checks; each line is answered as
+a chat request would be, injected faults becoming error lines), and, optionally, a seeded fault injector that returns 429s, 500s, hangs past the client's timeout, or
 garbage (bodies that are not JSON, JSON without choices, answers that are not a sentence). It lets the
 real ``openai`` client be exercised over real HTTP without any network access.
 
@@ -12,6 +14,8 @@ prints ``PORT <n>`` on its first line and serves until killed.
 from __future__ import annotations
 
 import argparse
+import email.parser
+import email.policy
 import hashlib
 import json
 import logging
@@ -75,6 +79,12 @@ class LoopbackStats:
     """Requests being handled right now."""
     max_in_flight: int = 0
     """Most requests handled at once so far."""
+    files_uploaded: int = 0
+    """Files received by ``POST /v1/files``."""
+    batches_created: int = 0
+    """Batches created by ``POST /v1/batches``."""
+    batch_lines: list[str] = field(default_factory=list)
+    """``custom_id`` of every request line of every batch created, in order."""
 
 
 class LoopbackServer:
@@ -86,7 +96,8 @@ class LoopbackServer:
     def __init__(self, *, latency: float = 0.0, fault_rate: float = 0.0, seed: int = 0,
                  hang_seconds: float = 2.0, answer: Callable[[list[dict]], str] = default_answer,
                  embed_dim: int = 16, api_key: str | None = None,
-                 fault_kinds: tuple[str, ...] = FAULT_KINDS, fail_after: int | None = None,
+                 fault_kinds: tuple[str, ...] = FAULT_KINDS, batch_polls: int = 2,
+                 logprobs: Callable[[list[dict]], list[dict]] | None = None, fail_after: int | None = None,
                  fail_status: int = 400) -> None:
         bad = [k for k in fault_kinds if k not in FAULT_KINDS]
         if bad or not fault_kinds:
@@ -104,8 +115,15 @@ class LoopbackServer:
         self.fault_rate = fault_rate
         self.hang_seconds = hang_seconds
         self.answer = answer
+        self.logprobs = logprobs
+        """For requests with ``logprobs: true``: messages -> the answer's ``logprobs.content`` (a list of
+        ``{"token", "logprob", "top_logprobs"}``; the answer text is their tokens joined). None: the answer of
+        ``answer`` split into characters, each certain."""
         self.embed_dim = embed_dim
         self.api_key = api_key
+        self.batch_polls = batch_polls
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, dict] = {}
         self.stats = LoopbackStats()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -132,6 +150,44 @@ class LoopbackServer:
     def _draw_garbage(self) -> int:
         with self._lock:
             return self._rng.randrange(len(GARBAGE_ANSWERS) + 2)
+
+    def _public(self, bid: str) -> dict:
+        return {k: v for k, v in self.batches[bid].items() if not k.startswith("_")}
+
+    def _poll_batch(self, bid: str) -> dict:
+        """One status check: validating -> in_progress -> ... -> completed after ``batch_polls`` checks."""
+        with self._lock:
+            b = self.batches[bid]
+            b["_polls"] += 1
+            if b["status"] != "completed":
+                b["status"] = "completed" if b["_polls"] >= self.batch_polls else "in_progress"
+            if b["status"] != "completed" or b.get("_done"):
+                return self._public(bid)
+            b["_done"] = True
+        out, err = [], []
+        for i, line in enumerate(b["_lines"]):
+            rid = f"batch_req_{bid}_{i}"
+            if self._draw_fault() is not None:
+                err.append({"id": rid, "custom_id": line["custom_id"], "error": None,
+                            "response": {"status_code": 500, "request_id": rid,
+                                         "body": {"error": {"message": "internal error", "type": "server_error"}}}})
+                continue
+            body = line["body"]
+            out.append({"id": rid, "custom_id": line["custom_id"], "error": None, "response": {
+                "status_code": 200, "request_id": rid, "body": {
+                    "id": f"chatcmpl-{rid}", "object": "chat.completion", "created": int(time.time()),
+                    "model": body.get("model", "loopback"),
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": self.answer(body.get("messages") or [])}}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}}})
+        with self._lock:
+            for key, rows in (("output_file_id", out), ("error_file_id", err)):
+                if rows:
+                    fid = f"file-{len(self.files):06d}"
+                    self.files[fid] = "".join(json.dumps(r) + "\n" for r in rows).encode()
+                    b[key] = fid
+            b["request_counts"] = {"total": len(b["_lines"]), "completed": len(out), "failed": len(err)}
+            return self._public(bid)
 
     def start(self) -> "LoopbackServer":
         server = self
@@ -165,10 +221,35 @@ class LoopbackServer:
                     with server._lock:
                         server.stats.in_flight -= 1
 
+            def do_GET(self) -> None:  # noqa: N802 - stdlib name
+                if not self._authorised():
+                    return
+                m = re.fullmatch(r"/v1/files/([\w-]+)/content", self.path)
+                if m and m.group(1) in server.files:
+                    self._send(200, server.files[m.group(1)], "application/octet-stream")
+                    return
+                m = re.fullmatch(r"/v1/batches/([\w-]+)", self.path)
+                if m and m.group(1) in server.batches:
+                    self._json(200, server._poll_batch(m.group(1)))
+                    return
+                self._json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+
+            def _authorised(self) -> bool:
+                if server.api_key is not None and self.headers.get("Authorization") != f"Bearer {server.api_key}":
+                    self._json(401, {"error": {"message": "Incorrect API key provided.",
+                                               "type": "invalid_request_error"}})
+                    return False
+                return True
+
             def _post(self) -> None:
                 n = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(n)
+                if self.path.rstrip("/") == "/v1/files":
+                    if self._authorised():
+                        self._upload(raw)
+                    return
                 try:
-                    payload = json.loads(self.rfile.read(n) or b"{}")
+                    payload = json.loads(raw or b"{}")
                 except ValueError:
                     self._json(400, {"error": {"message": "body is not JSON", "type": "invalid_request_error"}})
                     return
@@ -182,6 +263,9 @@ class LoopbackServer:
                                                "type": "invalid_request_error"}})
                     return
                 path = self.path.rstrip("/")
+                if path == "/v1/batches":
+                    self._create_batch(payload)
+                    return
                 if path.endswith("/chat/completions"):
                     with server._lock:
                         msgs = payload.get("messages") or []
@@ -219,6 +303,48 @@ class LoopbackServer:
                 else:
                     self._chat(payload, garbage=fault == "garbage")
 
+            def _upload(self, raw: bytes) -> None:
+                msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+                    b"Content-Type: " + self.headers.get("Content-Type", "").encode() + b"\r\n\r\n" + raw)
+                fields = {part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
+                          for part in msg.iter_parts()} if msg.is_multipart() else {}
+                if fields.get("purpose") != b"batch" or "file" not in fields:
+                    self._json(400, {"error": {"message": "need multipart fields purpose=batch and file",
+                                               "type": "invalid_request_error"}})
+                    return
+                with server._lock:
+                    fid = f"file-{len(server.files):06d}"
+                    server.files[fid] = fields["file"]
+                    server.stats.files_uploaded += 1
+                self._json(200, {"id": fid, "object": "file", "bytes": len(fields["file"]), "purpose": "batch",
+                                 "created_at": int(time.time()), "filename": "input.jsonl", "status": "processed"})
+
+            def _create_batch(self, payload: dict) -> None:
+                fid = payload.get("input_file_id")
+                if fid not in server.files or payload.get("endpoint") != "/v1/chat/completions":
+                    self._json(400, {"error": {"message": f"unknown input_file_id {fid!r} or endpoint "
+                                               f"{payload.get('endpoint')!r}", "type": "invalid_request_error"}})
+                    return
+                lines = [json.loads(x) for x in server.files[fid].decode().splitlines() if x.strip()]
+                bad = [x for x in lines if x.get("method") != "POST" or x.get("url") != "/v1/chat/completions"
+                       or not isinstance(x.get("custom_id"), str) or not isinstance(x.get("body"), dict)]
+                ids = [x["custom_id"] for x in lines]
+                if bad or len(set(ids)) != len(ids):
+                    self._json(400, {"error": {"message": "malformed request lines or repeated custom_id",
+                                               "type": "invalid_request_error"}})
+                    return
+                with server._lock:
+                    bid = f"batch_{len(server.batches):06d}"
+                    server.batches[bid] = {
+                        "id": bid, "object": "batch", "endpoint": payload["endpoint"], "input_file_id": fid,
+                        "completion_window": payload.get("completion_window", "24h"), "status": "validating",
+                        "output_file_id": None, "error_file_id": None, "created_at": int(time.time()),
+                        "metadata": payload.get("metadata"), "_polls": 0, "_lines": lines,
+                        "request_counts": {"total": len(lines), "completed": 0, "failed": 0}}
+                    server.stats.batches_created += 1
+                    server.stats.batch_lines.extend(ids)
+                self._json(200, server._public(bid))
+
             def _chat(self, payload: dict, garbage: bool) -> None:
                 if garbage:
                     g = server._draw_garbage()
@@ -231,11 +357,20 @@ class LoopbackServer:
                     content = GARBAGE_ANSWERS[g]
                 else:
                     content = server.answer(payload.get("messages") or [])
+                choice: dict = {"index": 0, "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": content}}
+                if payload.get("logprobs") and not garbage:
+                    if server.logprobs is not None:
+                        lp = server.logprobs(payload.get("messages") or [])
+                    else:
+                        lp = [{"token": c, "logprob": 0.0, "top_logprobs": [{"token": c, "logprob": 0.0}]}
+                              for c in content]
+                    choice["logprobs"] = {"content": lp}
+                    choice["message"]["content"] = "".join(t["token"] for t in lp)
                 self._json(200, {
                     "id": "chatcmpl-loopback", "object": "chat.completion", "created": int(time.time()),
                     "model": payload.get("model", "loopback"),
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": content}}],
+                    "choices": [choice],
                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
                 })
 

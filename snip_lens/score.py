@@ -345,33 +345,107 @@ def _usable(explanations: list[NeuronExplanation], n_layers: int, d_mlp: int) ->
     return [by_neuron[n] for n in sorted(by_neuron)]
 
 
+SECONDARY_SIGNAL = "mean cosine to all concepts"
+"""SNIP's declared tie-break: among neurons with the same max cosine, the one closer to the forget set's
+concepts on average ranks first (then a seeded random draw, in :class:`NeuronScores`)."""
+
+
 def score_neurons(explanations: list[NeuronExplanation], concepts: DatasetConcepts, embedder: Any, *,
-                  n_layers: int, d_mlp: int, model_name: str = "") -> NeuronScores:
+                  n_layers: int, d_mlp: int, model_name: str = "", quality: str | None = None,
+                  tie_seed: int = 0) -> NeuronScores:
     """SNIP importance: per neuron the max cosine between its explanation and any concept (step 3).
 
     Neurons without a usable explanation (failed, empty) score ``-inf``. ``labels`` holds, per scored
-    neuron, the concept that gave its score.
+    neuron, the concept that gave its score. Ties are broken by :data:`SECONDARY_SIGNAL` (the scores'
+    ``secondary``), then by a random draw seeded with ``tie_seed``. A concept equal to an explanation
+    raises (circular scoring; see :func:`snip_lens.concepts.check_concepts_independent`).
+
+    ``quality`` names an explanation quality score (``"embedding"``, ``"simulator"``; see
+    :mod:`snip_lens.quality`) to weight by: ``score = max cosine x weight``, the weight being the quality
+    rescaled so that chance is 0 and perfect 1 (clipped to [0, 1]); explanations without that score get
+    weight 0 (score 0), so they rank after every explanation with a useful one.
     """
+    from .concepts import check_concepts_independent
+
     usable = _usable(list(explanations), n_layers, d_mlp)
     if not usable:
         raise ValueError(f"none of the {len(list(explanations))} explanations is usable (all failed or empty); "
                          "explain the neurons first (snip explain) or import explanations")
     if not concepts.concepts:
         raise ValueError("no concepts to score against; extract them first (snip concepts)")
+    check_concepts_independent(concepts, usable)
     concept_vecs = embedder.embed(list(concepts.concepts))
     neuron_vecs = embedder.embed([e.explanation for e in usable])
     sims, idx = max_cosine(neuron_vecs, concept_vecs)
+    from .embed import normalize_rows
+
+    mean_sim = (normalize_rows(neuron_vecs) @ normalize_rows(concept_vecs).mean(axis=0)).astype(np.float64)
+    values = sims.astype(np.float64)
+    if quality is not None:
+        from .quality import quality_weight
+
+        w = np.array([quality_weight(quality, e.quality.get(quality)) for e in usable])
+        n_missing = sum(quality not in e.quality for e in usable)
+        if n_missing == len(usable):
+            raise ValueError(f"no explanation has a {quality!r} quality score; score them first "
+                             "(snip_lens.quality.score_explanations) or drop the quality weight")
+        if n_missing:
+            logger.info("%d of %d explanations have no %r quality score: weight 0", n_missing, len(usable), quality)
+        values = values * w
     scores = torch.full((n_layers, d_mlp), MISSING_SCORE, dtype=torch.float64)
+    secondary = torch.full((n_layers, d_mlp), MISSING_SCORE, dtype=torch.float64)
     layers = torch.tensor([e.neuron.layer for e in usable])
     index = torch.tensor([e.neuron.index for e in usable])
-    scores[layers, index] = torch.from_numpy(sims.astype(np.float64))
+    scores[layers, index] = torch.from_numpy(values)
+    secondary[layers, index] = torch.from_numpy(mean_sim)
     labels = {e.neuron: concepts.concepts[int(i)] for e, i in zip(usable, idx)}
     logger.info("scored %d of %d neurons against %d concepts (max %.3f)", len(usable), n_layers * d_mlp,
-                len(concepts.concepts), float(sims.max()))
-    return NeuronScores(scores=scores, method="snip", labels=labels, model_name=model_name)
+                len(concepts.concepts), float(values.max()))
+    return NeuronScores(scores=scores, method="snip", labels=labels, model_name=model_name,
+                        secondary=secondary, secondary_name=SECONDARY_SIGNAL, tie_seed=tie_seed)
 
 
 IndexKind = Literal["auto", "flat", "hnsw", "ivf"]
+
+
+IVF_TRAIN_PER_LIST = 64
+"""Training vectors per IVF list: k-means cost grows with the sample, and faiss asks for >= 39 per list."""
+
+
+def build_faiss_index(vecs: Float[np.ndarray, "n d"], kind: IndexKind = "auto", *,
+                      approximate_above: int = 1_000_000, hnsw_m: int = 32, ivf_lists: int | None = None,
+                      seed: int = 0) -> tuple[Any, str]:
+    """An inner-product FAISS index over unit rows ``vecs``, chosen by size; returns ``(index, kind)``.
+
+    ``"auto"``: exact ``IndexFlatIP`` up to ``approximate_above`` rows, IVF beyond: at 2.3M x 384 on two
+    cores (``benchmarks/score.py``) a flat query took 2.9 s, IVF built in 55 s and HNSW (``hnsw_m``
+    links) in 41 minutes, both answering in about 1 ms.
+    ``"ivf"``: ``4 sqrt(n)`` lists (at most 4096) trained on a seeded sample of ``IVF_TRAIN_PER_LIST``
+    rows per list, searched with ``nprobe`` 16. ``benchmarks/score.py`` measures all three at 2.3M rows.
+    """
+    import faiss
+
+    if kind not in ("auto", "flat", "hnsw", "ivf"):
+        raise ValueError(f"index kind must be 'auto', 'flat', 'hnsw' or 'ivf', got {kind!r}")
+    vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+    n, d = vecs.shape
+    if kind == "auto":
+        kind = "flat" if n <= approximate_above else "ivf"
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = 64
+    else:
+        nlist = ivf_lists or max(1, min(4096, int(4 * np.sqrt(n))))
+        nlist = min(nlist, n)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        n_train = min(n, IVF_TRAIN_PER_LIST * nlist)
+        sample = np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False)) if n_train < n else None
+        index.train(vecs if sample is None else vecs[sample])
+        index.nprobe = min(nlist, 16)
+    index.add(vecs)
+    return index, kind
 
 
 def explanations_digest(explanations: list[NeuronExplanation]) -> str:
@@ -408,10 +482,9 @@ class NeuronIndex:
               approximate_above: int = 1_000_000, hnsw_m: int = 32, ivf_lists: int | None = None) -> "NeuronIndex":
         """Embed the usable explanations and index them.
 
-        ``kind="auto"`` is an exact flat index up to ``approximate_above`` neurons, HNSW beyond.
+        ``kind="auto"`` is an exact flat index up to ``approximate_above`` neurons, IVF beyond
+        (:func:`build_faiss_index`).
         """
-        import faiss
-
         from .embed import normalize_rows
 
         if kind not in ("auto", "flat", "hnsw", "ivf"):
@@ -423,22 +496,9 @@ class NeuronIndex:
         neurons = sorted(by_neuron)
         texts = [by_neuron[n].explanation for n in neurons]
         vecs = normalize_rows(embedder.embed(texts))
-        d = vecs.shape[1]
-        if kind == "auto":
-            kind = "flat" if len(neurons) <= approximate_above else "hnsw"
-        if kind == "flat":
-            index = faiss.IndexFlatIP(d)
-        elif kind == "hnsw":
-            index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efSearch = 64
-        else:
-            nlist = ivf_lists or max(1, min(4096, int(4 * np.sqrt(len(neurons)))))
-            nlist = min(nlist, len(neurons))
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.train(vecs)
-            index.nprobe = min(nlist, 16)
-        index.add(vecs)
-        logger.info("indexed %d neurons (%s, dim %d)", len(neurons), kind, d)
+        index, kind = build_faiss_index(vecs, kind, approximate_above=approximate_above, hnsw_m=hnsw_m,
+                                        ivf_lists=ivf_lists)
+        logger.info("indexed %d neurons (%s, dim %d)", len(neurons), kind, index.d)
         return cls(index, neurons, texts, embedder, kind=kind, digest=explanations_digest(usable))
 
     def search(self, query: str, k: int = 10) -> list[tuple[NeuronId, float, str]]:

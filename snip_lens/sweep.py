@@ -71,6 +71,11 @@ class SweepConfig:
     """Neurons to prune: counts ("500") or percentages of all MLP neurons ("2%")."""
     explainer: Literal["heuristic", "openai", "local"] = "heuristic"
     """Who explains neurons (step 1)."""
+    explanations: Literal["input", "output", "both"] = "both"
+    """Evidence the explanations rest on: top-activating inputs, VocabProj output tokens, or both (default:
+    both, the ensemble Gur-Arieh et al. 2025 found best on input and output evaluations)."""
+    quality_weight: Literal["none", "embedding", "simulator"] = "none"
+    """Weight SNIP's scores by explanation quality (offline embedding AUROC, or the LLM simulator)."""
     import_explanations: str | None = None
     """Use published explanations from this file instead of explaining (OpenAI/DeepDecipher/Neuronpedia)."""
     min_explanation_score: float | None = None
@@ -137,6 +142,14 @@ class SweepConfig:
             raise ValueError("the keyword method needs keywords: set keywords (CLI: --keywords python,code)")
         if "llm-judge" in self.methods and not self.llm_model:
             raise ValueError("the llm-judge method needs an LLM: set llm_model (CLI: --llm-model gpt-4o-mini)")
+        if self.explanations not in ("input", "output", "both"):
+            raise ValueError(f"SweepConfig.explanations must be 'input', 'output' or 'both', got "
+                             f"{self.explanations!r} (CLI: --explanations input|output|both)")
+        if self.quality_weight not in ("none", "embedding", "simulator"):
+            raise ValueError(f"SweepConfig.quality_weight must be 'none', 'embedding' or 'simulator', got "
+                             f"{self.quality_weight!r}")
+        if self.quality_weight == "simulator" and not self.llm_model:
+            raise ValueError("quality_weight 'simulator' needs llm_model (CLI: --llm-model gpt-4o-mini)")
         if self.explainer == "openai" and not self.llm_model:
             raise ValueError("explainer 'openai' needs llm_model (CLI: --llm-model gpt-4o-mini)")
         if self.concepts == "llm" and not self.llm_model:
@@ -482,14 +495,14 @@ def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: An
         expl_path = out / "explanations.jsonl"
         ex = config.explain
         llm_cfg = _llm_config(config) if ex.explainer == "openai" and not ex.import_explanations else None
-        ecfg = ExplainConfig(kind=ex.explainer, llm=llm_cfg)
+        ecfg = ExplainConfig(kind=ex.explainer, explanations=ex.explanations, llm=llm_cfg)
         client = OpenAIChatClient(llm_cfg, seed=ecfg.seed) if llm_cfg is not None else None
         if expl_path.exists():  # written by an earlier run of the same settings (checked above)
             explanations = load_explanations(expl_path)
             if not ex.import_explanations:  # the rerun retries exactly the failures, as explain advises
                 explanations, n_retried = retry_failed(explanations, records, ecfg,
                                                        cache_dir=out / "cache" / "explain", progress=progress,
-                                                       where=str(expl_path), client=client)
+                                                       where=str(expl_path), model=model, client=client)
                 _stop_if_breaker_open(client, explanations, config, out)
                 if n_retried:
                     save_explanations(expl_path, explanations)
@@ -503,7 +516,7 @@ def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: An
                     logger.warning("resuming explanations: %d of %d neurons already answered (cached in %s)",
                                    min(cached, n_neurons), n_neurons, out / "cache" / "explain")
                 explanations = explain(records, ecfg, cache_dir=out / "cache" / "explain", progress=progress,
-                                       client=client)
+                                       model=model, client=client)
                 _stop_if_breaker_open(client, explanations, config, out)
             save_explanations(expl_path, explanations)
         expl_stats = explanation_stats(explanations)
@@ -529,13 +542,18 @@ def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: An
                                 base_url=config.llm.base_url, api_key_env=config.llm.api_key_env,
                                 progress=progress)
         scores["snip"] = score_neurons(explanations, concepts, embedder, n_layers=n_layers, d_mlp=d_mlp)
+        if config.explain.quality_weight != "none":
+            scores["snip"] = _quality_weighted(config, explanations, records, concepts, embedder, scores["snip"],
+                                               max(ks), out / "explanations.jsonl", n_layers, d_mlp)
         timings["score"] = time.perf_counter() - t
 
         quality = explanation_quality(explanations, n_layers, d_mlp)
         snip = scores["snip"]
+        # published explanation scores, when there are any, break ties; else score_neurons' own signal
         scores["snip"] = NeuronScores(snip.scores, snip.method, snip.labels, snip.model_name or name,
-                                      secondary=quality, secondary_name="explanation score" if quality is not None
-                                      else "", tie_seed=d.seed)
+                                      secondary=quality if quality is not None else snip.secondary,
+                                      secondary_name="explanation score" if quality is not None
+                                      else snip.secondary_name, tie_seed=d.seed)
 
     sel = config.select
     if any(m in sel.methods for m in ("activation", "hybrid")) or (
@@ -609,7 +627,7 @@ def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: An
             hist[nid.layer] = hist.get(nid.layer, 0) + 1
         details.append(MethodDetail(method=method, k=done, layer_histogram=hist, neurons=[
             PrunedNeuron(str(nid), float(s.scores[nid.layer, nid.index]),
-                         (expl_by_id[nid].explanation or "") if nid in expl_by_id else "",
+                         _with_quality(expl_by_id[nid]) if nid in expl_by_id else "",
                          s.labels.get(nid, ""), neuron_evidence(method, nid, scores))
             for nid in top[:200]]))
     bar.close()
@@ -621,6 +639,41 @@ def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: An
     plots = plot_results(res, out / "plots")
     write_report(res, details, out, plots=plots, concepts=concepts.concepts if concepts else None)
     return res
+
+
+def _with_quality(e: Any) -> str:
+    """An explanation as the report shows it: the sentence, then its quality scores when it has any."""
+    text = e.explanation or ""
+    if e.quality:
+        text += " [quality " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(e.quality.items())) + "]"
+    return text
+
+
+def _quality_weighted(config: SweepConfig, explanations: list, records: Any, concepts: Any, embedder: Any,
+                      plain: Any, max_k: int, expl_path: Path, n_layers: int, d_mlp: int) -> Any:
+    """SNIP scores weighted by explanation quality, scored for every neuron the sweep could prune.
+
+    Quality is computed for the top ``QUALITY_CANDIDATES_FACTOR x max k`` neurons of the unweighted ranking
+    (weights only lower scores, and neurons without a quality score get weight 0), attached to the
+    explanations and saved with them (the explanations file is rewritten once).
+    """
+    from .explain import save_explanations
+    from .quality import EmbeddingScorer, SimulatorScorer, score_explanations
+    from .score import score_neurons
+
+    name = config.quality_weight
+    n_cand = min(int(torch.isfinite(plain.scores).sum()), QUALITY_CANDIDATES_FACTOR * max_k)
+    candidates = set(plain.top_k(n_cand))
+    todo = [e for e in explanations if e.neuron in candidates and name not in e.quality]
+    if todo:
+        scorer = EmbeddingScorer(embedder) if name == "embedding" else SimulatorScorer(_llm_config(config))
+        score_explanations(todo, records, scorer)
+        save_explanations(expl_path, explanations)
+    return score_neurons(explanations, concepts, embedder, n_layers=n_layers, d_mlp=d_mlp, quality=name)
+
+
+QUALITY_CANDIDATES_FACTOR = 2
+"""With a quality weight, quality is scored for this many times the largest k of SNIP's top neurons."""
 
 
 class _Evaluator:

@@ -8,7 +8,10 @@ with Python), saved and reloaded (the bridge needs a saved tokenizer). Models ar
 from __future__ import annotations
 
 import functools
+import os
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,6 +75,49 @@ def tiny_model(arch: Literal["gpt2", "llama"] = "llama", *, prepend_bos: bool | 
     hf = tiny_hf_model(arch, **kwargs)
     return bridge_from_hf(hf, tiny_tokenizer(kwargs.get("vocab_size", 512)), name=f"tiny-{arch}",
                           prepend_bos=prepend_bos)
+
+
+@dataclass(frozen=True)
+class TinyModelFactory:
+    """A picklable recipe for :func:`tiny_model`, for worker processes (Ray actors) that build their own copy.
+
+    Same arguments, same weights: the tiny models are seeded. ``pause_file`` is for crash-recovery tests:
+    once the file ``pause_file + ".arm"`` exists, the next process to run a forward pass creates
+    ``pause_file``, writes its pid into it and then blocks (for at most ``pause_s`` seconds), so that the
+    test can kill it in the middle of a shard; processes that find ``pause_file`` already there run on.
+    """
+
+    arch: Literal["gpt2", "llama"] = "llama"
+    """Architecture of :func:`tiny_model`."""
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    """Keyword arguments of :func:`tiny_model`, as (name, value) pairs."""
+    pause_file: str | None = None
+    """File whose creation marks the one process that pauses mid-shard, once armed (None: never pause)."""
+    pause_s: float = 120.0
+    """Longest pause, so that a test that fails to kill the process does not hang forever."""
+
+    def __call__(self) -> Any:
+        model = tiny_model(self.arch, **dict(self.kwargs))
+        if self.pause_file is not None:
+            model.add_hook("blocks.0.hook_resid_pre", _PauseOnce(self.pause_file, self.pause_s), is_permanent=True)
+        return model
+
+
+class _PauseOnce:
+    def __init__(self, path: str, pause_s: float) -> None:
+        self.path, self.pause_s = path, pause_s
+
+    def __call__(self, act: Any, hook: Any) -> None:
+        if not os.path.exists(self.path + ".arm"):
+            return None
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return None
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        time.sleep(self.pause_s)
+        return None
 
 
 DETOXIFY_CLASSES = ("toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate")

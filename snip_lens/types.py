@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 
 @dataclass(frozen=True, order=True)
@@ -77,6 +78,106 @@ class NeuronRecords:
         return max((max(r.activations) for r in self.top if r.activations), default=0.0)
 
 
+ExplanationKind = Literal["input", "output", "both"]
+"""Which evidence an explanation rests on: what the neuron reads (its top-activating inputs), what it writes
+(its effect on the output vocabulary), or both."""
+
+EXPLANATION_KINDS: tuple[str, ...] = ("input", "output", "both")
+
+
+@dataclass
+class TokenWeight:
+    """A token and a number attached to it (an activation share, a logit weight, a log-odds z-score)."""
+
+    token: str
+    """The token as decoded (leading space kept)."""
+    weight: float
+    """Its weight; the meaning is given by the list holding it (rounded to 6 decimals, as saved)."""
+
+    def __post_init__(self) -> None:
+        self.weight = round(float(self.weight), 6)
+
+    def to_json(self) -> list:
+        return [self.token, self.weight]
+
+    @classmethod
+    def from_json(cls, d: list) -> "TokenWeight":
+        return cls(str(d[0]), float(d[1]))
+
+
+def _tw(items: list) -> list[TokenWeight]:
+    return [TokenWeight.from_json(x) for x in items or []]
+
+
+@dataclass
+class InputEvidence:
+    """What a neuron reads: read from its top-activating windows (input-centric evidence)."""
+
+    top_tokens: list[TokenWeight]
+    """Tokens where it activates strongly (>= half its top activation), weight = share of that activation mass."""
+    preceding: list[TokenWeight] = field(default_factory=list)
+    """Tokens just before its peak activations, weight = share of top windows."""
+    following: list[TokenWeight] = field(default_factory=list)
+    """Tokens just after its peak activations, weight = share of top windows."""
+    distinctive: list[TokenWeight] = field(default_factory=list)
+    """Context tokens over-represented in its top windows against its random windows (log-odds z-score)."""
+    contexts: list[str] = field(default_factory=list)
+    """Text of a few top windows around the peak (the peak token in ``[[ ]]``)."""
+
+    def to_json(self) -> dict:
+        return {"top_tokens": [t.to_json() for t in self.top_tokens],
+                "preceding": [t.to_json() for t in self.preceding],
+                "following": [t.to_json() for t in self.following],
+                "distinctive": [t.to_json() for t in self.distinctive], "contexts": list(self.contexts)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "InputEvidence":
+        return cls(_tw(d.get("top_tokens")), _tw(d.get("preceding")), _tw(d.get("following")),
+                   _tw(d.get("distinctive")), list(d.get("contexts") or []))
+
+
+@dataclass
+class OutputEvidence:
+    """What a neuron writes: the tokens its output promotes and suppresses (output-centric evidence)."""
+
+    promoted: list[TokenWeight]
+    """Tokens whose logit its typical strong activation raises most, weight = logit change per unit."""
+    suppressed: list[TokenWeight]
+    """Tokens whose logit it lowers most, weight = logit change per unit (negative)."""
+    sign: int = 1
+    """+1, or -1 when the neuron's typical strong activation is negative (the lists are then swapped)."""
+    method: str = "vocabproj"
+    """How the lists were obtained (``"vocabproj"``: weights through final norm and unembedding)."""
+
+    def to_json(self) -> dict:
+        return {"promoted": [t.to_json() for t in self.promoted],
+                "suppressed": [t.to_json() for t in self.suppressed], "sign": self.sign, "method": self.method}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "OutputEvidence":
+        return cls(_tw(d.get("promoted")), _tw(d.get("suppressed")), int(d.get("sign", 1)),
+                   str(d.get("method", "vocabproj")))
+
+
+@dataclass
+class NeuronEvidence:
+    """The evidence an explanation was written from (kept with it, so a reader can check it)."""
+
+    input: InputEvidence | None = None
+    """Input-centric evidence, when used."""
+    output: OutputEvidence | None = None
+    """Output-centric evidence, when used."""
+
+    def to_json(self) -> dict:
+        return {"input": self.input.to_json() if self.input else None,
+                "output": self.output.to_json() if self.output else None}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "NeuronEvidence":
+        return cls(InputEvidence.from_json(d["input"]) if d.get("input") else None,
+                   OutputEvidence.from_json(d["output"]) if d.get("output") else None)
+
+
 @dataclass
 class NeuronExplanation:
     """A neuron's explanation in words, or the record of why none could be produced."""
@@ -91,6 +192,12 @@ class NeuronExplanation:
     """Who produced it: explainer kind and model, or the file it was imported from."""
     error: str | None = None
     """Why no explanation exists (API failure, unparseable answer); None on success."""
+    kind: str = "input"
+    """Which evidence it rests on: ``"input"``, ``"output"`` or ``"both"`` (:data:`ExplanationKind`)."""
+    evidence: NeuronEvidence | None = None
+    """The evidence it was written from (None for imported explanations)."""
+    quality: dict[str, float] = field(default_factory=dict)
+    """Quality scores by scorer name (``"embedding"``: AUROC, ``"simulator"``: correlation), when computed."""
 
     @property
     def ok(self) -> bool:
@@ -98,13 +205,23 @@ class NeuronExplanation:
         return self.error is None and bool(self.explanation)
 
     def to_json(self) -> dict:
-        return {"layer": self.neuron.layer, "index": self.neuron.index, "explanation": self.explanation,
-                "score": self.score, "source": self.source, "error": self.error}
+        d = {"layer": self.neuron.layer, "index": self.neuron.index, "explanation": self.explanation,
+             "score": self.score, "source": self.source, "error": self.error, "kind": self.kind}
+        if self.evidence is not None:
+            d["evidence"] = self.evidence.to_json()
+        if self.quality:
+            d["quality"] = {k: round(float(v), 6) for k, v in self.quality.items()}
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "NeuronExplanation":
+        kind = d.get("kind", "input")
+        if kind not in EXPLANATION_KINDS:
+            raise ValueError(f"explanation kind {kind!r} is not one of {EXPLANATION_KINDS}")
         return cls(NeuronId(int(d["layer"]), int(d["index"])), d.get("explanation"), d.get("score"),
-                   d.get("source", ""), d.get("error"))
+                   d.get("source", ""), d.get("error"), kind,
+                   NeuronEvidence.from_json(d["evidence"]) if d.get("evidence") else None,
+                   {str(k): float(v) for k, v in (d.get("quality") or {}).items()})
 
 
 @dataclass

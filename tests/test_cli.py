@@ -398,7 +398,7 @@ def test_every_model_running_command_accepts_device_and_dtype(model_dir, tmp_pat
     expl.write_text(json.dumps({"layer": 0, "index": 1, "explanation": "numbers", "score": None, "source": "",
                                 "error": None}) + "\n")
     concepts = tmp_path / "c.json"
-    concepts.write_text('{"concepts": ["numbers"]}')
+    concepts.write_text('{"concepts": ["tables of figures"]}')
     dev = ["--device", "cpu", "--dtype", "bf16"]
     m = ["--model", str(model_dir)]
     commands = [

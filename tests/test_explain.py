@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from snip_lens.explain import (EXPLANATION_PREFIX, FEW_SHOT_EXAMPLES, ExplainConfig, HeuristicExplainer,
+from snip_lens.explain.input import clean_token as clean
+from snip_lens.explain import (EXPLANATION_PREFIX, FEW_SHOT_EXAMPLES, ExplainConfig, HeuristicExplainer, describe_input,
                                LocalChatClient, build_explanation_prompt, explain, import_explanations,
                                load_explanations, non_zero_proportion, parse_explanation, save_explanations,
                                scale_activations)
@@ -133,7 +134,7 @@ def test_parse_rejects_garbage(garbage):
         parse_explanation(garbage)
 
 
-# -- heuristic ----------------------------------------------------------------------------------------
+# -- offline input-centric explainer -----------------------------------------------------------------
 
 CODE = [
     ["\n", "def", " parse", "_", "args", "(", "self", ",", " argv", "):", "\n", "    ", "return", " self", ".",
@@ -149,49 +150,103 @@ PROSE = [
 ]
 
 
-def peak_records(neuron: NeuronId, windows: list[list[str]], peak: str) -> NeuronRecords:
+def peak_records(neuron: NeuronId, windows: list[list[str]], peak: str, random_windows=()) -> NeuronRecords:
     recs = []
     for w in windows:
         acts = [0.0] * len(w)
         acts[w.index(peak)] = 2.0
         recs.append(ActivationRecord(w, acts))
-    return NeuronRecords(neuron, recs)
+    rand = [ActivationRecord(w, [0.0] * len(w)) for w in random_windows]
+    return NeuronRecords(neuron, recs, rand)
 
 
-def test_heuristic_names_the_top_token_and_its_context():
+def test_offline_input_explainer_reads_only_the_records():
     h = HeuristicExplainer()
-    code = h.explain_one(peak_records(NeuronId(0, 0), CODE, "def"))
-    assert code.ok and code.source == "heuristic"
-    assert code.explanation == "the Python keyword 'def' and function definitions in Python source code"
-    prose = h.explain_one(peak_records(NeuronId(0, 1), PROSE, " the"))
-    assert prose.explanation == "the word 'the' in English prose"
-    # BPE markers are cleaned
-    bpe = NeuronRecords(NeuronId(0, 2), [ActivationRecord(["ĠThe", "Ġcat", "Ġsat", "Ġon", "Ġthe", "Ġmat", "Ġof",
-                                                           "Ġthe", "Ġhouse"], [0, 3.0, 0, 0, 0, 0, 0, 0, 0])])
-    assert h.explain_one(bpe).explanation == "the word 'cat' in English prose"
-    nums = NeuronRecords(NeuronId(0, 3), [ActivationRecord(["1", "2", ",", " 3", "4", ",", " 5", "6"],
-                                                           [0, 0, 0, 1.0, 0, 0, 0, 0])])
-    assert h.explain_one(nums).explanation == "the number '3' in numbers and numeric data"
-    doc = ["    ", '"""', "Return", " the", " number", " of", " items", " in", " the", " list", ".", '"""', "\n",
-           "    ", "def", " foo", "(", "self", "):"]
-    near = HeuristicExplainer(context=4)  # the docstring alone around the peak; code further away
-    assert near.explain_one(peak_records(NeuronId(0, 5), [doc], " number")).explanation == \
-        "the word 'number' in comments and docstrings of Python source code"
-    piece = [" inform", "ation", " is", " the", " key", " of", " the", " world", " and", " it", " is", " free"]
-    assert h.explain_one(peak_records(NeuronId(0, 6), [piece], "ation")).explanation == \
-        "the word piece 'ation' in English prose"
+    e = h.explain_one(peak_records(NeuronId(0, 0), CODE, "def", random_windows=PROSE))
+    assert e.ok and e.kind == "input" and e.source == "offline-input"
+    ev = e.evidence.input
+    assert [t.token for t in ev.top_tokens] == ["def"] and ev.top_tokens[0].weight == pytest.approx(1.0)
+    # 'self' is in both top windows and in no random window; ':' and 'the' are not distinctive
+    assert "self" in [t.token for t in ev.distinctive]
+    assert all(t.token not in {"the", "The"} for t in ev.distinctive)
+    assert e.explanation.startswith("the token 'def'") and "in text with" in e.explanation and "'self'" in \
+        e.explanation
+    assert ev.contexts[0].endswith("[[def]] parse_args")
+    # the same peak in other text gives another description: nothing in it comes from outside the records
+    other = h.explain_one(peak_records(NeuronId(0, 1), PROSE, " the", random_windows=CODE))
+    assert other.explanation.startswith("the token 'the'") and "'self'" not in other.explanation
+    # BPE markers are decoded and a token shared by most peaks' neighbours is named as context
+    bpe = NeuronRecords(NeuronId(0, 2), [ActivationRecord(["ĠThe", "Ġcat", "Ġsat"], [0, 3.0, 0]),
+                                         ActivationRecord(["ĠThe", "Ġcat", "Ġran"], [0, 2.0, 0])])
+    assert h.explain_one(bpe).explanation == "the token 'cat' after 'The'"
+    ws = NeuronRecords(NeuronId(0, 3), [ActivationRecord(["a", "\n", "b"], [0, 1.0, 0])])
+    assert h.explain_one(ws).explanation == "the token '\\n' after 'a' before 'b'"
     empty = h.explain_one(NeuronRecords(NeuronId(0, 4), []))
     assert not empty.ok and "no activation records" in empty.error
 
 
-def test_heuristic_is_deterministic_and_same_type_through_explain():
+def test_offline_input_explainer_source_has_no_rule_for_a_language_or_domain():
+    import importlib
+    import inspect
+
+    for name in ("input", "output", "both", "vocabproj"):
+        mod = importlib.import_module(f"snip_lens.explain.{name}")
+        src = inspect.getsource(mod).lower()
+        for word in ("python", "english", "prose", "keyword", "stopword", "'def'", "docstring", "german"):
+            assert word not in src, (mod.__name__, word)
+
+
+def test_offline_input_explainer_is_deterministic_through_explain():
     recs = [peak_records(NeuronId(0, i), CODE if i % 2 else PROSE, "self" if i % 2 else " and") for i in range(6)]
     a = explain(recs, ExplainConfig(kind="heuristic"), progress=False)
     b = explain(recs, ExplainConfig(kind="heuristic"), progress=False)
     assert a == b and all(isinstance(e, NeuronExplanation) and e.ok for e in a)
     assert [e.neuron for e in a] == [r.neuron for r in recs]
-    assert "'self'" in a[1].explanation and "Python source code" in a[1].explanation
-    assert a[0].explanation == "the word 'and' in English prose"
+    assert a[1].explanation.startswith("the token 'self'") and a[0].explanation.startswith("the token 'and'")
+
+
+def test_offline_input_explainer_on_a_tiny_model_fed_two_languages():
+    """Neurons of a tiny model over German and English text: every quoted token is in the neuron's own top
+    windows, neurons whose top windows are all in one language are described with that language's tokens
+    only, and the descriptions are distinct."""
+    import pydoc_data.topics
+
+    from snip_lens.collect import collect
+    from snip_lens.corpus import TokenWindows, make_windows
+    from snip_lens.testing import tiny_model
+
+    model = tiny_model("llama", n_layers=2, d_mlp=32, seed=3)
+    german = (FIXTURES / "two_languages_de.txt").read_text(encoding="utf-8").splitlines()
+    english = [pydoc_data.topics.topics[k][:600] for k in sorted(pydoc_data.topics.topics)[:16]]
+    de = make_windows(model, german, n_ctx=24, max_windows=16, seed=0, name="de")
+    en = make_windows(model, english, n_ctx=24, max_windows=16, seed=0, name="en")
+    import torch
+
+    probe = TokenWindows(torch.cat([de.tokens, en.tokens]), list(range(len(de.tokens) + len(en.tokens))), "probe")
+    records = collect(model, probe, top_k=6, context=(6, 2), n_random=6, batch_size=8, progress=False)
+    n_de = len(de.tokens)
+    de_text = "".join(german)
+    en_text = "".join(english)
+    out = explain(records, ExplainConfig(), progress=False)
+    assert len(out) == 64 and all(e.ok for e in out)
+    assert len({e.explanation for e in out}) >= 0.9 * len(out)
+    one_language = {"de": 0, "en": 0}
+    special = set(model.tokenizer.all_special_tokens)
+    for e in out:
+        rec = records.neuron_records(e.neuron)
+        ev = e.evidence.input
+        assert e.explanation == describe_input(ev)  # the sentence says what the evidence holds, nothing else
+        seen = {clean(t) for r in rec.top for t in r.tokens} | {t for r in rec.top for t in r.tokens}
+        named = [t.token for t in ev.top_tokens + ev.preceding + ev.following + ev.distinctive]
+        assert named and all(t in seen for t in named), (e.explanation, named)
+        langs = {"de" if r.document < n_de else "en" for r in rec.top}
+        if len(langs) == 1:
+            lang = langs.pop()
+            one_language[lang] += 1
+            text = de_text if lang == "de" else en_text
+            # byte pieces of a multi-byte character decode to U+FFFD on their own: not a substring of the text
+            assert all(t in text for t in named if t not in special and "\ufffd" not in t), (lang, e.explanation)
+    assert one_language["de"] >= 1 and one_language["en"] >= 1, one_language
 
 
 # -- openai explainer over a faulty loopback server ---------------------------------------------------
@@ -327,6 +382,8 @@ def test_explain_config_validation():
 # -- local explainer ----------------------------------------------------------------------------------
 
 def test_local_client_plumbing_with_a_tiny_model():
+    """Each answer of the local model reaches its neuron as the parser reads it: a parsed sentence, or the
+    parser's own reason recorded as the failure (never the raw text, never another neuron's answer)."""
     from snip_lens.testing import tiny_hf_model, tiny_tokenizer
 
     tok = tiny_tokenizer()
@@ -334,19 +391,30 @@ def test_local_client_plumbing_with_a_tiny_model():
                          "{% if add_generation_prompt %}assistant:{% endif %}")
     client = LocalChatClient("tiny", hf_model=tiny_hf_model("llama", n_ctx=512), tokenizer=tok,
                              max_new_tokens=5)
-    out = explain(unique_records(2), ExplainConfig(kind="local", few_shot=False), client=client, progress=False)
-    assert len(out) == 2 and all(e.source == "local:smollm2-135m" for e in out)
-    for e in out:  # a random model's answer is either a parsed sentence or a recorded failure
-        assert e.ok or (e.explanation is None and e.error)
+    recs = unique_records(4)
+    raw = {r.neuron: client._generate_sync(build_explanation_prompt(r, few_shot=False)) for r in recs}
+    out = explain(recs, ExplainConfig(kind="local", few_shot=False), client=client, progress=False)
+    assert [e.neuron for e in out] == [r.neuron for r in recs]
+    assert all(e.source == "local:smollm2-135m" and e.kind == "input" for e in out)
+    for e in out:
+        try:
+            want = parse_explanation(raw[e.neuron])
+        except ValueError as exc:
+            assert e.explanation is None and e.error == f"unparseable answer: {exc}"
+        else:
+            assert e.explanation == want and e.error is None
 
 
 @pytest.mark.slow
 def test_local_smollm2_explains_a_neuron():
     client = LocalChatClient("smollm2-135m", max_new_tokens=24)
-    recs = [peak_records(NeuronId(0, 0), CODE, "def")]
+    recs = [peak_records(NeuronId(0, 0), CODE, "def"), peak_records(NeuronId(0, 1), PROSE, " the")]
     out = explain(recs, ExplainConfig(kind="local", few_shot=False), client=client, progress=False)
-    assert out[0].ok, out[0].error
-    assert len(out[0].explanation.split()) >= 2
+    assert all(e.ok for e in out), [e.error for e in out]
+    for e in out:  # a parsed sentence of its own: not the prompt echoed, not a few-shot answer
+        assert parse_explanation(e.explanation) == e.explanation
+        assert e.explanation not in {x for _, x in FEW_SHOT_EXAMPLES} and "\t" not in e.explanation
+    assert out[0].explanation != out[1].explanation  # different records, different explanations
 
 
 # -- save / load / import -----------------------------------------------------------------------------
@@ -534,3 +602,94 @@ def test_cli_missing_key_names_the_variable(records_dir, tmp_path, capsys, monke
     rc = main(["explain", "--records", str(records_dir), "--explainer", "openai", "--api-key-env",
                "SNIP_UNSET_KEY_VAR", "--out", str(tmp_path / "x.jsonl")])
     assert rc == 2 and "SNIP_UNSET_KEY_VAR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layer", ["6-res-jb", "3-mlp_128k-oai", "10-gemmascope-res-16k"])
+def test_import_neuronpedia_sae_latents_is_refused(tmp_path, layer):
+    f = tmp_path / "np.json"
+    f.write_text(json.dumps([
+        {"modelId": "gpt2-small", "layer": "0-mlp", "index": "7", "description": "films", "scores": []},
+        {"modelId": "gpt2-small", "layer": layer, "index": "21", "description": "dates", "scores": []}]))
+    with pytest.raises(ValueError) as ei:
+        import_explanations(f)
+    msg = str(ei.value)
+    assert "np.json[1]" in msg and repr(layer) in msg and "not MLP neurons" in msg and "'<layer>-mlp'" in msg
+
+
+# -- output-centric and combined prompts ----------------------------------------------------------------
+
+def output_evidence():
+    from snip_lens.types import OutputEvidence, TokenWeight
+
+    return OutputEvidence(promoted=[TokenWeight(" def", 1.25), TokenWeight("\n", 0.5)],
+                          suppressed=[TokenWeight(" the", -0.75)], sign=1)
+
+
+def test_golden_output_prompt():
+    from snip_lens.explain import build_output_prompt
+    from snip_lens.explain.prompts import OUTPUT_SYSTEM_PROMPT
+
+    msgs = build_output_prompt(output_evidence())
+    assert msgs[0] == {"role": "system", "content": OUTPUT_SYSTEM_PROMPT}
+    assert OUTPUT_SYSTEM_PROMPT.startswith("We're studying neurons in a neural network. When a neuron activates")
+    assert msgs[1] == {"role": "user", "content":
+                       "\n\nNeuron 1\nPromoted tokens:\n<start>\n def\t1.25\n\\n\t0.5\n<end>\nSuppressed tokens:\n"
+                       "<start>\n the\t-0.75\n<end>\n\nExplanation of neuron 1 behavior: the main thing this neuron "
+                       "does is"}
+
+
+def test_golden_both_prompt_shows_both_kinds_of_evidence():
+    from snip_lens.explain import build_both_prompt
+    from snip_lens.explain.prompts import BOTH_SYSTEM_PROMPT
+
+    msgs = build_both_prompt(dense_records(), output_evidence())
+    assert msgs == [
+        {"role": "system", "content": BOTH_SYSTEM_PROMPT},
+        {"role": "user", "content":
+            "\n\nNeuron 1\nActivations:\n<start>\ndef\t10\n foo\t0\n(\t0\nself\t5\n):\t1\n<end>\n<start>\n"
+            " return\t2\n x\t0\n<end>\n\nPromoted tokens:\n<start>\n def\t1.25\n\\n\t0.5\n<end>\n"
+            "Suppressed tokens:\n<start>\n the\t-0.75\n<end>\n\nExplanation of neuron 1 behavior: the main thing "
+            "this neuron does is"},
+    ]
+    assert "looks for" in BOTH_SYSTEM_PROMPT and "promotes and suppresses" in BOTH_SYSTEM_PROMPT
+    assert parse_explanation(" the main thing this neuron does is predict ' def' after newlines.") == \
+        "predict ' def' after newlines"
+    with pytest.raises(ValueError, match="no activation records"):
+        build_both_prompt([], output_evidence())
+
+
+def _tok(t: str) -> str:
+    return t.replace("\n", "\\n").replace("\t", "\\t")
+
+
+def test_llm_explainer_with_both_kinds_over_http(tmp_path):
+    from snip_lens.testing import tiny_model
+
+    model = tiny_model("llama", n_layers=1, d_mlp=8)
+    orig = unique_records(3)
+    recs = [NeuronRecords(NeuronId(0, i), r.top) for i, r in enumerate(orig)]  # layer 0 of a one-layer model
+    marker = {NeuronId(0, i): f" tok{r.neuron.layer}x{r.neuron.index}\t10\n" for i, r in enumerate(orig)}
+    with LoopbackServer(answer=lambda m: " promotes what follows the strongest token.") as srv:
+        cfg = ExplainConfig(kind="openai", explanations="both", llm=llm_config(srv, api_key_env=None, timeout=5.0))
+        out = explain(recs, cfg, model=model, cache_dir=tmp_path, progress=False)
+        prompts = list(srv.stats.chat_prompts)
+    assert all(e.ok and e.kind == "both" and e.explanation == "promotes what follows the strongest token"
+               for e in out)
+    assert all(e.evidence.input and e.evidence.output for e in out)
+    assert len(prompts) == 3
+    for e in out:  # each neuron's prompt shows its own activations and its own VocabProj tokens
+        p = next(q for q in prompts if marker[e.neuron] in q)
+        top = e.evidence.output.promoted[0]
+        assert "Promoted tokens:\n<start>\n" + f"{_tok(top.token)}\t{top.weight:.3g}\n" in p
+    with pytest.raises(ValueError, match="pass model="):
+        explain(recs, ExplainConfig(explanations="output"), progress=False)
+
+
+def test_offline_sentences_are_one_line_whatever_the_tokens():
+    from snip_lens.explain import describe_output
+    from snip_lens.types import OutputEvidence, TokenWeight
+
+    ev = OutputEvidence([TokenWeight('"\x1d"', 1.0), TokenWeight("a\tb", 0.5)], [TokenWeight("\r\n", -1.0)])
+    text = describe_output(ev)
+    assert text.isprintable() and len(text.splitlines()) == 1
+    assert text == "raises the next tokens '\"\\x1d\"' and 'a\\tb' and lowers '\\r\\n'"
