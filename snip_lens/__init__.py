@@ -17,6 +17,8 @@ from .models import load_model
 from .select import (activation_scores, hybrid_scores, keyword_scores, llm_judge_scores, mask_from_scores,
                      random_scores)
 from .sweep import DataConfig, SweepConfig, run_sweep
+from .config import ModelConfig, RunConfig
+from .results import SweepResults
 from .types import ActivationRecord, DatasetConcepts, NeuronExplanation, NeuronId, NeuronRecords
 
 __all__ = ["collect", "ActivationRecords", "NeuronStats", "TokenWindows", "load_corpus", "load_texts",
@@ -31,4 +33,5 @@ __all__ = ["collect", "ActivationRecords", "NeuronStats", "TokenWindows", "load_
            "NeuronScores", "NeuronIndex", "score_neurons", "max_cosine", "max_cosine_reference",
            "activation_scores", "hybrid_scores", "keyword_scores", "llm_judge_scores", "mask_from_scores",
            "random_scores", "DataConfig", "SweepConfig", "run_sweep", "DatasetConcepts", "NeuronExplanation"]
+__all__ += ["RunConfig", "ModelConfig", "SweepResults"]
 __version__ = "0.1.0"

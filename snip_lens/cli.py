@@ -25,53 +25,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+RUN_EXAMPLE = """example (offline, a few minutes on a laptop CPU):
+  snip run --model smollm2-135m --forget my_code/ --retain notes.txt --k 1%,2% --out my_run
+
+  Against a local OpenAI-compatible server that needs no key (vLLM, llama.cpp, transformers serve):
+  snip run --model smollm2-135m --forget code --retain prose --explainer openai \\
+      --llm-model Qwen2.5-7B-Instruct --base-url http://localhost:8000/v1 --api-key-env none --out my_run
+
+Rerun the same command after an interruption: it resumes from what was saved."""
+
+
 def _sweep_args(sp: argparse.ArgumentParser, *, demo: bool) -> None:
+    from .config import add_run_flags
+
     sp.add_argument("--out", default="snip_demo" if demo else "snip_run",
                     help="output directory (results.json, plots/, report.html, masks/)")
-    sp.add_argument("--overwrite", action="store_true", help="replace results of a different config in --out")
-    sp.add_argument("--methods", default="snip,hybrid,activation,random",
-                    help="comma-separated: snip, hybrid, activation, activation-freq, attribution, random, keyword, "
-                         "llm-judge")
-    sp.add_argument("--k", default="0.5%,1%,2%,4%", help="comma-separated counts or percentages of all neurons")
-    sp.add_argument("--select-windows", type=int, default=32, help="windows per side for selection")
-    sp.add_argument("--eval-windows", type=int, default=16, help="held-out windows per side for evaluation")
-    sp.add_argument("--n-ctx", type=int, default=128, help="tokens per window")
-    sp.add_argument("--max-doc-tokens", type=int, default=512,
-                    help="tokens kept from the start of each document (0: whole documents)")
-    sp.add_argument("--batch-size", type=int, default=8)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--explainer", default="heuristic", choices=["heuristic", "openai", "local"])
-    sp.add_argument("--explanations", default="both", choices=["input", "output", "both"],
-                    help="evidence explanations rest on: top-activating inputs, VocabProj output tokens, or both")
-    sp.add_argument("--quality-weight", default="none", choices=["none", "embedding", "simulator"],
-                    help="weight SNIP's scores by explanation quality (offline embedding AUROC or LLM simulator)")
-    sp.add_argument("--import-explanations", help="published explanations file (OpenAI, DeepDecipher, Neuronpedia)")
-    sp.add_argument("--min-explanation-score", type=float)
-    sp.add_argument("--concepts", default="auto", choices=["auto", "llm", "distinctive"])
-    sp.add_argument("--llm-model", help="chat model for explanations/concepts/judge, e.g. gpt-4o-mini")
-    sp.add_argument("--base-url", help="OpenAI-compatible server root, e.g. http://localhost:8000/v1")
-    sp.add_argument("--api-key-env", default="OPENAI_API_KEY", help="variable holding the API key")
-    sp.add_argument("--embedder", default="local", help="local | openai:text-embedding-3-small | a directory")
-    sp.add_argument("--keywords", default="", help="comma-separated keywords for the keyword method")
-    sp.add_argument("--hybrid-weight", type=float, default=0.05)
-    sp.add_argument("--mask-mode", default="zero",
-                    help="zero | mean (mean activation on retain) | scale:F, e.g. scale:-1 flips pruned neurons")
-    sp.add_argument("--judge-candidates", type=int,
-                    help="neurons the llm-judge rates, one LLM call each (default: the largest k)")
-    sp.add_argument("--judge-shortlist", default="snip+activation",
-                    choices=["snip+activation", "snip", "activation", "random"],
-                    help="how the judge's shortlist is chosen (default: SNIP's and activation's tops in turn)")
-    sp.add_argument("--select", default="global", choices=["global", "per-layer"],
-                    help="top-k over all neurons, or k/L per layer (masks that `snip export --compact` shrinks fully)")
-    sp.add_argument("--cbt", default="", help="CBT configs to evaluate, e.g. P,V")
-    sp.add_argument("--cbt-source", default="hf", help="hf | a JSONL file in the HF cbt schema | prose")
-    sp.add_argument("--cbt-items", type=int, default=200)
-    sp.add_argument("--toxicity", action="store_true", help="also measure the toxicity rate")
-    sp.add_argument("--toxicity-n", type=int, default=1000)
-    sp.add_argument("--toxicity-scorer", default="detoxify", choices=["detoxify", "profanity"])
-    sp.add_argument("--detoxify-checkpoint", help="local detoxify checkpoint (offline)")
-    sp.add_argument("--detoxify-config", help="local directory with the checkpoint's transformer config and "
-                    "tokenizer files, e.g. bert-base-uncased's (with --detoxify-checkpoint: no network at all)")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="replace saved artifacts of a different configuration in --out")
+    # Every setting of the run is a field of a stage config in snip_lens/config.py: the flags come from there.
+    add_run_flags(sp, required={} if demo else {"model": ("name",), "data": ("forget", "retain")})
+    # Optional evaluations whose settings are nested configs (EvaluationConfig.generation / .relearn).
     sp.add_argument("--eval", default="", help="further evaluations, comma-separated: generation")
     sp.add_argument("--detector", default="auto", help="generation domain detector: auto | python | "
                     "language:XX (ISO 639-1, e.g. language:de) | classifier")
@@ -85,29 +58,6 @@ def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _sweep_config(args: argparse.Namespace) -> "object":
-    from .sweep import DataConfig, SweepConfig
-
-    data = DataConfig(forget=args.forget, retain=args.retain, n_ctx=args.n_ctx, select_windows=args.select_windows,
-                      eval_windows=args.eval_windows, max_docs=getattr(args, "max_docs", None),
-                      retain_max_docs=getattr(args, "retain_max_docs", None),
-                      max_doc_tokens=args.max_doc_tokens or None,
-                      text_field=getattr(args, "text_field", "text"), glob=getattr(args, "glob", None),
-                      seed=args.seed)
-    return SweepConfig(
-        model=args.model, data=data, methods=_split(args.methods), ks=_split(args.k), explainer=args.explainer,
-        explanations=args.explanations, quality_weight=args.quality_weight,
-        import_explanations=args.import_explanations, min_explanation_score=args.min_explanation_score,
-        concepts=args.concepts, llm_model=args.llm_model, base_url=args.base_url, api_key_env=args.api_key_env,
-        embedder=args.embedder, keywords=_split(args.keywords), hybrid_weight=args.hybrid_weight,
-        judge_candidates=args.judge_candidates, judge_shortlist=args.judge_shortlist, select=args.select,
-        batch_size=args.batch_size, cbt=_split(args.cbt), cbt_source=args.cbt_source, cbt_items=args.cbt_items,
-        toxicity=args.toxicity, toxicity_n=args.toxicity_n, toxicity_scorer=args.toxicity_scorer,
-        detoxify_checkpoint=args.detoxify_checkpoint, detoxify_config=args.detoxify_config,
-        seed=args.seed, mask_mode=args.mask_mode,
-        generation=_generation_config(args), relearn=_relearn_config(args))
-
-
 def _generation_config(args: argparse.Namespace) -> "object":
     evals = _split(args.eval)
     unknown = [e for e in evals if e != "generation"]
@@ -117,7 +67,7 @@ def _generation_config(args: argparse.Namespace) -> "object":
         return None
     from .evaluate.generation import GenerationConfig
 
-    return GenerationConfig(n_prompts=args.generation_prompts, detector=args.detector, seed=args.seed)
+    return GenerationConfig(n_prompts=args.generation_prompts, detector=args.detector, seed=args.data__seed)
 
 
 def _relearn_config(args: argparse.Namespace) -> "object":
@@ -125,75 +75,109 @@ def _relearn_config(args: argparse.Namespace) -> "object":
         return None
     from .evaluate.relearn import RelearnConfig
 
-    return RelearnConfig(steps=args.relearn, forms=args.relearn_forms, lr=args.relearn_lr, seed=args.seed)
+    return RelearnConfig(steps=args.relearn, forms=args.relearn_forms, lr=args.relearn_lr, seed=args.data__seed)
 
 
 def _run_sweep_cmd(args: argparse.Namespace) -> int:
+    from .config import run_config_from_args
     from .sweep import run_sweep, summary_table
 
-    config = _sweep_config(args)
+    config = run_config_from_args(args)
+    config.evaluate.generation = _generation_config(args)
+    config.evaluate.relearn = _relearn_config(args)
     results = run_sweep(config, args.out, overwrite=args.overwrite)
     print(summary_table(results))
+    ex = results.get("explanations") or {}
+    if ex.get("degenerate"):
+        print(f"\nwarning: the explanations look degenerate ({'; '.join(ex['reasons'])}); see report.html")
     print(f"\nresults: {args.out}/results.json  plots: {args.out}/plots/  report: {args.out}/report.html")
     return 0
+
+
+def _sweep_interrupted(args: argparse.Namespace) -> str:
+    from .sweep import describe_saved
+
+    return (f"kept in {args.out}: {describe_saved(args.out)}; run the same command again to resume from there")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     sp = sub.add_parser("demo", help="offline SNIP demo on SmolLM2-135M: forget Python code, retain English prose",
                         description="Collect -> explain (heuristic) -> concepts (offline) -> embed -> score -> "
                         "sweep over methods and k on SmolLM2-135M, fully offline. Forget = CPython stdlib "
-                        "source, retain = pydoc topics prose, each with held-out evaluation documents.")
-    sp.add_argument("--model", default="smollm2-135m")
-    sp.add_argument("--forget", default="code")
-    sp.add_argument("--retain", default="prose")
+                        "source, retain = pydoc topics prose, each with held-out evaluation documents.",
+                        epilog="example: snip demo --k 1%,2% --out snip_demo",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _sweep_args(sp, demo=True)
-    sp.set_defaults(func=_run_sweep_cmd)
+    sp.set_defaults(func=_run_sweep_cmd, on_interrupt=_sweep_interrupted)
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
-    sp = sub.add_parser("run", help="unlearn your own forget set: select, prune, evaluate, report")
-    sp.add_argument("--model", required=True, help="smollm2-135m, gemma3-270m, a HF name or a local directory")
-    sp.add_argument("--forget", required=True,
-                    help="code | prose | FILE | DIR | hf:NAME[:CONFIG] | cbt:P[:FILE] | civil-toxic[:FILE]")
-    sp.add_argument("--retain", required=True, help="same forms as --forget")
-    sp.add_argument("--max-docs", type=int, help="cap on forget documents: a seeded random draw (default: all)")
-    sp.add_argument("--retain-max-docs", type=int,
-                    help="cap on retain documents (default: all; hf: datasets take their first rows)")
-    sp.add_argument("--text-field", default="text", help="text field of JSONL files / HF datasets")
-    sp.add_argument("--glob", help="read only matching files of a --forget/--retain DIR, e.g. '*.c' or "
-                    "'docs/**/*.rst' (default: every text file; binary files are skipped)")
+    sp = sub.add_parser("run", help="unlearn your own forget set: select, prune, evaluate, report",
+                        description="Select neurons with each method at each k, prune them with a mask, and "
+                        "evaluate forget and retain data held out from selection. Every argument is checked "
+                        "before the model loads.", epilog=RUN_EXAMPLE,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _sweep_args(sp, demo=False)
-    sp.set_defaults(func=_run_sweep_cmd)
+    sp.set_defaults(func=_run_sweep_cmd, on_interrupt=_sweep_interrupted)
+
+
+def _model_flags(sp: argparse.ArgumentParser, *, name: bool = True, required: bool = False,
+                 default: str | None = None) -> None:
+    """--model (unless ``name`` is False), --device, --dtype, --device-map: the model stage's flags."""
+    from .config import ModelConfig, add_stage_flags
+
+    only = ("name", "device", "dtype", "device_map") if name else ("device", "dtype", "device_map")
+    add_stage_flags(sp, ModelConfig, "model", only=only, required=("name",) if required else (),
+                    defaults={"name": default} if default else None)
+
+
+def _model_config(args: argparse.Namespace, **fixed: object):  # noqa: ANN202 - a ModelConfig
+    from .config import ModelConfig, stage_from_args
+
+    return stage_from_args(ModelConfig, args, "model", **fixed)
+
+
+def _llm_flags(sp: argparse.ArgumentParser, *, default_model: str | None = None,
+               only: tuple[str, ...] = ("model", "base_url", "api_key_env", "probe_timeout")) -> None:
+    from .config import LLMServerConfig, add_stage_flags
+
+    add_stage_flags(sp, LLMServerConfig, "llm", only=only,
+                    defaults={"model": default_model} if default_model else None)
+
+
+def _llm_server(args: argparse.Namespace, **fixed: object):  # noqa: ANN202 - an LLMServerConfig
+    from .config import LLMServerConfig, stage_from_args
+
+    return stage_from_args(LLMServerConfig, args, "llm", **fixed)
 
 
 def _concepts_cmd(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
+    from .checks import check_not_binary
     from .concepts import extract_concepts
     from .corpus import load_texts
+    from .llm import probe_server
 
     out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a directory; give a file name, e.g. --out {out / 'concepts.json'}")
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out} already exists; pass --overwrite or choose another --out")
+    server = _llm_server(args)
     forget = load_texts(args.forget, max_docs=args.max_docs, seed=args.seed)
-    reference = load_texts(args.reference, max_docs=args.max_docs, seed=args.seed) if args.reference else None
-    from .llm import LLMConfig, LLMError
-
+    check_not_binary(forget, args.forget, "--forget")
+    reference = None
+    if args.reference:
+        reference = load_texts(args.reference, max_docs=args.max_docs, seed=args.seed)
+        check_not_binary(reference, args.reference, "--reference")
     client = None
-    if args.llm_model:
-        client = LLMConfig(model=args.llm_model, base_url=args.base_url,
-                           api_key_env=None if args.api_key_env.lower() == "none" else args.api_key_env)
-    try:
-        concepts = extract_concepts(forget, client=client, n_samples=args.n_samples, seed=args.seed,
-                                    reference_texts=reference, n_concepts=args.n_concepts, cache_dir=args.cache_dir)
-    except LLMError as exc:
-        raise ValueError(f"the LLM request failed: {exc}") from exc
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps({"concepts": concepts.concepts, "source": concepts.source}, indent=1,
-                              ensure_ascii=False))
-    tmp.replace(out)
+    if server.model:
+        client = server.llm_config()
+        probe_server(client, timeout=server.probe_timeout)
+    concepts = extract_concepts(forget, client=client, n_samples=args.n_samples, seed=args.seed,
+                                reference_texts=reference, n_concepts=args.n_concepts, cache_dir=args.cache_dir)
+    concepts.save(out)
     for i, c in enumerate(concepts.concepts, 1):
         print(f"{i}. {c}")
     print(f"\n{len(concepts.concepts)} concepts ({concepts.source}) -> {out}")
@@ -205,13 +189,11 @@ def _add_concepts(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--forget", required=True, help="code | prose | FILE | DIR | hf:NAME")
     sp.add_argument("--reference", help="reference corpus for the offline fallback (default: English pydoc topics)")
     sp.add_argument("--max-docs", type=int, help="cap on documents read per corpus")
-    sp.add_argument("--llm-model", help="chat model (e.g. gpt-4o-mini); without it the offline fallback is used")
-    sp.add_argument("--base-url", help="OpenAI-compatible server root, e.g. http://localhost:8000/v1")
-    sp.add_argument("--api-key-env", default="OPENAI_API_KEY", help="variable holding the API key, or 'none'")
+    _llm_flags(sp)
     sp.add_argument("--n-samples", type=int, default=10, help="distinct forget documents shown to the LLM")
     sp.add_argument("--n-concepts", type=int, default=30, help="concepts kept by the offline fallback")
     sp.add_argument("--cache-dir", help="cache of LLM answers")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=0, help="seed of the documents sampled for the LLM")
     sp.add_argument("--out", default="concepts.json", help="output JSON file")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     sp.set_defaults(func=_concepts_cmd)
@@ -229,21 +211,22 @@ def _embedder_from_args(args: argparse.Namespace):  # noqa: ANN202 - an Embedder
     from .embed import get_embedder
     from .models import cache_dir
 
+    server = _llm_server(args)
     cache = None if args.no_cache else (args.cache_dir or Path(cache_dir()) / "embeddings")
-    return get_embedder(args.embedder, cache_dir=cache, base_url=args.base_url,
-                        api_key_env=None if args.api_key_env.lower() == "none" else args.api_key_env)
+    return get_embedder(args.embed__embedder, cache_dir=cache, base_url=server.base_url,
+                        api_key_env=server.api_key_env)
 
 
 def _embedder_args(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--embedder", default="local", help="local | openai:text-embedding-3-small | a directory")
-    sp.add_argument("--base-url", help="OpenAI-compatible server root for openai:* embedders")
-    sp.add_argument("--api-key-env", default="OPENAI_API_KEY", help="variable holding the API key, or 'none'")
+    from .config import EmbeddingConfig, add_stage_flags
+
+    add_stage_flags(sp, EmbeddingConfig, "embed")
+    _llm_flags(sp, only=("base_url", "api_key_env"))
     sp.add_argument("--cache-dir", help="embedding cache (default: the snip_lens cache directory)")
     sp.add_argument("--no-cache", action="store_true", help="do not cache embeddings")
 
 
 def _score_cmd(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from .score import score_neurons
@@ -253,19 +236,12 @@ def _score_cmd(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out} already exists; pass --overwrite or choose another --out")
     explanations = _read_explanations(args.explanations)
-    cpath = Path(args.concepts)
-    if not cpath.is_file():
-        raise FileNotFoundError(f"concepts file {cpath} does not exist; create it with `snip concepts --out {cpath}`")
-    try:
-        cj = json.loads(cpath.read_text(encoding="utf-8"))
-        concepts = DatasetConcepts(list(cj["concepts"]), cj.get("source", ""))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{cpath} is not a concepts file ({exc}); expected JSON with a 'concepts' list") from None
+    concepts = DatasetConcepts.load(args.concepts)
     name = args.model or ""
     if args.model:
         from . import models as M
 
-        model = M.load_model(args.model)
+        model = _model_config(args, name=args.model).load()
         n_layers, d_mlp = M.n_layers(model), M.d_mlp(model)
     elif args.shape:
         try:
@@ -291,6 +267,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--explanations", required=True, help="explanations JSONL (snip explain)")
     sp.add_argument("--concepts", required=True, help="concepts JSON (snip concepts)")
     sp.add_argument("--model", help="model whose shape to use (loaded), e.g. smollm2-135m")
+    _model_flags(sp, name=False)
     sp.add_argument("--shape", help="model shape LAYERSxNEURONS instead of --model, e.g. 30x1536")
     sp.add_argument("--out", default="scores", help="output (.safetensors and .json)")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -337,32 +314,39 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
 
 def _explain_cmd(args: argparse.Namespace) -> int:
     from .explain import ExplainConfig, explain_to_file
-    from .llm import LLMConfig
+    from .llm import LLMConfig, probe_server
     from .types import NeuronId
 
+    if args.deprecated_model:
+        print("snip explain: --model is deprecated here (it named the LLM, while --model names the subject "
+              "model everywhere else); use --llm-model", file=sys.stderr)
+    server = _llm_server(args, **({"model": args.deprecated_model} if args.deprecated_model else {}))
+    neurons = [NeuronId.parse(t) for t in args.neurons.split(",") if t.strip()] if args.neurons else None
+    if args.records is None and args.import_file is None:
+        raise ValueError("nothing to explain: give --records DIR (from snip collect) or --import FILE")
+    llm = None
+    if args.explainer == "openai" and not args.import_file:
+        if not server.model:
+            raise ValueError("--explainer openai needs an LLM: name it with --llm-model, e.g. --llm-model gpt-4o-mini")
+        llm = LLMConfig(model=server.model, base_url=server.base_url, api_key_env=server.api_key_env,
+                        concurrency=args.concurrency, temperature=args.temperature, max_retries=args.max_retries)
+    config = ExplainConfig(kind=args.explainer, llm=llm, local_model=args.local_model,
+                           max_records=args.max_records, few_shot=not args.no_few_shot,
+                           explanations=args.explanations)
     records = None
     if args.records:
         from .collect import ActivationRecords
 
         records = ActivationRecords.load(args.records)
-    llm = None
-    if args.explainer == "openai":
-        key_env = None if (args.api_key_env or "").lower() in ("", "none") else args.api_key_env
-        llm = LLMConfig(model=args.model, base_url=args.base_url, api_key_env=key_env,
-                        concurrency=args.concurrency, temperature=args.temperature, max_retries=args.max_retries)
-    config = ExplainConfig(kind=args.explainer, llm=llm, local_model=args.local_model,
-                           max_records=args.max_records, few_shot=not args.no_few_shot,
-                           explanations=args.explanations)
     subject = None
     if config.needs_model and not args.import_file:
-        from .models import load_model
-
         name = args.subject_model or (records.model_name if records is not None else None)
         if not name:
             raise ValueError(f"--explanations {args.explanations} reads the subject model's weights: pass "
                              "--subject-model NAME (or --records from that model)")
-        subject = load_model(name)
-    neurons = [NeuronId.parse(t) for t in args.neurons.split(",") if t.strip()] if args.neurons else None
+        subject = _model_config(args, name=name).load()
+    if llm is not None:
+        probe_server(llm, timeout=server.probe_timeout)
     if args.batch_api:
         _explain_batched(args, records, config, neurons)
     try:
@@ -372,9 +356,24 @@ def _explain_cmd(args: argparse.Namespace) -> int:
                                  model=subject)
     except FileExistsError as exc:
         raise ValueError(str(exc)) from None
+    from .checks import explanation_stats, warn_if_degenerate
+
     n_ok = sum(e.ok for e in result)
+    n_open = sum(bool(e.error and "circuit breaker open" in e.error) for e in result)
     print(f"{n_ok} of {len(result)} neurons explained -> {args.out}")
+    warn_if_degenerate(explanation_stats(result), args.out)
+    if n_open:
+        first = next(e.error for e in result if e.error and "circuit breaker open" in e.error)
+        print(f"snip explain: error: stopped after repeated identical failures; {n_open} neurons were not sent "
+              f"({first.split('request not sent: ', 1)[-1]}). The {n_ok} that succeeded are cached: fix the server "
+              "and rerun with --overwrite to ask only for the rest", file=sys.stderr)
+        return 1
     return 0 if n_ok or not result else 1
+
+
+def _explain_interrupted(args: argparse.Namespace) -> str:
+    cache = args.cache_dir or f"{args.out}.cache"
+    return f"answers received so far are cached in {cache}; rerun the same command to ask only for the rest"
 
 
 def _explain_batched(args: argparse.Namespace, records: object, config: object, neurons: object) -> None:
@@ -399,18 +398,21 @@ def _explain_batched(args: argparse.Namespace, records: object, config: object, 
 def _add_explain(sub: argparse._SubParsersAction) -> None:
     sp = sub.add_parser("explain", help="SNIP step 1: explain MLP neurons in words (or import published ones)")
     sp.add_argument("--records", help="directory of collected activation records (snip collect)")
-    sp.add_argument("--explainer", default="heuristic", choices=["heuristic", "openai", "local"])
-    sp.add_argument("--model", default="gpt-4o-mini", help="chat model name for --explainer openai")
+    sp.add_argument("--explainer", default="heuristic", choices=["heuristic", "openai", "local"],
+                    help="heuristic (offline rules), openai (an OpenAI-compatible LLM: --llm-model) or local (a "
+                    "small in-process chat model: --local-model)")
+    _llm_flags(sp, default_model="gpt-4o-mini")
+    sp.add_argument("--model", dest="deprecated_model", metavar="LLM",
+                    help="deprecated alias of --llm-model (the LLM, not the subject model)")
     sp.add_argument("--explanations", default="input", choices=["input", "output", "both"],
                     help="evidence explanations rest on: top-activating inputs, VocabProj output tokens, or both")
     sp.add_argument("--subject-model", help="model whose neurons are explained, for output evidence "
                     "(default: the model the --records come from)")
-    sp.add_argument("--base-url", help="OpenAI-compatible server root, e.g. http://localhost:8000/v1")
-    sp.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                    help="variable holding the API key ('none' for local servers that need no key)")
+    _model_flags(sp, name=False)
     sp.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
-    sp.add_argument("--temperature", type=float, default=1.0)
-    sp.add_argument("--max-retries", type=int, default=5)
+    sp.add_argument("--temperature", type=float, default=1.0, help="LLM sampling temperature, in [0, 2]")
+    sp.add_argument("--max-retries", type=int, default=5,
+                    help="retries of a request after 429/5xx/timeouts/connection errors")
     sp.add_argument("--local-model", default="smollm2-135m", help="chat model for --explainer local")
     sp.add_argument("--max-records", type=int, default=10, help="top-activating windows shown per neuron")
     sp.add_argument("--no-few-shot", action="store_true", help="omit the three few-shot example neurons")
@@ -428,13 +430,12 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--batch-poll", type=float, default=60.0, help="seconds between batch status checks")
     sp.add_argument("--batch-max-wait", type=float,
                     help="stop waiting after this many seconds (batches keep running; rerun to continue)")
-    sp.set_defaults(func=_explain_cmd)
+    sp.set_defaults(func=_explain_cmd, on_interrupt=_explain_interrupted)
 
 
 def _collect_cmd(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import models as M
     from .collect import collect, parse_layers
     from .corpus import load_corpus
 
@@ -446,21 +447,26 @@ def _collect_cmd(args: argparse.Namespace) -> int:
     named = [s.split("=", 1) if "=" in s else [s, s] for s in specs]
     if len({n for n, _ in named}) != len(named):
         raise ValueError(f"--corpus names repeat in {specs}; name them, e.g. --corpus forget=code --corpus retain=prose")
+    from .config import check_out_dir
+    from .sweep import check_context
+
+    check_out_dir(args.out)
     dirs = {name for name, source in named if Path(source).expanduser().is_dir()}
     if args.glob is not None and not dirs:
         raise ValueError(f"--glob {args.glob!r} narrows a directory corpus, but no --corpus is a directory")
-    model = M.load_model(args.model)
+    layers = parse_layers(args.layers) if args.layers else None
+    model = _model_config(args).load()
+    check_context(model, args.n_ctx)
     corpora = {name: load_corpus(model, source, n_ctx=args.n_ctx, max_windows=args.windows, seed=args.seed,
                                  split=args.split, text_field=args.text_field, max_docs=args.max_docs, name=name,
                                  max_doc_tokens=args.max_doc_tokens or None,
                                  glob=args.glob if name in dirs else None)
                for name, source in named}
-    layers = parse_layers(args.layers) if args.layers else None
     executor = None
     if args.ray is not None:
         from .sharding import ModelSpec, RayExecutor
 
-        executor = RayExecutor(ModelSpec(name=args.model), address=None if args.ray == "local" else args.ray,
+        executor = RayExecutor(ModelSpec(name=args.model__name), address=None if args.ray == "local" else args.ray,
                                n_actors=args.ray_actors, num_gpus=args.ray_gpus_per_actor,
                                num_cpus=args.ray_cpus_per_actor)
     try:
@@ -482,7 +488,7 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
                         description="Stream corpora through the model and keep, for every MLP neuron, its top-k "
                         "activating windows, a few random windows, and activation statistics per corpus. "
                         "Resumable: rerun the same command after an interruption.")
-    sp.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, a HF name or a directory")
+    _model_flags(sp)
     sp.add_argument("--corpus", action="append",
                     help="SOURCE or NAME=SOURCE (repeatable); SOURCE is code | prose | FILE | DIR | hf:NAME[:CONFIG]. "
                     "Records come from the corpus named 'records', else the first. Default: code")
@@ -501,7 +507,7 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--text-field", default="text", help="text field of JSONL files / HF datasets")
     sp.add_argument("--glob", help="read only matching files of a directory corpus, e.g. '*.c' or 'docs/**/*.rst' "
                     "(default: every text file under it; binary files are skipped)")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=0, help="seed of the window order and the random records")
     sp.add_argument("--out", required=True, help="output directory (activations.safetensors + records.json)")
     sp.add_argument("--overwrite", action="store_true", help="replace results of a different config in --out")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -512,12 +518,20 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--ray-gpus-per-actor", type=float,
                     help="GPUs per replica (default 1 when the cluster has GPUs); more for a device_map over GPUs")
     sp.add_argument("--ray-cpus-per-actor", type=float, default=1.0, help="CPUs (torch threads) per replica")
-    sp.set_defaults(func=_collect_cmd)
+    sp.set_defaults(func=_collect_cmd, on_interrupt=lambda a: f"the last checkpoint in {a.out} is kept; rerun the "
+                    "same command to resume from it")
 
 def _eval_load(args: argparse.Namespace) -> tuple:
-    from . import models as M
+    if args.out:
+        from pathlib import Path
 
-    model = M.load_model(args.model)
+        if Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out!r} is a directory; give a JSON file name")
+    model = _model_config(args).load()
+    if getattr(args, "n_ctx", None):
+        from .sweep import check_context
+
+        check_context(model, args.n_ctx)
     mask = None
     if args.mask:
         from .mask import NeuronMask
@@ -585,9 +599,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     ev = sp.add_subparsers(dest="evaluation", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, a HF name or a directory")
+        _model_flags(p)
         p.add_argument("--mask", help="a neuron mask file (safetensors) to apply during the evaluation")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help="seed of every random choice of the evaluation")
         p.add_argument("--out", help="also write the result to this JSON file")
 
     p = ev.add_parser("lm", help="next-token loss, top-1 and top-10 accuracy on a corpus")
@@ -595,7 +609,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--corpus", required=True, help="code | prose | FILE | DIR | hf:NAME[:CONFIG]")
     p.add_argument("--windows", type=int, default=32, help="windows evaluated")
     p.add_argument("--n-ctx", type=int, default=128, help="tokens per window")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--split", default="test", help="split of hf: datasets")
     p.add_argument("--text-field", default="text", help="text field of JSONL files / HF datasets")
     p.set_defaults(func=_evaluate_lm_cmd)
@@ -603,8 +617,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = ev.add_parser("cbt", help="Children's Book Test cloze accuracy")
     common(p)
     p.add_argument("--source", default="hf", help="hf | a JSONL file in the HF cbt schema | prose (built items)")
-    p.add_argument("--config", default="P", choices=["P", "V", "NE", "CN"])
-    p.add_argument("--split", default="test")
+    p.add_argument("--config", default="P", choices=["P", "V", "NE", "CN"],
+                   help="CBT part: P (prepositions), V (verbs), NE (named entities), CN (common nouns)")
+    p.add_argument("--split", default="test", help="split of the hf dataset")
     p.add_argument("--max-items", type=int, help="items evaluated (default: all; 100 for prose)")
     p.add_argument("--no-kv-cache", action="store_true", help="score each option with a full forward (slow)")
     p.set_defaults(func=_evaluate_cbt_cmd)
@@ -612,9 +627,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = ev.add_parser("toxicity", help="percentage of toxic generations from the paper's prompt")
     common(p)
     p.add_argument("--n", type=int, default=1000, help="generations")
-    p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--scorer", default="detoxify", choices=["detoxify", "profanity"])
+    p.add_argument("--max-new-tokens", type=int, default=20, help="tokens generated per prompt")
+    p.add_argument("--batch-size", type=int, default=50, help="generations per forward pass")
+    p.add_argument("--scorer", default="detoxify", choices=["detoxify", "profanity"],
+                   help="detoxify (offline: --detoxify-checkpoint) or profanity (a word list)")
     p.add_argument("--detoxify-checkpoint", help="local Detoxify .ckpt file (offline)")
     p.add_argument("--detoxify-config", help="local directory with bert-base-uncased config/tokenizer (offline)")
     p.set_defaults(func=_evaluate_toxicity_cmd)
@@ -623,22 +639,25 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _export_cmd(args: argparse.Namespace) -> int:
     from .export import export_pruned
     from .mask import NeuronMask
-    from .models import load_model
+    from pathlib import Path
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out!r} is an existing file; give a directory for the model")
     if bool(args.mask) == bool(args.scores):
         raise ValueError("give either --mask FILE, or --scores FILE with --k (and optionally --select)")
-    model = load_model(args.model)
+    if args.mask and (args.k or args.select != "global"):
+        raise ValueError("--k and --select choose neurons from --scores; a --mask already lists its neurons")
+    if args.scores and not args.k:
+        raise ValueError("--scores needs --k, e.g. --k 2% (and --select per-layer for a fully compact model)")
+    model = _model_config(args).load()
     if args.mask:
-        if args.k or args.select != "global":
-            raise ValueError("--k and --select choose neurons from --scores; a --mask already lists its neurons")
         mask = NeuronMask.load(args.mask, model=model)
     else:
         from . import models as M
         from .score import NeuronScores
         from .select import mask_from_scores
 
-        if not args.k:
-            raise ValueError("--scores needs --k, e.g. --k 2% (and --select per-layer for a fully compact model)")
         scores = NeuronScores.load(args.scores, n_layers=M.n_layers(model), d_mlp=M.d_mlp(model))
         mask = mask_from_scores(model, scores, args.k, select=args.select)
     report = export_pruned(model, mask, args.out, compact=args.compact, overwrite=args.overwrite)
@@ -657,7 +676,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                         description="Bake a saved NeuronMask (or the top k of saved scores) into a copy of the "
                         "model's weights and write a directory that transformers.AutoModelForCausalLM."
                         "from_pretrained loads as is.")
-    sp.add_argument("--model", required=True, help="smollm2-135m, gemma3-270m, a HF name or a local directory")
+    _model_flags(sp, required=True)
     sp.add_argument("--mask", help="mask file written by NeuronMask.save (.safetensors), e.g. a sweep's masks/*")
     sp.add_argument("--scores", help="instead of --mask: scores file (snip score, a sweep's scores/*) and --k")
     sp.add_argument("--k", help="with --scores: neurons to prune, a count or a percentage like 2%%")
@@ -731,6 +750,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        note = getattr(args, "on_interrupt", None)
+        print(f"\nsnip {args.command}: interrupted; " + (note(args) if note else "nothing was written"),
+              file=sys.stderr)
+        return 130
     except (ValueError, OSError, KeyError, LLMError) as exc:  # OSError: missing files, unreachable hub
         print(f"snip {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -722,7 +722,9 @@ def collect(model: Any, corpus: TokenWindows | list[str] | str | dict[str, Any],
         ck = out / CHECKPOINT
         if ck.exists():
             start_ci, start_w = _load_checkpoint(ck, chash, state)
-            logger.info("resuming collection in %s at corpus %r window %d", out, names[start_ci], start_w)
+            n_done = sum(len(corpora[n]) for n in names[:start_ci]) + start_w
+            logger.warning("resuming from %d of %d windows (checkpoint in %s)", n_done,
+                           sum(len(corpora[n]) for n in names), out)
 
     total = sum(tw.n_tokens for tw in corpora.values())
     done_tokens = sum(corpora[n].n_tokens for n in names[:start_ci]) + start_w * corpora[names[start_ci]].n_ctx

@@ -197,7 +197,7 @@ def _jsonl_texts(path: Path, text_field: str) -> list[str]:
         if not isinstance(obj, dict) or text_field not in obj:
             keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
             raise ValueError(f"{str(path)!r} line {lineno} has no field {text_field!r} (it has {keys}); "
-                             "pass text_field= the name of the field that holds the text")
+                             "name the field that holds the text with --text-field (API: text_field=)")
         texts.append(str(obj[text_field]))
     return texts
 

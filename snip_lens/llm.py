@@ -72,6 +72,9 @@ class LLMConfig:
     """First retry waits about this many seconds; each further retry doubles it."""
     backoff_max: float = 60.0
     """Cap on one wait between retries, in seconds."""
+    breaker_failures: int | None = 8
+    """After this many requests in a row failed for good the same way, the client stops sending and fails
+    every further call at once (:class:`CircuitOpen`); None never stops."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -93,6 +96,8 @@ class LLMConfig:
             raise ValueError(f"LLMConfig.max_retries must be >= 0, got {self.max_retries}")
         if not self.timeout > 0:
             raise ValueError(f"LLMConfig.timeout must be > 0 seconds, got {self.timeout}")
+        if self.breaker_failures is not None and self.breaker_failures < 1:
+            raise ValueError(f"LLMConfig.breaker_failures must be >= 1 or None, got {self.breaker_failures}")
         if self.backoff_base < 0 or self.backoff_max < 0:
             raise ValueError(
                 f"LLMConfig.backoff_base and backoff_max must be >= 0, got {self.backoff_base}, {self.backoff_max}"
@@ -122,6 +127,10 @@ class LLMError(RuntimeError):
         """Whether the last failure was of a kind that is retried (429/5xx/timeout/connection)."""
         self.attempts = attempts
         """How many attempts were made."""
+
+
+class CircuitOpen(LLMError):
+    """Raised without sending anything once a client's circuit breaker has tripped."""
 
 
 @runtime_checkable
@@ -201,6 +210,11 @@ class OpenAIChatClient:
         self._sem: asyncio.Semaphore | None = None
         self.n_requests = 0
         """Attempts sent so far (retries included)."""
+        self.n_ok = 0
+        """Calls that succeeded."""
+        self._fail_streak: list[str] = []
+        self.breaker: LLMError | None = None
+        """The failure that tripped the circuit breaker (None while closed)."""
 
     def __repr__(self) -> str:
         return f"OpenAIChatClient(model={self.config.model!r}, base_url={self.config.base_url!r})"
@@ -236,13 +250,47 @@ class OpenAIChatClient:
         for client in clients:
             await client.close()
 
+    def _record(self, error: LLMError | None) -> None:
+        """Count a finished call for the circuit breaker: a success resets it, a failure extends the streak."""
+        if error is None:
+            self.n_ok += 1
+            self._fail_streak.clear()
+            return
+        # Failures "the same way": same HTTP status (or none) and same exception kind.
+        sig = f"{error.status}:{str(error).split(': ', 1)[-1].split(':', 1)[0]}"
+        if self._fail_streak and self._fail_streak[-1] != sig:
+            self._fail_streak.clear()
+        self._fail_streak.append(sig)
+        n = self.config.breaker_failures
+        if n is not None and len(self._fail_streak) >= n and self.breaker is None:
+            self.breaker = error
+            logger.warning("stopping LLM requests to %s: the last %d failed the same way (%s)",
+                           self.config.base_url or "api.openai.com", n, error)
+
     async def _with_retries(self, what: str, call: Callable[[Any], Awaitable[T]]) -> T:
+        if self.breaker is not None:
+            raise CircuitOpen(f"circuit breaker open, request not sent: {self.breaker}",
+                              status=self.breaker.status, retryable=False, attempts=0)
+        try:
+            result = await self._with_retries_inner(what, call)
+        except CircuitOpen:
+            raise
+        except LLMError as exc:
+            self._record(exc)
+            raise
+        self._record(None)
+        return result
+
+    async def _with_retries_inner(self, what: str, call: Callable[[Any], Awaitable[T]]) -> T:
         cfg = self.config
         last: BaseException | None = None
         status: int | None = None
         for attempt in range(cfg.max_retries + 1):
             client, sem = self._state()
             async with sem:
+                if self.breaker is not None:  # tripped while this call waited for a slot
+                    raise CircuitOpen(f"circuit breaker open, request not sent: {self.breaker}",
+                                      status=self.breaker.status, retryable=False, attempts=attempt)
                 self.n_requests += 1
                 try:
                     # wait_for guards against servers that trickle bytes past the httpx timeout
@@ -299,6 +347,48 @@ class OpenAIChatClient:
             return [list(map(float, d.embedding)) for d in rows]
 
         return await self._with_retries(f"embedding ({model})", call)
+
+
+PROBE_PROMPT = "Say OK."
+"""The one message :func:`probe_server` sends (servers and test doubles can tell it from real work)."""
+
+
+def probe_server(config: LLMConfig, *, timeout: float = 5.0, embedding_model: str | None = None) -> None:
+    """Check once, in at most about ``1.5 * timeout`` seconds, that the server of ``config`` answers.
+
+    Sends one one-token chat completion (or, with ``embedding_model``, one embedding of one word) with no
+    retry, so an unreachable server, a wrong key or an unknown model fails in seconds, before a stage sends
+    thousands of requests. Raises :class:`LLMError` naming the URL, the error and what to check.
+    """
+    url = config.base_url or "https://api.openai.com/v1"
+    quick = dataclasses.replace(config, max_retries=0, timeout=timeout, max_tokens=1, concurrency=1,
+                                breaker_failures=None)
+    client = OpenAIChatClient(quick)
+    if embedding_model is not None:
+        aw: Awaitable[Any] = client.embed(["probe"], embedding_model)
+        what = f"embedding model {embedding_model!r}"
+    else:
+        aw = client.generate([{"role": "user", "content": PROBE_PROMPT}])
+        what = f"chat model {config.model!r}"
+    try:
+        run_all([aw], progress=False)
+    except LLMError as exc:
+        detail = re.split(r"(?:attempts?|not retried\)): ", str(exc), maxsplit=1)[-1].rstrip(".")
+        if exc.status in (401, 403):
+            key = f"the key in ${config.api_key_env}" if config.api_key_env else "the dummy key (--api-key-env none)"
+            hint = (f"the server refused {key}; export the right key, or use --api-key-env none for a local "
+                    "server that needs none")
+        elif exc.status == 404:
+            hint = (f"the server does not know {what} or the path; check --llm-model / --embedder and that "
+                    "--base-url ends where the API starts (usually /v1)")
+        elif exc.status is None:
+            hint = ("check that the server is running and reachable from here, and that --base-url is right "
+                    "(e.g. http://localhost:8000/v1)")
+        else:
+            hint = "check the server's log; it failed a one-token request"
+        raise LLMError(f"the LLM server at {url} failed a test request for {what} (timeout {timeout:g} s): "
+                       f"{detail}. {hint[0].upper() + hint[1:]}", status=exc.status, retryable=exc.retryable,
+                       attempts=1) from None
 
 
 def _describe(exc: BaseException | None) -> str:

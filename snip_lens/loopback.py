@@ -97,11 +97,16 @@ class LoopbackServer:
                  hang_seconds: float = 2.0, answer: Callable[[list[dict]], str] = default_answer,
                  embed_dim: int = 16, api_key: str | None = None,
                  fault_kinds: tuple[str, ...] = FAULT_KINDS, batch_polls: int = 2,
-                 logprobs: Callable[[list[dict]], list[dict]] | None = None) -> None:
+                 logprobs: Callable[[list[dict]], list[dict]] | None = None, fail_after: int | None = None,
+                 fail_status: int = 400) -> None:
         bad = [k for k in fault_kinds if k not in FAULT_KINDS]
         if bad or not fault_kinds:
             raise ValueError(f"fault_kinds must be a non-empty subset of {FAULT_KINDS}, got {fault_kinds!r}")
         self.fault_kinds = tuple(fault_kinds)
+        self.fail_after = fail_after
+        """After this many answered requests, every later one gets HTTP ``fail_status`` (a server gone bad)."""
+        self.fail_status = fail_status
+        self._answered = 0
         if not 0.0 <= fault_rate <= 1.0:
             raise ValueError(f"fault_rate must be in [0, 1], got {fault_rate}")
         if latency < 0:
@@ -274,6 +279,14 @@ class LoopbackServer:
                     return
                 if server.latency:
                     time.sleep(server.latency)
+                if server.fail_after is not None:
+                    with server._lock:
+                        server._answered += 1
+                        gone_bad = server._answered > server.fail_after
+                    if gone_bad:
+                        self._json(server.fail_status, {"error": {"message": "model went away",
+                                                                   "type": "invalid_request_error"}})
+                        return
                 fault = server._draw_fault()
                 if fault == "429":
                     self._json(429, {"error": {"message": "rate limited", "type": "rate_limit_exceeded"}})
@@ -393,6 +406,21 @@ class LoopbackServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def refusing_url() -> str:
+    """The ``base_url`` of a loopback port where nothing listens (connections are refused at once)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def silent_server(hang_seconds: float = 60.0) -> LoopbackServer:
+    """A loopback server that accepts every request and never answers in time (hangs ``hang_seconds``)."""
+    return LoopbackServer(fault_rate=1.0, fault_kinds=("timeout",), hang_seconds=hang_seconds)
 
 
 def main(argv: list[str] | None = None) -> int:

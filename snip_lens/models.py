@@ -262,6 +262,7 @@ def load_model(name_or_path: str, *, device: str | torch.device = "cpu", dtype: 
                device_map: str | dict | None = None) -> Any:
     """Load a causal LM as a ``TransformerBridge`` in eval mode.
 
+
     ``name_or_path``: a built-in offline name (``"smollm2-135m"``, ``"gemma3-270m"``), a local Hugging
     Face model directory, or a hub name (``"gpt2"``) when the hub or the local HF cache has it.
     ``device``: where the weights go (``"cpu"``, ``"cuda"``, ``"cuda:1"``); ``dtype``: ``torch.float32``,

@@ -23,6 +23,27 @@ METRIC_LABELS = {
 }
 
 
+METHOD_COLORS = {
+    "snip": "#1f77b4", "hybrid": "#ff7f0e", "activation": "#2ca02c", "activation-freq": "#bcbd22",
+    "random": "#7f7f7f", "keyword": "#9467bd", "llm-judge": "#d62728", "attribution": "#8c564b",
+}
+"""One colour per method in every plot of every run (matplotlib's tab10 values)."""
+
+_SPARE_COLORS = ("#e377c2", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
+
+UNRANKED_METHODS = ("random",)
+"""Methods whose order is a random draw, not a ranking: their report section is not headed "highest-ranked"."""
+
+
+def method_color(method: str) -> str:
+    """The colour of ``method``: fixed for known methods, else a stable pick from spare colours by name."""
+    if method in METHOD_COLORS:
+        return METHOD_COLORS[method]
+    import hashlib
+
+    return _SPARE_COLORS[int(hashlib.sha256(method.encode()).hexdigest(), 16) % len(_SPARE_COLORS)]
+
+
 @dataclass
 class PrunedNeuron:
     """One pruned neuron as the report shows it."""
@@ -134,7 +155,7 @@ def plot_results(results: dict, out_dir: str | Path) -> list[Path]:
         for ax, side in zip(axes, ("forget", "retain")):
             for m in methods:
                 xs, ys = _series(results, m, side, metric)
-                ax.plot(xs, ys, marker="o", label=m)
+                ax.plot(xs, ys, marker="o", label=m, color=method_color(m))
             ax.set_title(f"{side} set")
             ax.set_xlabel("% of MLP neurons pruned")
             ax.set_ylabel(METRIC_LABELS.get(metric, metric))
@@ -154,7 +175,7 @@ def plot_results(results: dict, out_dir: str | Path) -> list[Path]:
             base = results.get("baseline", {}).get("extra", {}).get(metric)
             xs = ([0.0] if base is not None else []) + [100.0 * r["k"] / results["n_neurons"] for r in runs]
             ys = ([base] if base is not None else []) + [r["extra"][metric] for r in runs]
-            ax.plot(xs, ys, marker="o", label=m)
+            ax.plot(xs, ys, marker="o", label=m, color=method_color(m))
         ax.set_xlabel("% of MLP neurons pruned")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
@@ -188,6 +209,40 @@ def format_table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def group_identical(neurons: list[PrunedNeuron]) -> list[tuple[PrunedNeuron, list[str]]]:
+    """Rows with the same score, explanation and concept merged: (first row, all neuron names), in order of
+    first appearance (so a ranking stays a ranking)."""
+    groups: dict[tuple, tuple[PrunedNeuron, list[str]]] = {}
+    for n in neurons:
+        key = (round(n.score, 3), n.explanation, n.concept, tuple(sorted(n.evidence.items())))
+        if key in groups:
+            groups[key][1].append(n.neuron)
+        else:
+            groups[key] = (n, [n.neuron])
+    return list(groups.values())
+
+
+def section_heading(d: MethodDetail, shown: int) -> str:
+    """The title of a method's section: what the rows are (a ranking's top, or a random draw)."""
+    if d.method in UNRANKED_METHODS:
+        return f"{d.method}: {shown} of its {d.k} pruned neurons (drawn at random, not ranked)"
+    return f"{d.method}: the {shown} highest-ranked of {d.k} pruned neurons"
+
+
+def variety_line(d: MethodDetail) -> str:
+    """How varied a method's pruned neurons are: distinct explanations and concepts among the listed ones."""
+    expl = {n.explanation for n in d.neurons if n.explanation}
+    conc = {n.concept for n in d.neurons if n.concept}
+    parts = [f"{len(d.neurons)} neurons listed", f"{len(expl)} distinct explanations"]
+    if conc:
+        parts.append(f"{len(conc)} distinct concepts")
+    return "Variety: " + ", ".join(parts) + "."
+
+
+def _names(names: list[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -216,16 +271,19 @@ def write_report(results: dict, details: list[MethodDetail], out_dir: str | Path
     if concepts:
         md += ["## Forget-set concepts", ""] + [f"{i + 1}. {_md_escape(c)}" for i, c in enumerate(concepts)] + [""]
     for d in details:
-        md += [f"## {d.method}: the {min(max_neurons, len(d.neurons))} highest-ranked of {d.k} pruned neurons", ""]
+        groups = group_identical(d.neurons)[:max_neurons]
+        md += [f"## {section_heading(d, sum(len(names) for _, names in groups))}", ""]
         if d.layer_histogram:
             md += ["Pruned neurons per layer: " + ", ".join(f"L{l}: {n}" for l, n in sorted(d.layer_histogram.items())),
                    ""]
+        md += [variety_line(d), ""]
         cols = _columns(d)
         if d.method == "random":
             md += ["A random draw: there is no evidence to show for these neurons.", ""]
-        md += ["| " + " | ".join(["neuron", *cols, "explanation"]) + " |", "|" + "---|" * (len(cols) + 2)]
-        for n in d.neurons[:max_neurons]:
-            cells = [n.neuron, *(_md_escape(c) for c in _cells(n, cols)), _md_escape(n.explanation)]
+        md += ["| " + " | ".join(["neuron", *cols, "explanation", "same row"]) + " |", "|" + "---|" * (len(cols) + 3)]
+        for n, names in groups:
+            same = f"{len(names)} neurons: {_names(names)}" if len(names) > 1 else ""
+            cells = [n.neuron, *(_md_escape(c) for c in _cells(n, cols)), _md_escape(n.explanation), same]
             md.append("| " + " | ".join(cells) + " |")
         md.append("")
     md_path = out / "report.md"
@@ -252,17 +310,21 @@ def write_report(results: dict, details: list[MethodDetail], out_dir: str | Path
     if concepts:
         parts.append("<h2>Forget-set concepts</h2><ol>" + "".join(f"<li>{e(c)}</li>" for c in concepts) + "</ol>")
     for d in details:
-        parts.append(f"<h2>{e(d.method)}: the {min(max_neurons, len(d.neurons))} highest-ranked of {d.k} "
-                     "pruned neurons</h2>")
+        groups = group_identical(d.neurons)[:max_neurons]
+        heading = section_heading(d, sum(len(names) for _, names in groups))
+        parts.append(f"<h2 style='color:{method_color(d.method)}'>{e(heading)}</h2>")
         if d.layer_histogram:
             parts.append("<p>Pruned neurons per layer: " + e(", ".join(
                 f"L{l}: {n}" for l, n in sorted(d.layer_histogram.items()))) + "</p>")
+        parts.append(f"<p>{e(variety_line(d))}</p>")
         cols = _columns(d)
         if d.method == "random":
             parts.append("<p>A random draw: there is no evidence to show for these neurons.</p>")
-        parts.append("<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in ["neuron", *cols, "explanation"]) + "</tr>")
-        for n in d.neurons[:max_neurons]:
-            cells = [n.neuron, *_cells(n, cols), n.explanation]
+        parts.append("<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in ["neuron", *cols, "explanation", "same row"])
+                     + "</tr>")
+        for n, names in groups:
+            same = f"{len(names)} neurons: {_names(names)}" if len(names) > 1 else ""
+            cells = [n.neuron, *_cells(n, cols), n.explanation, same]
             parts.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
         parts.append("</table>")
     parts.append("</body></html>")

@@ -31,6 +31,7 @@ from . import models as M
 from ._io import atomic_write_json, iter_jsonl
 from .evaluate.generation import GenerationConfig
 from .evaluate.relearn import RelearnConfig
+from .config import DataConfig, RunConfig, from_flat
 from .report import (
     MethodDetail,
     PrunedNeuron,
@@ -59,55 +60,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class DataConfig:
-    """Where the forget and retain text comes from and how much of it each stage uses."""
-
-    forget: str = "code"
-    """Forget corpus: "code" (Python stdlib source), "prose" (pydoc topics), a file or directory, "hf:NAME",
-    "cbt:CONFIG[:PATH]" (Children's Book Test items as text) or "civil-toxic[:PATH]" (toxic comments)."""
-    retain: str = "prose"
-    """Retain corpus, same forms as ``forget``."""
-    n_ctx: int = 128
-    """Tokens per window."""
-    select_windows: int = 32
-    """Windows per side used for selection (activation statistics and records)."""
-    eval_windows: int = 16
-    """Held-out windows per side used for evaluation."""
-    eval_fraction: float = 0.3
-    """Fraction of each corpus's documents held out for evaluation."""
-    max_docs: int | None = None
-    """Cap on FORGET documents (None: all): a seeded random draw of that many (the paper's "100 randomly
-    selected CBT training samples" is ``forget="cbt:P", max_docs=100``). The retain side has its own cap."""
-    retain_max_docs: int | None = None
-    """Cap on RETAIN documents (None: all), a seeded random draw like ``max_docs`` (Hugging Face datasets
-    take their first rows instead, so as not to download them whole)."""
-    max_doc_tokens: int | None = 512
-    """Tokens kept from the start of each document, so that a few long files (the stdlib has 5,000-line
-    modules) cannot fill every window: more documents, more varied windows. None keeps whole documents."""
-    text_field: str = "text"
-    """Field holding the text in JSONL files and HF datasets."""
-    glob: str | None = None
-    """Read only the files matching this pattern from a directory corpus (``"*.c"``, ``"docs/**/*.rst"``);
-    None reads every text file. Applies to whichever of forget / retain is a directory."""
-    seed: int = 0
-    """Seed of every random choice (document split, window order, random baseline, sampling)."""
-
-    def __post_init__(self) -> None:
-        for name in ("n_ctx", "select_windows", "eval_windows"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"DataConfig.{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_docs", "retain_max_docs"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 2):
-                raise ValueError(f"DataConfig.{name}={v!r} must be None or at least 2 documents (some are held out "
-                                 "for evaluation)")
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise ValueError(f"DataConfig.eval_fraction must be in (0, 1), got {self.eval_fraction}")
-
-
-@dataclass
 class SweepConfig:
-    """One unlearning experiment: which model, data, explainer, methods and k values."""
+    """One unlearning experiment as one flat config (deprecated: use :class:`snip_lens.config.RunConfig`, composed
+    of the stage configs; :meth:`to_run_config` converts, and ``run_sweep`` accepts either)."""
 
     model: str = "smollm2-135m"
     """Model name or directory for ``load_model`` (ignored when a model object is passed)."""
@@ -230,12 +185,34 @@ class SweepConfig:
         """The resolved config; holds the NAME of the key variable, never a key."""
         return dataclasses.asdict(self)
 
+    def to_run_config(self) -> RunConfig:
+        """The same experiment as a :class:`RunConfig` (each field goes to its stage, see ``config.FLAT_NAMES``)."""
+        return from_flat({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+
+def as_run_config(config: RunConfig | SweepConfig) -> RunConfig:
+    """``config`` as a :class:`RunConfig` (a flat :class:`SweepConfig` is converted)."""
+    if isinstance(config, RunConfig):
+        return config
+    if isinstance(config, SweepConfig):
+        return config.to_run_config()
+    raise TypeError(f"run_sweep takes a RunConfig (or a SweepConfig), got {type(config).__name__}")
+
 
 # ---- data ------------------------------------------------------------------------------------------
 
 
-def load_side_texts(spec: str, data: DataConfig, max_docs: int | None = None) -> list[str]:
-    """Texts of one corpus spec (at most ``max_docs``, a seeded random draw), including the paper's sources."""
+def load_side_texts(spec: str, data: DataConfig, max_docs: int | None = None, *, side: str = "forget") -> list[str]:
+    """Texts of one corpus spec (at most ``max_docs``, a seeded random draw), including the paper's sources;
+    binary input (a binary file named .txt) is refused naming ``side``'s flag."""
+    from .checks import check_not_binary
+
+    texts = _side_texts(spec, data, max_docs)
+    check_not_binary(texts, spec, f"--{side}")
+    return texts
+
+
+def _side_texts(spec: str, data: DataConfig, max_docs: int | None) -> list[str]:
     from .corpus import load_texts
 
     if spec.startswith("cbt:"):
@@ -260,8 +237,8 @@ def load_sides(data: DataConfig) -> tuple[list[str], list[str]]:
     if data.glob is not None and not any(Path(s).expanduser().is_dir() for s in (data.forget, data.retain)):
         raise ValueError(f"glob {data.glob!r} narrows a directory corpus, but neither forget ({data.forget!r}) nor "
                          f"retain ({data.retain!r}) is a directory; drop --glob or give a directory")
-    forget = load_side_texts(data.forget, data, data.max_docs)
-    retain = load_side_texts(data.retain, data, data.retain_max_docs)
+    forget = load_side_texts(data.forget, data, data.max_docs, side="forget")
+    retain = load_side_texts(data.retain, data, data.retain_max_docs, side="retain")
     if data.forget == data.retain or forget == retain:
         raise ValueError(f"forget ({data.forget!r}) and retain ({data.retain!r}) data are identical: unlearning "
                          "needs a retain set that differs from what should be forgotten")
@@ -309,10 +286,15 @@ def toxic_comments(path: str | None, *, n: int = 500, threshold: float = 0.8, se
     return [str(r["text"]) for r in rows[:n]]
 
 
-def split_documents(texts: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """(selection docs, held-out evaluation docs): a seeded split by document, so no text is in both."""
+def split_documents(texts: list[str], fraction: float, seed: int, *,
+                    side: str = "corpus") -> tuple[list[str], list[str]]:
+    """(selection docs, held-out evaluation docs): a seeded split by document, so no text is in both.
+
+    ``side`` names the corpus in the error raised when it has fewer than 2 documents."""
     if len(texts) < 2:
-        raise ValueError(f"need at least 2 documents to hold some out for evaluation, got {len(texts)}")
+        raise ValueError(f"the {side} corpus has {len(texts)} document; need at least 2 documents to hold some "
+                         "out for evaluation: give more documents (a .jsonl with one per line, a directory of "
+                         "files, or a .txt with blank-line-separated paragraphs)")
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     n_eval = min(len(texts) - 1, max(1, round(fraction * len(texts))))
@@ -343,19 +325,98 @@ def judge_candidates(config: SweepConfig, ks: list[int], n_neurons: int) -> int:
 
 
 
-def _llm_config(cfg: SweepConfig) -> Any:
-    from .llm import LLMConfig
-
-    return LLMConfig(model=cfg.llm_model, base_url=cfg.base_url, api_key_env=cfg.api_key_env)
+def _llm_config(cfg: RunConfig) -> Any:
+    return cfg.llm.llm_config()
 
 
-def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, overwrite: bool = False,
-              progress: bool = True) -> dict:
-    """Run the whole experiment of ``config`` into ``out_dir`` and return the results dict.
+SAVED_ARTIFACTS = ("records", "explanations.jsonl", "concepts.json", "results.json")
+"""The artifacts of a run directory that a rerun reuses or protects (see ``config.ARTIFACT_STAGES``)."""
 
-    Intermediate artifacts in ``out_dir`` from an earlier run with the same config are reused; a different
-    config in a non-empty ``out_dir`` is refused unless ``overwrite``.
+
+def _conflicts(config: RunConfig, out: Path) -> list[str]:
+    """The saved artifacts in ``out`` that a different config produced (what ``overwrite`` would replace).
+
+    Only artifacts that exist count: a config differing from the saved one only in settings of stages never
+    computed (an interrupted or failed run) reuses ``out`` as is.
     """
+    present = [a for a in SAVED_ARTIFACTS if (out / a).exists()]
+    if not present:
+        return []
+    cfg_path = out / "config.json"
+    try:
+        old = RunConfig.from_json(json.loads(cfg_path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as exc:
+        logger.info("cannot read %s (%s): treating %s as results of another config", cfg_path, exc, present)
+        return present
+    jsonish = lambda d: json.loads(json.dumps(d, default=str))  # noqa: E731 - tuples vs lists, Paths
+    return [a for a in present if jsonish(old.fingerprint(a)) != jsonish(config.fingerprint(a))]
+
+
+def describe_saved(out_dir: str | Path) -> str:
+    """In words, what a (possibly interrupted) run left in ``out_dir`` for the same command to reuse."""
+    out = Path(out_dir)
+    parts = []
+    rec = out / "records"
+    if (rec / "records.json").exists() or (rec / "activations.safetensors").exists():
+        parts.append("activation records")
+    elif rec.is_dir() and any(rec.iterdir()):
+        parts.append("a collection checkpoint")
+    cache = out / "cache" / "explain"
+    if (out / "explanations.jsonl").exists():
+        parts.append("explanations")
+    elif cache.is_dir():
+        n = sum(1 for _ in cache.glob("??/*.json"))
+        if n:
+            parts.append(f"{n} cached explanations")
+    if (out / "concepts.json").exists():
+        parts.append("concepts")
+    if (out / "results.json").exists():
+        parts.append("results")
+    return ", ".join(parts) if parts else "nothing yet"
+
+
+def probe_llm_stages(config: RunConfig) -> None:
+    """Check once, in seconds, that the LLM server answers before any stage sends it thousands of requests."""
+    from .llm import probe_server
+
+    if config.uses_llm:
+        probe_server(config.llm.llm_config(), timeout=config.llm.probe_timeout)
+    if config.needs_explanations and config.embed.embedder.startswith("openai:"):
+        llm = dataclasses.replace(config.llm, model=config.llm.model or "embedding")
+        probe_server(llm.llm_config(), timeout=config.llm.probe_timeout,
+                     embedding_model=config.embed.embedder.split(":", 1)[1])
+
+
+def check_context(model: Any, n_ctx: int, flag: str = "--n-ctx") -> None:
+    """Refuse windows longer than the model's context length (which would fail in the allocator)."""
+    limit = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    if isinstance(limit, int) and limit > 0 and n_ctx > limit:
+        raise ValueError(f"{flag} {n_ctx} is longer than the context of {M.model_name(model)} ({limit} tokens); "
+                         f"give at most {flag} {limit}")
+
+
+def _stop_if_breaker_open(client: Any, explanations: list, config: RunConfig, out: Path) -> None:
+    """Raise when the explainer's circuit breaker tripped: the successes are cached, the rerun asks the rest."""
+    if client is None or client.breaker is None:
+        return
+    from .llm import LLMError
+
+    n_ok = sum(e.ok for e in explanations)
+    raise LLMError(f"explaining stopped early: {config.llm.breaker_failures} requests in a row failed the same way "
+                   f"({client.breaker}); the {n_ok} explanations that succeeded are cached in "
+                   f"{out / 'cache' / 'explain'}. Fix the server and rerun the same command: it asks only for the rest")
+
+
+def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: Any = None,
+              overwrite: bool = False, progress: bool = True) -> dict:
+    """Run the whole experiment of ``config`` into ``out_dir`` and return the results (``results.json``).
+
+    Every argument is checked before anything loads; the LLM server, when a stage needs it, is probed once.
+    ``config.json`` is written once the run has started for real (model and data loaded). Artifacts in
+    ``out_dir`` from an earlier run are reused when the settings they depend on are the same; artifacts of
+    different settings are refused unless ``overwrite`` (settings of stages never computed may change freely).
+    """
+    from .checks import explanation_stats, warn_if_degenerate
     from .collect import collect
     from .concepts import extract_concepts
     from .corpus import TokenWindows, make_windows
@@ -368,45 +429,41 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
         retry_failed,
         save_explanations,
     )
+    from .llm import OpenAIChatClient
+    from .results import RunResult, SweepResults
     from .score import NeuronScores, score_neurons
     from .types import DatasetConcepts
 
+    config = as_run_config(config)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / "config.json"
-    cfg_json = config.to_json()
-    if cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
-        if old != json.loads(json.dumps(cfg_json, default=str)) and not overwrite:
-            raise FileExistsError(f"{out} holds results of a different configuration (see {cfg_path}); "
-                                  "choose another --out or pass --overwrite")
-        if old != json.loads(json.dumps(cfg_json, default=str)):
-            for stale in ("records", "explanations.jsonl", "concepts.json", "scores", "results.json"):
-                p = out / stale
-                if p.is_dir():
-                    import shutil
-
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
-    atomic_write_json(cfg_path, cfg_json)
+    config.check_inputs(out)
+    stale = _conflicts(config, out)
+    if stale and not overwrite:
+        raise FileExistsError(f"{out} holds {', '.join(stale)} of a different configuration (see "
+                              f"{out / 'config.json'}); choose another --out or pass --overwrite to replace them")
+    probe_llm_stages(config)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
+    # -- data: read and split by document before the model loads (a bad corpus fails in seconds) ---------
+    d = config.data
+    forget_texts, retain_texts = load_sides(d)
+    f_sel, f_eval = split_documents(forget_texts, d.eval_fraction, d.seed, side=f"forget ({d.forget})")
+    r_sel, r_eval = split_documents(retain_texts, d.eval_fraction, d.seed, side=f"retain ({d.retain})")
+    timings["load_data"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
     if model is None:
-        model = M.load_model(config.model)
+        model = config.model.load()
     n_layers, d_mlp = M.n_layers(model), M.d_mlp(model)
     n_neurons = n_layers * d_mlp
     name = M.model_name(model)
-    ks = sorted({parse_k(k, n_neurons) for k in config.ks})
+    ks = sorted({parse_k(k, n_neurons) for k in config.select.ks})
     n_judge = judge_candidates(config, ks, n_neurons)  # checked before any LLM call is paid for
-    timings["load_model"] = time.perf_counter() - t0
+    check_context(model, d.n_ctx)
+    timings["load_model"] = time.perf_counter() - t
 
-    # -- data: split by document, then windows ----------------------------------------------------------
-    d = config.data
-    forget_texts, retain_texts = load_sides(d)
-    f_sel, f_eval = split_documents(forget_texts, d.eval_fraction, d.seed)
-    r_sel, r_eval = split_documents(retain_texts, d.eval_fraction, d.seed)
+    # -- windows --------------------------------------------------------------------------------------
     win = {
         "forget_sel": make_windows(model, f_sel, n_ctx=d.n_ctx, max_windows=d.select_windows, seed=d.seed,
                                    name="forget", max_doc_tokens=d.max_doc_tokens),
@@ -417,6 +474,19 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
         "retain_eval": make_windows(model, r_eval, n_ctx=d.n_ctx, max_windows=d.eval_windows, seed=d.seed + 1,
                                     name="retain-eval", max_doc_tokens=d.max_doc_tokens),
     }
+    evaluator = _Evaluator(model, win["forget_eval"].tokens, win["retain_eval"].tokens, config, progress)
+
+    # The run starts for real here: replace what another config left (overwrite), then record this config.
+    for a in stale:
+        p = out / a
+        if p.is_dir():
+            import shutil
+
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", config.to_json())
 
     # -- step 1a: activation records and statistics ------------------------------------------------------
     t = time.perf_counter()
@@ -426,58 +496,68 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
                          win["forget_sel"].documents + [len(f_sel) + i for i in win["retain_sel"].documents],
                          "records")
     records = collect(model, {"records": probe, "forget": win["forget_sel"], "retain": win["retain_sel"]},
-                      top_k=config.top_k_records, batch_size=config.batch_size, out_dir=out / "records",
-                      progress=progress)
+                      top_k=config.collect.top_k_records, batch_size=config.model.batch_size,
+                      out_dir=out / "records", progress=progress)
     timings["collect"] = time.perf_counter() - t
 
-    needs_expl = any(m in config.methods for m in ("snip", "hybrid", "keyword", "llm-judge"))
     explanations: list = []
     concepts: DatasetConcepts | None = None
     scores: dict[str, NeuronScores] = {}
-    if needs_expl:
+    expl_stats = None
+    if config.needs_explanations:
         # -- step 1b: explanations ---------------------------------------------------------------------
         t = time.perf_counter()
         expl_path = out / "explanations.jsonl"
-        ecfg = ExplainConfig(kind=config.explainer, explanations=config.explanations,
-                             llm=_llm_config(config) if config.explainer == "openai" else None)
-        if expl_path.exists():  # written by an earlier run of this very config (a changed config clears it)
+        ex = config.explain
+        llm_cfg = _llm_config(config) if ex.explainer == "openai" and not ex.import_explanations else None
+        ecfg = ExplainConfig(kind=ex.explainer, explanations=ex.explanations, llm=llm_cfg)
+        client = OpenAIChatClient(llm_cfg, seed=ecfg.seed) if llm_cfg is not None else None
+        if expl_path.exists():  # written by an earlier run of the same settings (checked above)
             explanations = load_explanations(expl_path)
-            if not config.import_explanations:  # the rerun retries exactly the failures, as explain advises
+            if not ex.import_explanations:  # the rerun retries exactly the failures, as explain advises
                 explanations, n_retried = retry_failed(explanations, records, ecfg,
                                                        cache_dir=out / "cache" / "explain", progress=progress,
-                                                       where=str(expl_path), model=model)
+                                                       where=str(expl_path), model=model, client=client)
+                _stop_if_breaker_open(client, explanations, config, out)
                 if n_retried:
                     save_explanations(expl_path, explanations)
         else:
-            if config.import_explanations:
-                explanations = import_explanations(config.import_explanations,
-                                                   min_score=config.min_explanation_score, n_layers=n_layers,
-                                                   d_mlp=d_mlp)
+            if ex.import_explanations:
+                explanations = import_explanations(ex.import_explanations, min_score=ex.min_explanation_score,
+                                                   n_layers=n_layers, d_mlp=d_mlp)
             else:
+                cached = sum(1 for _ in (out / "cache" / "explain").glob("??/*.json"))
+                if cached and client is not None:
+                    logger.warning("resuming explanations: %d of %d neurons already answered (cached in %s)",
+                                   min(cached, n_neurons), n_neurons, out / "cache" / "explain")
                 explanations = explain(records, ecfg, cache_dir=out / "cache" / "explain", progress=progress,
-                                       model=model)
+                                       model=model, client=client)
+                _stop_if_breaker_open(client, explanations, config, out)
             save_explanations(expl_path, explanations)
+        expl_stats = explanation_stats(explanations)
+        warn_if_degenerate(expl_stats, str(expl_path))
         timings["explain"] = time.perf_counter() - t
 
         # -- step 2: forget-set concepts ---------------------------------------------------------------
         t = time.perf_counter()
         concepts_path = out / "concepts.json"
-        use_llm = config.concepts == "llm" or (config.concepts == "auto" and config.llm_model)
+        mode = config.concepts.mode
+        use_llm = mode == "llm" or (mode == "auto" and config.llm.model)
         if concepts_path.exists():
-            cj = json.loads(concepts_path.read_text())
-            concepts = DatasetConcepts(cj["concepts"], cj.get("source", ""))
+            concepts = DatasetConcepts.load(concepts_path)
         else:
             concepts = extract_concepts(f_sel, client=_llm_config(config) if use_llm else None,
                                         reference_texts=r_sel, seed=d.seed, cache_dir=out / "cache" / "concepts")
-            atomic_write_json(concepts_path, {"concepts": concepts.concepts, "source": concepts.source})
+            concepts.save(concepts_path)
         timings["concepts"] = time.perf_counter() - t
 
         # -- step 3: embed and score -------------------------------------------------------------------
         t = time.perf_counter()
-        embedder = get_embedder(config.embedder, cache_dir=out / "cache" / "embed", base_url=config.base_url,
-                                api_key_env=config.api_key_env, progress=progress)
+        embedder = get_embedder(config.embed.embedder, cache_dir=out / "cache" / "embed",
+                                base_url=config.llm.base_url, api_key_env=config.llm.api_key_env,
+                                progress=progress)
         scores["snip"] = score_neurons(explanations, concepts, embedder, n_layers=n_layers, d_mlp=d_mlp)
-        if config.quality_weight != "none":
+        if config.explain.quality_weight != "none":
             scores["snip"] = _quality_weighted(config, explanations, records, concepts, embedder, scores["snip"],
                                                max(ks), out / "explanations.jsonl", n_layers, d_mlp)
         timings["score"] = time.perf_counter() - t
@@ -488,17 +568,17 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
         scores["snip"] = NeuronScores(snip.scores, snip.method, snip.labels, snip.model_name or name,
                                       secondary=quality if quality is not None else snip.secondary,
                                       secondary_name="explanation score" if quality is not None
-                                      else snip.secondary_name, tie_seed=config.seed)
+                                      else snip.secondary_name, tie_seed=d.seed)
 
-    if any(m in config.methods for m in ("activation", "hybrid")) or (
-            "llm-judge" in config.methods and "activation" in config.judge_shortlist):
-        scores["activation"] = activation_scores(records, model_name=name, seed=config.seed)
-    if "activation-freq" in config.methods:
-        scores["activation-freq"] = activation_scores(records, statistic="freq_pos", model_name=name,
-                                                      seed=config.seed)
-    if "hybrid" in config.methods:
-        scores["hybrid"] = hybrid_scores(scores["snip"], scores["activation"], weight=config.hybrid_weight)
-    if "attribution" in config.methods:
+    sel = config.select
+    if any(m in sel.methods for m in ("activation", "hybrid")) or (
+            "llm-judge" in sel.methods and "activation" in sel.judge_shortlist):
+        scores["activation"] = activation_scores(records, model_name=name, seed=d.seed)
+    if "activation-freq" in sel.methods:
+        scores["activation-freq"] = activation_scores(records, statistic="freq_pos", model_name=name, seed=d.seed)
+    if "hybrid" in sel.methods:
+        scores["hybrid"] = hybrid_scores(scores["snip"], scores["activation"], weight=sel.hybrid_weight)
+    if "attribution" in sel.methods:
         from .attribution import attribution_scores
 
         t = time.perf_counter()
@@ -507,76 +587,74 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
             model, win["forget_sel"].tokens, win["retain_sel"].tokens, batch_size=config.batch_size,
             progress=progress))
         timings["attribution"] = time.perf_counter() - t
-    if "random" in config.methods:
-        scores["random"] = random_scores(n_layers, d_mlp, seed=config.seed, model_name=name)
-    if "keyword" in config.methods:
-        scores["keyword"] = keyword_scores(explanations, config.keywords, n_layers=n_layers, d_mlp=d_mlp,
-                                           model_name=name, seed=config.seed)
-    if "llm-judge" in config.methods:
-        from .llm import OpenAIChatClient
-
+    if "random" in sel.methods:
+        scores["random"] = random_scores(n_layers, d_mlp, seed=d.seed, model_name=name)
+    if "keyword" in sel.methods:
+        scores["keyword"] = keyword_scores(explanations, sel.keywords, n_layers=n_layers, d_mlp=d_mlp,
+                                           model_name=name, seed=d.seed)
+    if "llm-judge" in sel.methods:
         samples = random.Random(d.seed).sample(f_sel, min(5, len(f_sel)))
-        shortlist = judge_shortlist(n_judge, explanations, how=config.judge_shortlist, snip=scores.get("snip"),
-                                    activation=scores.get("activation"), seed=config.seed, n_layers=n_layers,
+        shortlist = judge_shortlist(n_judge, explanations, how=sel.judge_shortlist, snip=scores.get("snip"),
+                                    activation=scores.get("activation"), seed=d.seed, n_layers=n_layers,
                                     d_mlp=d_mlp)
         scores["llm-judge"] = llm_judge_scores(
             explanations, [s[:400] for s in samples], OpenAIChatClient(_llm_config(config)), n_layers=n_layers,
             d_mlp=d_mlp, model_name=name, candidates=shortlist, cache_dir=out / "cache" / "judge",
-            progress=progress, seed=config.seed, shortlist_name=f"{config.judge_shortlist} shortlist")
+            progress=progress, seed=d.seed, shortlist_name=f"{sel.judge_shortlist} shortlist")
     (out / "scores").mkdir(exist_ok=True)
     for method, s in scores.items():
         s.save(out / "scores" / f"{method}.safetensors")
 
     # -- evaluation ----------------------------------------------------------------------------------------
     t = time.perf_counter()
-    evaluator = _Evaluator(model, win["forget_eval"].tokens, win["retain_eval"].tokens, config, progress)
+    results = SweepResults(model=name, n_neurons=n_neurons,
+                           baseline=RunResult.from_json(evaluator.run(None), baseline=True),
+                           explanations=expl_stats.to_json() if expl_stats is not None else None,
+                           more={"select": sel.selection, "tie_break": {m: scores[m].tie_break for m in sel.methods},
+                                 "skipped": []})
     if config.generation is not None:
         from .evaluate.generation import GenerationEvaluator
 
         evaluator.generation = GenerationEvaluator(model, f_eval, r_eval, f_sel, r_sel, config.generation,
                                                    progress=progress)
-    results: dict[str, Any] = {"model": name, "n_neurons": n_neurons, "select": config.select,
-                               "tie_break": {m: scores[m].tie_break for m in config.methods},
-                               "baseline": evaluator.run(None), "runs": [], "skipped": []}
-    if "llm-judge" in config.methods:
-        results["judge"] = {"candidates": n_judge, "shortlist": config.judge_shortlist}
-    if evaluator.generation is not None:
-        results["generation"] = evaluator.generation.describe()
+        results.more["generation"] = evaluator.generation.describe()
+    if "llm-judge" in sel.methods:
+        results.more["judge"] = {"candidates": n_judge, "shortlist": sel.judge_shortlist}
     (out / "masks").mkdir(exist_ok=True)
     details: list[MethodDetail] = []
     expl_by_id = {e.neuron: e for e in explanations}
-    mask_mode, factor = parse_mask_mode(config.mask_mode)
+    mask_mode, factor = parse_mask_mode(sel.mask_mode)
     mask_values = (factor if mask_mode == "scale" else
                    records.stats["retain"].mean.double() if mask_mode == "mean" else None)
-    bar = tqdm(total=len(config.methods) * len(ks), desc="evaluate", unit="run", disable=not progress)
-    for method in config.methods:
+    bar = tqdm(total=len(sel.methods) * len(ks), desc="evaluate", unit="run", disable=not progress)
+    for method in sel.methods:
         s = scores[method]
         done = 0
         for k in ks:
             bar.set_postfix_str(f"{method} k={k}")
             try:
-                mask = mask_from_scores(model, s, k, mode=mask_mode, values=mask_values, select=config.select)
+                mask = mask_from_scores(model, s, k, mode=mask_mode, values=mask_values, select=sel.selection)
             except ValueError as exc:
                 # The method ranked fewer neurons than k (keywords matched few explanations, judge answers
                 # failed): record why and go on, so the other runs are not lost.
                 logger.warning("%s k=%d skipped: %s", method, k, exc)
-                results["skipped"].append({"method": method, "k": k, "k_percent": 100.0 * k / n_neurons,
-                                           "reason": str(exc)})
+                results.more["skipped"].append({"method": method, "k": k, "k_percent": 100.0 * k / n_neurons,
+                                                "reason": str(exc)})
                 bar.update(1)
                 continue
             mask.save(out / "masks" / f"{method}_k{k}.safetensors")
             r = evaluator.run(mask)
             # how many neurons the tie-break (secondary signal, then the seeded draw) decided between
-            ties = s.cut_ties(k, config.select).to_json()
-            results["runs"].append({"method": method, "k": k, "k_percent": 100.0 * k / n_neurons, **r,
-                                    "ties_at_cut": ties})
+            ties = s.cut_ties(k, sel.selection).to_json()
+            results.runs.append(RunResult.from_json({"method": method, "k": k, "k_percent": 100.0 * k / n_neurons,
+                                                     **r, "ties_at_cut": ties}))
             logger.info("%s k=%d forget top1 %.3f retain top1 %.3f", method, k, r["forget"]["top1"],
                         r["retain"]["top1"])
             done = k
             bar.update(1)
         if not done:
             continue
-        top = s.top_k(done, config.select)
+        top = s.top_k(done, sel.selection)
         hist: dict[int, int] = {}
         for nid in top:
             hist[nid.layer] = hist.get(nid.layer, 0) + 1
@@ -591,21 +669,23 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, model: Any = None, ov
         from .evaluate.relearn import sweep_relearn
 
         t = time.perf_counter()
-        results["relearn"] = sweep_relearn(
+        so_far = results.to_json()
+        results.more["relearn"] = sweep_relearn(
             model, config.relearn, scores=scores, methods=config.methods, ks=ks, n_neurons=n_neurons,
             forget_sel=f_sel, forget_eval_texts=f_eval, forget_eval=win["forget_eval"].tokens,
-            retain_eval=win["retain_eval"].tokens, runs=results["runs"], baseline=results["baseline"],
-            n_ctx=d.n_ctx, data_seed=d.seed, random_seed=config.seed, batch_size=config.batch_size,
+            retain_eval=win["retain_eval"].tokens, runs=so_far["runs"], baseline=so_far["baseline"],
+            n_ctx=d.n_ctx, data_seed=d.seed, random_seed=d.seed, batch_size=config.batch_size,
             progress=progress)
         timings["relearn"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
-    results["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
-    atomic_write_json(out / "results.json", results)
-    plots = plot_results(results, out / "plots")
-    sections = _evaluation_sections(results, out, plots)
-    write_report(results, details, out, plots=plots, concepts=concepts.concepts if concepts else None,
+    results.timings_s = {k: round(v, 2) for k, v in timings.items()}
+    results.save(out / "results.json")
+    res = results.to_json()
+    plots = plot_results(res, out / "plots")
+    sections = _evaluation_sections(res, out, plots)
+    write_report(res, details, out, plots=plots, concepts=concepts.concepts if concepts else None,
                  sections=sections)
-    return results
+    return res
 
 
 def _evaluation_sections(results: dict, out: Path, plots: list) -> list[tuple[str, str]]:
@@ -661,8 +741,9 @@ QUALITY_CANDIDATES_FACTOR = 2
 class _Evaluator:
     """Forget/retain metrics (plus CBT and toxicity when configured) for one mask, reusing shared work."""
 
-    def __init__(self, model: Any, forget_tokens: torch.Tensor, retain_tokens: torch.Tensor, config: SweepConfig,
-                 progress: bool) -> None:
+    def __init__(self, model: Any, forget_tokens: torch.Tensor, retain_tokens: torch.Tensor,
+                 config: RunConfig | SweepConfig, progress: bool) -> None:
+        config = as_run_config(config)
         self.model, self.config, self.progress = model, config, progress
         self.tokens = {"forget": forget_tokens, "retain": retain_tokens}
         self._prefix: dict[tuple[str, int], Any] = {}

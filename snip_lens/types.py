@@ -5,7 +5,9 @@ Each is a plain dataclass; tensors travel in safetensors files and records in JS
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 
@@ -231,6 +233,56 @@ class DatasetConcepts:
     source: str = ""
     """How they were obtained (LLM model name, or the offline distinctive-words fallback)."""
 
+    FORMAT = "snip_lens.concepts"
+    """Value of the ``format`` key of a saved concepts file."""
+    VERSION = 1
+    """Version of the saved layout."""
+
     def __post_init__(self) -> None:
+        if not isinstance(self.concepts, list) or not all(isinstance(c, str) for c in self.concepts):
+            raise ValueError(f"DatasetConcepts.concepts must be a list of strings, got {self.concepts!r:.200}")
         if not self.concepts:
             raise ValueError("DatasetConcepts needs at least one concept; got an empty list")
+        bad = [c for c in self.concepts if not c.strip() or any(ord(ch) < 32 and ch not in "\t\n" for ch in c)]
+        if bad:
+            raise ValueError(f"concepts {bad[:5]!r} are empty or hold control characters: concepts are text "
+                             "(was the forget set a binary file?)")
+
+    def to_json(self) -> dict:
+        """The saved form: ``{"format", "version", "concepts", "source"}``."""
+        return {"format": self.FORMAT, "version": self.VERSION, "concepts": list(self.concepts),
+                "source": self.source}
+
+    @classmethod
+    def from_json(cls, d: object, *, where: str = "concepts") -> "DatasetConcepts":
+        """Read :meth:`to_json` output (also the older ``{"concepts", "source"}`` without format/version)."""
+        if not isinstance(d, dict) or not isinstance(d.get("concepts"), list):
+            raise ValueError(f"{where} is not a concepts file: expected a JSON object with a 'concepts' list "
+                             "(write one with `snip concepts --out FILE`)")
+        if d.get("format", cls.FORMAT) != cls.FORMAT:
+            raise ValueError(f"{where} is a {d.get('format')!r} file, not a concepts file ({cls.FORMAT!r})")
+        if int(d.get("version", 1)) > cls.VERSION:
+            raise ValueError(f"{where} has concepts format version {d.get('version')}; this snip_lens reads up to "
+                             f"{cls.VERSION}: upgrade snip_lens")
+        return cls(list(d["concepts"]), str(d.get("source", "")))
+
+    def save(self, path: "str | os.PathLike[str]") -> "Path":
+        """Write the concepts as JSON, atomically; returns the path."""
+        from ._io import atomic_write_json
+
+        return atomic_write_json(path, self.to_json(), indent=1)
+
+    @classmethod
+    def load(cls, path: "str | os.PathLike[str]") -> "DatasetConcepts":
+        """Read a file written by :meth:`save` (or by older versions of ``snip concepts``)."""
+        import json
+        from pathlib import Path
+
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"concepts file {p} does not exist; create it with `snip concepts --out {p}`")
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{p} is not a concepts file ({exc}); expected JSON with a 'concepts' list") from None
+        return cls.from_json(d, where=str(p))

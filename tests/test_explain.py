@@ -525,14 +525,17 @@ def test_cli_openai_against_loopback_and_import(records_dir, tmp_path, capsys):
 
     out = tmp_path / "o.jsonl"
     with LoopbackServer() as srv:
-        rc = main(["explain", "--records", str(records_dir), "--explainer", "openai", "--model", "m",
+        rc = main(["explain", "--records", str(records_dir), "--explainer", "openai", "--llm-model", "m",
                    "--base-url", srv.base_url, "--api-key-env", "none", "--neurons", "L1/N3,0:5",
                    "--out", str(out)])
     assert rc == 0
     got = load_explanations(out)
     assert [e.neuron for e in got] == [NeuronId(1, 3), NeuronId(0, 5)]
     assert all(e.ok and e.source == "openai:m" and e.explanation.startswith("the token") for e in got)
-    assert len(srv.stats.chat_prompts) == 2 and list((tmp_path / "o.jsonl.cache").rglob("*.json"))
+    from snip_lens.llm import PROBE_PROMPT
+
+    assert srv.stats.chat_prompts[0] == PROBE_PROMPT  # the server is checked once before the stage
+    assert len(srv.stats.chat_prompts) == 1 + 2 and list((tmp_path / "o.jsonl.cache").rglob("*.json"))
 
     imp = tmp_path / "i.jsonl"
     fixture = str(FIXTURES / "explanations_openai.jsonl")
@@ -556,8 +559,12 @@ def test_cli_rerun_retries_exactly_the_failed_neurons_and_says_so(records_dir, t
     state = {"first": True}
     asked: list[str] = []
 
+    from snip_lens.llm import PROBE_PROMPT
+
     def answer(messages):
         text = messages[-1]["content"]
+        if text == PROBE_PROMPT:  # the one-request server check before the stage
+            return "OK"
         asked.append(text)
         if state["first"] and zlib.crc32(text.encode()) % 2 == 0:
             return ""  # unparseable: this neuron fails
@@ -565,7 +572,7 @@ def test_cli_rerun_retries_exactly_the_failed_neurons_and_says_so(records_dir, t
 
     out = tmp_path / "r.jsonl"
     with LoopbackServer(answer=answer) as srv:
-        argv = ["explain", "--records", str(records_dir), "--explainer", "openai", "--model", "m", "--base-url",
+        argv = ["explain", "--records", str(records_dir), "--explainer", "openai", "--llm-model", "m", "--base-url",
                 srv.base_url, "--api-key-env", "none", "--out", str(out)]
         with caplog.at_level("WARNING", logger="snip_lens.explain"):
             assert main(argv) == 0

@@ -153,6 +153,9 @@ def test_judge_shortlist_smaller_than_the_largest_k_fails_before_any_llm_call(as
         argv = _replace(argv, "--forget", f"cbt:P:{assets / 'cbt_train_P.jsonl'}")
         argv += ["--cbt-source", str(assets / "cbt_test.jsonl"), "--judge-candidates", "5"]
         assert main(argv) == 2
-        assert server.stats.requests == 0  # refused before a single explanation or judge call was paid for
+        # refused before a single explanation or judge call was paid for (only the one-request server checks)
+        from snip_lens.llm import PROBE_PROMPT
+
+        assert server.stats.chat_prompts == [PROBE_PROMPT] and server.stats.embed_inputs == [["probe"]]
     err = capsys.readouterr().err
     assert "judge_candidates=5 is smaller than the largest k=13" in err and "--judge-candidates" in err

@@ -78,7 +78,7 @@ def test_results_schema_and_outputs(offline_run, model):
     html = (out / "report.html").read_text()
     assert "<table>" in html and "matched concept" in html
     cfg_json = json.loads((out / "config.json").read_text())
-    assert cfg_json["methods"] == cfg.methods
+    assert cfg_json["version"] == 2 and cfg_json["select"]["methods"] == cfg.methods
     assert "(none)" in summary_table(res)
 
 
@@ -87,7 +87,9 @@ def _report_rows(report: str, method: str) -> tuple[list[str], list[list[str]]]:
     part = report.split(f"## {method}:")[1].split("\n## ")[0]
     lines = [line for line in part.splitlines() if line.startswith("|")]
     cells = [[c.strip() for c in re.split(r"(?<!\\)\|", line.strip("|"))] for line in lines]  # "\|" stays in a cell
-    return cells[0], [c for c in cells[2:]]
+    # the last column lists the other neurons of a row that stands for several identical ones
+    assert cells[0][-1] == "same row"
+    return cells[0][:-1], [c[:-1] for c in cells[2:]]
 
 
 def test_report_shows_each_methods_own_evidence(offline_run):
@@ -161,7 +163,7 @@ def test_bad_inputs(model, tmp_path):
         SweepConfig(methods=["keyword"])
     with pytest.raises(ValueError, match="llm_model"):
         SweepConfig(methods=["llm-judge"])
-    with pytest.raises(ValueError, match="2 documents"):
+    with pytest.raises(ValueError, match="2 documents"):  # names the side (the default: corpus)
         split_documents(["only one"], 0.3, 0)
     from snip_lens.sweep import toxic_comments
 
@@ -321,13 +323,14 @@ def test_judge_shortlist_defaults_to_the_largest_k_and_is_checked_before_any_cal
         SweepConfig(methods=["llm-judge"], llm_model="m", judge_candidates=0)
     with pytest.raises(ValueError, match="judge_shortlist"):
         SweepConfig(methods=["llm-judge"], llm_model="m", judge_shortlist="best")  # type: ignore[arg-type]
-    from snip_lens.cli import _sweep_config, build_parser
+    from snip_lens.cli import build_parser
+    from snip_lens.config import run_config_from_args
 
     args = build_parser().parse_args(["run", "--model", "m", "--forget", "code", "--retain", "prose", "--methods",
                                       "llm-judge", "--llm-model", "x", "--judge-candidates", "5000",
                                       "--judge-shortlist", "random", "--select", "per-layer"])
-    cfg = _sweep_config(args)
-    assert (cfg.judge_candidates, cfg.judge_shortlist, cfg.select) == (5000, "random", "per-layer")
+    cfg = run_config_from_args(args).select
+    assert (cfg.judge_candidates, cfg.judge_shortlist, cfg.selection) == (5000, "random", "per-layer")
 
 
 def test_export_of_a_real_sweep_mask_says_what_it_could_not_remove(offline_run, model, tmp_path):

@@ -25,7 +25,7 @@ def test_sweep_explains_with_the_chosen_evidence(kind, tmp_path):
         assert e.evidence.output is not None and len(e.evidence.output.promoted) == 12
         assert (e.evidence.input is not None) == (kind == "both")
         assert "raises the next token" in e.explanation
-    assert json.loads((tmp_path / "config.json").read_text())["explanations"] == kind
+    assert json.loads((tmp_path / "config.json").read_text())["explain"]["explanations"] == kind
 
 
 def test_cli_flag_and_bad_value(capsys):
