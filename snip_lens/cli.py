@@ -78,13 +78,20 @@ def _relearn_config(args: argparse.Namespace) -> "object":
     return RelearnConfig(steps=args.relearn, forms=args.relearn_forms, lr=args.relearn_lr, seed=args.data__seed)
 
 
-def _run_sweep_cmd(args: argparse.Namespace) -> int:
+def _sweep_config(args: argparse.Namespace) -> "object":
+    """The run's :class:`~snip_lens.config.RunConfig`: the derived flags plus the nested evaluation configs."""
     from .config import run_config_from_args
-    from .sweep import run_sweep, summary_table
 
     config = run_config_from_args(args)
     config.evaluate.generation = _generation_config(args)
     config.evaluate.relearn = _relearn_config(args)
+    return config
+
+
+def _run_sweep_cmd(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep, summary_table
+
+    config = _sweep_config(args)
     results = run_sweep(config, args.out, overwrite=args.overwrite)
     print(summary_table(results))
     ex = results.get("explanations") or {}
@@ -735,7 +742,7 @@ def _add_relearn(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--eval-fraction", type=float, default=0.3, help="fraction of documents held out")
     sp.add_argument("--max-docs", type=int, help="cap on documents read per corpus")
     sp.add_argument("--max-doc-tokens", type=int, default=512, help="tokens kept from each document (0: all)")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=0, help="seed of the relearn batches and the random mask")
     sp.add_argument("--out", required=True, help="output directory (relearn.json, relearn_forget_top1.png)")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing relearn.json in --out")
     sp.set_defaults(func=_relearn_cmd)

@@ -263,6 +263,10 @@ def load_texts(source: str, *, split: str = "train", text_field: str = "text", m
             keep = sorted(random.Random(seed).sample(range(len(files)), max_docs))
             files = [files[i] for i in keep]
         texts = [_read_text(f) for f in files]
+        # The stdlib ships a few test files of non-UTF-8 or binary bytes (encoding tests): not source text.
+        from .checks import looks_binary
+
+        texts = [t for t in texts if not looks_binary(t)]
         max_docs = None
     elif source == "prose":
         import pydoc_data.topics

@@ -262,7 +262,6 @@ def load_model(name_or_path: str, *, device: str | torch.device = "cpu", dtype: 
                device_map: str | dict | None = None) -> Any:
     """Load a causal LM as a ``TransformerBridge`` in eval mode.
 
-
     ``name_or_path``: a built-in offline name (``"smollm2-135m"``, ``"gemma3-270m"``), a local Hugging
     Face model directory, or a hub name (``"gpt2"``) when the hub or the local HF cache has it.
     ``device``: where the weights go (``"cpu"``, ``"cuda"``, ``"cuda:1"``); ``dtype``: ``torch.float32``,
@@ -344,4 +343,7 @@ def encode(model: Any, text: str) -> list[int]:
 
 def to_tokens(model: Any, texts: str | list[str]) -> torch.Tensor:
     """Tokens for a prompt or a batch of prompts, with BOS exactly when the model wants it."""
+    if not isinstance(texts, str) and not (isinstance(texts, list | tuple) and all(isinstance(t, str) for t in texts)):
+        raise TypeError(f"to_tokens takes a string or a list of strings, got {texts!r:.80} "
+                        f"({type(texts).__name__}); pass the text, e.g. to_tokens(model, 'Hello')")
     return backend(model).to_tokens(texts)

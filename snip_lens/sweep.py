@@ -607,16 +607,17 @@ def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: An
 
     # -- evaluation ----------------------------------------------------------------------------------------
     t = time.perf_counter()
-    results = SweepResults(model=name, n_neurons=n_neurons,
-                           baseline=RunResult.from_json(evaluator.run(None), baseline=True),
-                           explanations=expl_stats.to_json() if expl_stats is not None else None,
-                           more={"select": sel.selection, "tie_break": {m: scores[m].tie_break for m in sel.methods},
-                                 "skipped": []})
     if config.generation is not None:
         from .evaluate.generation import GenerationEvaluator
 
         evaluator.generation = GenerationEvaluator(model, f_eval, r_eval, f_sel, r_sel, config.generation,
                                                    progress=progress)
+    results = SweepResults(model=name, n_neurons=n_neurons,
+                           baseline=RunResult.from_json(evaluator.run(None), baseline=True),
+                           explanations=expl_stats.to_json() if expl_stats is not None else None,
+                           more={"select": sel.selection, "tie_break": {m: scores[m].tie_break for m in sel.methods},
+                                 "skipped": []})
+    if evaluator.generation is not None:
         results.more["generation"] = evaluator.generation.describe()
     if "llm-judge" in sel.methods:
         results.more["judge"] = {"candidates": n_judge, "shortlist": sel.judge_shortlist}

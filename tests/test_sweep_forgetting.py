@@ -47,7 +47,7 @@ def test_sweep_reports_generation_for_baseline_and_every_run(run):
     assert (out / "plots" / "generation_greedy_forget_in_domain.png").stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "## Generation-level forgetting" in report and "document's own continuation" in report
-    assert json.loads((out / "config.json").read_text())["generation"]["n_prompts"] == 4
+    assert json.loads((out / "config.json").read_text())["evaluate"]["generation"]["n_prompts"] == 4
 
 
 def test_sweep_relearn_attacks_every_method_and_random_in_both_forms(run):
