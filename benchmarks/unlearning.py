@@ -495,6 +495,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     from snip_lens._io import atomic_write_json, atomic_write_text
 
+    def portable(obj: Any) -> Any:
+        # Paths under the work directory are written relative to it, so the results name no machine's layout.
+        if isinstance(obj, str):
+            return obj.replace(str(work) + os.sep, "<work>/")
+        if isinstance(obj, dict):
+            return {k: portable(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [portable(v) for v in obj]
+        return obj
+
     for sc in [s for s in SCENARIOS if s.key in keys]:
         t = time.perf_counter()
         try:
@@ -507,13 +517,13 @@ def main(argv: list[str] | None = None) -> int:
         res["targets"] = targets(res)
         doc["scenarios"].append(res)
         doc["load_average_1min"] = round(os.getloadavg()[0], 2)
-        atomic_write_json(out_json, doc)  # after every scenario, so a partial run still leaves its results
+        atomic_write_json(out_json, portable(doc))  # after every scenario, so a partial run still leaves its results
         print(table([res]), flush=True)
     if not args.no_mask_modes and "a" in keys and any(sc["key"] == "a" for sc in doc["scenarios"]):
         doc["mask_modes"] = run_mask_modes(SCENARIOS[0], model, work, sizes)
     doc["wall_s"] = round(time.perf_counter() - t0, 1)
     doc["load_average_1min"] = round(os.getloadavg()[0], 2)
-    atomic_write_json(out_json, doc)
+    atomic_write_json(out_json, portable(doc))
     md = ["# Unlearning benchmark (SmolLM2-135M)", "",
           f"Written by `python benchmarks/unlearning.py {' '.join(sys.argv[1:])}`; sweeps run at commit "
           f"{doc['sweeps_git_commit'][:10]}; {sizes['select_windows']} selection and "
