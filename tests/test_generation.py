@@ -39,12 +39,7 @@ ENGLISH = ["The dog runs quickly across the street and barks loudly because it h
            "I have no time today because I still have to go shopping and cook dinner for everyone."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,7 @@ from snip_lens.sweep import DataConfig, SweepConfig, run_sweep
 from snip_lens.testing import tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
