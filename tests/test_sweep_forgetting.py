@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from snip_lens.cli import main
 from snip_lens.evaluate.generation import GenerationConfig
