@@ -6,9 +6,12 @@ the running top-k. Ties are broken by the lower index (the earlier token), so th
 on how the tokens were cut into batches; this is what lets a resumed run equal an uninterrupted one.
 
 ``update_topk`` is the per-batch hot path. ``torch.topk`` over a ``[1024, 1536]`` batch costs about as much
-as one of the layer's matmuls on CPU, so once every column holds k entries it keeps only the batch values
-strictly above the column's current k-th value (a later token that merely ties it loses the tie), which
-after the first batches is a handful per column, and merges those. ``topk_desc`` / ``merge_topk`` are the
+as one of the layer's matmuls on CPU, so it keeps only the batch values that can enter: strictly above the
+column's current k-th value (a later token that merely ties it loses the tie) and at least the batch's
+*group bound*, the k-th largest maximum of >= 4k row groups, which k entries of the column reach (this
+filters the first batches too, before the running lists are full). That leaves a few values per column
+beyond the ones that enter; they are ordered by one stable sort on a (column, value) integer key and
+merged with the running lists by one stable sort per column. ``topk_desc`` / ``merge_topk`` are the
 vectorised building blocks (``torch.topk`` with an exact fallback for columns whose tie straddles the cut);
 ``topk_desc_reference`` / ``merge_topk_reference`` are plain per-column loops that define the expected
 result.
@@ -20,12 +23,16 @@ sync: a stable sort of the batch (exact tie order) and a merge; that is what col
 
 from __future__ import annotations
 
+import math
+
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 NO_INDEX = torch.iinfo(torch.long).max
 """Index of an empty slot (sorts after every real index)."""
+BOUND_GROUPS_PER_K = 4
+"""``_group_bound`` cuts a batch into at least this many groups per top-k entry."""
 
 
 def _lexsort_desc(values: Tensor, index: Tensor) -> Tensor:
@@ -78,54 +85,106 @@ def merge_topk(values_a: Float[Tensor, "ka col"], index_a: Int[Tensor, "ka col"]
     return torch.gather(values, 0, source), torch.gather(index, 0, source), source
 
 
+def _group_bound(x: Float[Tensor, "row col"], k: int) -> Tensor | None:
+    """Per column a value that at least ``k`` entries of ``x`` reach (None when ``x`` is too short).
+
+    The rows are cut into at least ``4 k`` groups; the k-th largest group maximum is such a value (the k
+    groups' maxima are themselves entries), so every entry of the column's top-k is >= it. On activations
+    only a few entries per column beyond the top-k reach it: a cheap filter for the batches in which the
+    running top-k is not yet full or the batch is large against what has been seen.
+    """
+    rows, cols = x.shape
+    size = rows // (BOUND_GROUPS_PER_K * k)
+    if size < 2:
+        return None
+    n_groups = rows // size
+    gmax = x[:n_groups * size].view(n_groups, size, cols).amax(1)  # (group, col)
+    return torch.topk(gmax, k, dim=0, sorted=False).values.amin(0)  # (col,)
+
+
+def _sortable_desc(values: Tensor) -> Tensor:
+    """int64 keys in [0, 2^32) whose ascending order is the float32 ``values``' descending order."""
+    b = (values + 0.0).view(torch.int32).long()  # + 0.0: -0.0 becomes +0.0 (they compare equal)
+    asc = torch.where(b >= 0, b, b ^ 0x7FFFFFFF)  # two's-complement order == float order
+    return 0x7FFFFFFF - asc
+
+
+def _merge_later(values: Float[Tensor, "k col"], index: Int[Tensor, "k col"], cand_v: Float[Tensor, "d col"],
+                 cand_i: Int[Tensor, "d col"], k: int) -> tuple[Tensor, Tensor]:
+    """``merge_topk(values, index, cand_v, cand_i, k)[:2]`` when both lists are sorted (value descending,
+    then index ascending) and every candidate index is larger than every index in ``index``.
+
+    One stable sort by value then suffices: among equal values the older entries come first in the
+    concatenation, and each list is already in index order.
+    """
+    v = torch.cat([values, cand_v], 0).t().contiguous()  # (col, k + d): sort along the contiguous dim
+    i = torch.cat([index, cand_i], 0).t()
+    order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.gather(v, 1, order).t().contiguous(), torch.gather(i, 1, order).t().contiguous()
+
+
 def update_topk(values: Float[Tensor, "k col"], index: Int[Tensor, "k col"], x: Float[Tensor, "row col"],
                 row_index: Int[Tensor, " row"], *, max_sparse: float = 0.125, mask_out: Tensor | None = None,
                 ) -> tuple[Float[Tensor, "k col"], Int[Tensor, "k col"]]:
     """Merge the rows of ``x`` into a running top-k; row ``r`` of ``x`` has index ``row_index[r]``.
 
     ``row_index`` must be ascending and larger than every index already in ``index`` (the batch comes
-    after everything seen so far). Returns new ``(values, index)``; the inputs are not modified. Equal to
-    ``merge_topk(values, index, *topk_desc(x, k) with indices mapped, k)[:2]``. When more than
-    ``max_sparse`` of the batch's values pass the threshold, the dense path (``topk_desc``) is used.
-    ``mask_out``: optional bool scratch tensor shaped like ``x`` (saves an allocation per call).
+    after everything seen so far). Returns new ``(values, index)``; the inputs are not modified (they are
+    handed back as they are when nothing changes). Equal to
+    ``merge_topk(values, index, *topk_desc(x, k) with indices mapped, k)[:2]``. Candidates are the entries
+    above the column's current k-th value that also reach the batch's group bound (``_group_bound``);
+    when more than ``max_sparse`` of the batch's values are candidates, the dense path (``topk_desc``) is
+    used. ``mask_out``: optional bool scratch tensor shaped like ``x`` (saves an allocation per call).
     """
     k, cols = values.shape
-    if x.shape[0] == 0:
+    rows = x.shape[0]
+    if rows == 0:
         return values, index
-    if bool((index[k - 1] == NO_INDEX).any()):  # some column not yet full: every value is a candidate
-        bv, bi = topk_desc(x, k)
-        v, i, _ = merge_topk(values, index, bv, row_index[bi], k)
-        return v, i
-    above = torch.gt(x, values[k - 1], out=mask_out) if mask_out is not None else x > values[k - 1]
+    # A later entry equal to the current k-th loses the tie: candidates are strictly above it.
+    thr = torch.nextafter(values[k - 1], values.new_tensor(math.inf))
+    bound = _group_bound(x, k) if x.dtype == torch.float32 else None
+    if bound is not None:
+        thr = torch.maximum(thr, bound)
+    elif bool((index[k - 1] == NO_INDEX).any()):  # a column not yet full and no bound: all are candidates
+        return _dense_update(values, index, x, row_index, k)
+    above = torch.ge(x, thr, out=mask_out) if mask_out is not None else x >= thr
     nz = above.nonzero()  # (cand, 2) in row-major order: rows ascending
     n_cand = nz.shape[0]
     if n_cand == 0:
         return values, index
-    if n_cand > x.numel() * max_sparse:  # many candidates (early batches): the dense path is cheaper
-        bv, bi = topk_desc(x, k)
-        v, i, _ = merge_topk(values, index, bv, row_index[bi], k)
-        return v, i
-    rows, cc = nz[:, 0], nz[:, 1]
-    vals = x[rows, cc]
-    ucols, inv = torch.unique(cc, sorted=True, return_inverse=True)
-    # Order candidates by (column, value descending, row ascending): stable sorts, last key first.
-    order = torch.sort(vals, descending=True, stable=True).indices
-    order = order[torch.sort(inv[order], stable=True).indices]
-    counts = torch.bincount(inv, minlength=ucols.numel())
+    if n_cand > x.numel() * max_sparse or x.dtype != torch.float32:  # many candidates: dense is cheaper
+        return _dense_update(values, index, x, row_index, k)
+    r, c = nz[:, 0], nz[:, 1]
+    vals = x[r, c]
+    # One stable sort by (column, value descending); row-major input keeps rows ascending within ties.
+    order = torch.sort((c << 32) | _sortable_desc(vals), stable=True).indices
+    r, c, vals = r[order], c[order], vals[order]
+    counts = torch.bincount(c, minlength=cols)
     starts = torch.cumsum(counts, 0) - counts
-    g = inv[order]
-    rank = torch.arange(n_cand, device=x.device) - starts[g]  # rank of each candidate inside its column
+    rank = torch.arange(n_cand, device=x.device) - starts[c]  # rank of each candidate inside its column
     keep = rank < k
-    depth = int(min(k, int(counts.max())))
-    cand_v = torch.full((depth, ucols.numel()), -torch.inf, dtype=values.dtype, device=x.device)
+    depth = min(k, int(counts.max()))
+    ucols = (counts > 0).nonzero().squeeze(1)
+    slot = torch.zeros(cols, dtype=torch.long, device=x.device)
+    slot[ucols] = torch.arange(ucols.numel(), device=x.device)
+    cand_v = torch.full((depth, ucols.numel()), -math.inf, dtype=values.dtype, device=x.device)
     cand_i = torch.full((depth, ucols.numel()), NO_INDEX, dtype=torch.long, device=x.device)
-    cand_v[rank[keep], g[keep]] = vals[order[keep]]
-    cand_i[rank[keep], g[keep]] = row_index[rows[order[keep]]]
-    v, i, _ = merge_topk(values[:, ucols], index[:, ucols], cand_v, cand_i, k)
+    rk, ck = rank[keep], slot[c[keep]]
+    cand_v[rk, ck] = vals[keep]
+    cand_i[rk, ck] = row_index[r[keep]]
+    v, i = _merge_later(values[:, ucols], index[:, ucols], cand_v, cand_i, k)
+    if ucols.numel() == cols:
+        return v, i
     out_v, out_i = values.clone(), index.clone()
     out_v[:, ucols] = v
     out_i[:, ucols] = i
     return out_v, out_i
+
+
+def _dense_update(values: Tensor, index: Tensor, x: Tensor, row_index: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    bv, bi = topk_desc(x, k)
+    v, i, _ = merge_topk(values, index, bv, row_index[bi], k)
+    return v, i
 
 
 def update_topk_sync_free(values: Float[Tensor, "k col"], index: Int[Tensor, "k col"], x: Float[Tensor, "row col"],

@@ -117,3 +117,44 @@ def test_update_topk_sync_free_equals_reference_stream(levels):
         assert torch.equal(vals, v_fast) and torch.equal(idx, i_fast)
     ref_v, ref_i = topk_desc_reference(x, k)
     assert torch.equal(vals, ref_v)
+
+
+@pytest.mark.parametrize("levels", [None, 3, 50])
+def test_update_topk_group_bound_path_equals_reference_stream(levels):
+    """Batches long enough for the group bound (the first, not-yet-full one included) equal the reference,
+    with exact ties, -0.0 against 0.0, -inf rows (a prepended BOS) and a column of one repeated value."""
+    g = torch.Generator().manual_seed(21 + (levels or 0))
+    rows, cols, k = 1200, 23, 5
+    x = torch.randn(rows, cols, generator=g) if levels is None else torch.randint(
+        -levels, levels, (rows, cols), generator=g).float() / 4
+    x[:, 2] = 1.0  # every row ties
+    x[::7, 4] = -0.0
+    x[::3, 4] = 0.0
+    x[::128] = -float("inf")
+    vals = torch.full((k, cols), -float("inf"))
+    idx = torch.full((k, cols), NO_INDEX)
+    for start, size in [(0, 400), (400, 100), (500, 300), (800, 400)]:
+        vals, idx = update_topk(vals, idx, x[start:start + size], torch.arange(start, start + size))
+    ref_v, ref_i = topk_desc_reference(x, k)
+    assert torch.equal(idx, ref_i)
+    assert torch.equal(vals, ref_v)
+
+
+def test_group_bound_is_reached_by_k_entries_of_every_column():
+    from snip_lens.kernels.topk import _group_bound
+
+    x = torch.randn(500, 9, generator=torch.Generator().manual_seed(4))
+    bound = _group_bound(x, 6)
+    assert bound is not None and ((x >= bound).sum(0) >= 6).all()
+    assert _group_bound(x[:40], 6) is None  # too few rows for 4 groups per entry
+
+
+def test_sortable_desc_orders_like_the_floats():
+    from snip_lens.kernels.topk import _sortable_desc
+
+    v = torch.tensor([3.0, -0.0, 0.0, -2.5, float("inf"), -float("inf"), 1e-38, -1e-38, 7.0])
+    keys = _sortable_desc(v)
+    assert ((keys >= 0) & (keys < 2**32)).all()
+    order = torch.sort(keys, stable=True).indices
+    assert torch.equal(v[order], torch.sort(v, descending=True, stable=True).values)
+    assert keys[1] == keys[2]  # -0.0 == 0.0: a tie, broken by index like any other
