@@ -73,6 +73,8 @@ FORMAT_VERSION = 2
 """2: prepended BOS positions are left out of records and statistics (1 counted them)."""
 STATS_CHUNK = 128
 """Token rows per cache-sized chunk of the statistics pass."""
+PADDED_CONTEXT_RATIO = 10
+"""Contexts are gathered from a padded copy of the batch once they hold over 1/this of its values."""
 
 
 # ---- config -----------------------------------------------------------------------------------------
@@ -345,6 +347,9 @@ class _State:
         """Use the kernels without host synchronisation (always off the CPU; on the CPU only for tests)."""
         self._buf: Tensor | None = None
         self._mask: Tensor | None = None
+        self._pad: Tensor | None = None
+        self._pad_of: Tensor | None = None
+        """The batch ``_pad`` holds a padded copy of (so the top and random records share one copy)."""
         # Tokens seen per (corpus, layer row), mirrored on the host so the hooks never read a device scalar.
         self._count: dict[tuple[int, int], float] = {}
         with torch.device(self.device):
@@ -385,7 +390,7 @@ class _State:
         # Shifted sums: centring on the running mean (the first token for the first batch) keeps the float32
         # batch sums free of cancellation; batches are then merged in float64 (Chan et al.).
         t, m = self.t, x.shape[0]
-        buf, mask = self._buffers(x.shape)
+        buf, _ = self._buffers(x.shape)
         n_a = self._count.get((ci, li), 0.0)
         shift = (t[f"s{ci}.mean"][li] if n_a else x[0].double()).float()
         s1 = torch.zeros(self.N, dtype=torch.float64, device=x.device)
@@ -394,15 +399,15 @@ class _State:
         # accelerator one pass over the whole batch: fewer kernel launches).
         chunk = STATS_CHUNK if not self.sync_free else max(m, 1)
         for c in range(0, m, chunk):
-            xc, bc, mc = x[c:c + chunk], buf[c:c + chunk], mask[c:c + chunk]
+            xc, bc = x[c:c + chunk], buf[c:c + chunk]
             torch.sub(xc, shift, out=bc)  # (chunk, neuron) centred
             s1 += bc.sum(0)
             bc.square_()
             s2 += bc.sum(0)
             torch.abs(xc, out=bc)
             sum_abs += bc.sum(0)
-            torch.gt(xc, 0, out=mc)
-            n_pos += mc.sum(0)
+            torch.gt(xc, 0, out=bc)  # as 0.0 / 1.0: a float sum is several times faster than a bool one
+            n_pos += bc.sum(0)
         mean_b = shift.double() + s1 / m
         m2_b = (s2 - s1 * s1 / m).clamp(min=0)
         n_t = n_a + m
@@ -428,6 +433,32 @@ class _State:
         vals = x[src, cols.unsqueeze(1).expand_as(src)]
         return torch.where(inside, vals, torch.full((), math.nan, device=x.device, dtype=x.dtype))
 
+    def _context_padded(self, x: Tensor, rows: Tensor, cols: Tensor, n_pos: int) -> Tensor:
+        """``_context`` through one transposed, NaN-padded copy of the batch (for many entries at once).
+
+        Gathering ``ctx`` values a column apart costs a cache miss each; after one sequential copy to
+        (neuron, window, NaN pad + positions + NaN pad) every entry's context is ``ctx`` consecutive floats.
+        """
+        before, after = self.cfg.context
+        C, N = self.cfg.context_len, x.shape[1]
+        W = x.shape[0] // n_pos
+        P = before + n_pos + after
+        if self._pad is None or self._pad.shape != (N, W, P) or self._pad.dtype != x.dtype:
+            self._pad = torch.full((N, W, P), math.nan, dtype=x.dtype, device=x.device)
+        if self._pad_of is not x:  # the pads stay NaN; only the positions are rewritten, once per batch
+            self._pad[:, :, before:before + n_pos].copy_(x.view(W, n_pos, N).permute(2, 0, 1))
+            self._pad_of = x
+        flat = self._pad.view(-1)
+        runs = flat.as_strided((flat.numel() - C + 1, C), (1, 1))  # row s: the C floats from s on
+        start = (cols * W + torch.div(rows, n_pos, rounding_mode="floor")) * P + rows % n_pos
+        return runs.index_select(0, start)
+
+    def _contexts(self, x: Tensor, rows: Tensor, cols: Tensor, n_pos: int) -> Tensor:
+        """``_context`` by whichever way is cheaper for this many entries (the results are equal)."""
+        if rows.numel() * self.cfg.context_len * PADDED_CONTEXT_RATIO > x.numel():
+            return self._context_padded(x, rows, cols, n_pos)
+        return self._context(x, rows, cols, n_pos)
+
     def _apply(self, li: int, names: tuple[str, str, str, str | None, str], new_key: Tensor, new_idx: Tensor,
                x: Tensor, base: int, n_pos: int) -> None:
         """Store a merged top list; entries new from this batch take the slots of the evicted ones."""
@@ -449,9 +480,11 @@ class _State:
             col = cols[c]
             rows = new_idx[r, col] - base  # token row in x
             slot = new_slots[r, c]
-            t[ctx_n][li][slot, col] = self._context(x, rows, col, n_pos)  # (entry, ctx)
+            store = t[ctx_n][li]  # (slot, neuron, ctx), contiguous: row slot * N + col of its (-1, ctx) view
+            where = slot * self.N + col
+            store.view(-1, store.shape[-1]).index_copy_(0, where, self._contexts(x, rows, col, n_pos))
             if val_n is not None:
-                t[val_n][li][slot, col] = x[rows, col]
+                t[val_n][li].view(-1).index_copy_(0, where, x[rows, col])
         t[key_n][li] = new_key
         t[idx_n][li] = new_idx
 
@@ -483,6 +516,13 @@ class _State:
 
     def update_records(self, li: int, x: Float[Tensor, "tok neuron"], base: int, n_pos: int,
                        rand_rows: Tensor | None, rand_keys: Tensor | None) -> None:
+        try:
+            self._update_records(li, x, base, n_pos, rand_rows, rand_keys)
+        finally:
+            self._pad_of = None  # the padded copy is of this call's batch only (and holds no reference to it)
+
+    def _update_records(self, li: int, x: Float[Tensor, "tok neuron"], base: int, n_pos: int,
+                        rand_rows: Tensor | None, rand_keys: Tensor | None) -> None:
         t = self.t
         old_i = t["top_i"][li]
         row_index = torch.arange(base, base + x.shape[0], device=x.device)

@@ -120,6 +120,30 @@ def test_records_and_stats_equal_run_with_cache_reference(model, windows, batch_
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_padded_and_direct_context_gathers_give_identical_records(model, windows, batch_size, monkeypatch):
+    """Contexts gathered from the padded batch copy equal the direct per-entry gather, edges and BOS included."""
+    kw = dict(top_k=TOP_K, context=CONTEXT, n_random=3, batch_size=batch_size, progress=False)
+    monkeypatch.setattr(collect_mod, "PADDED_CONTEXT_RATIO", 0)  # never padded
+    direct = collect(model, windows, **kw)
+    monkeypatch.setattr(collect_mod, "PADDED_CONTEXT_RATIO", 10**9)  # always padded
+    padded = collect(model, windows, **kw)
+    for name in ActivationRecords._TENSORS:
+        assert torch.equal(getattr(direct, name).nan_to_num(7.0), getattr(padded, name).nan_to_num(7.0)), name
+    assert bool(torch.isnan(padded.top_context).any())  # windows' edges are in some context
+
+
+def test_context_gathers_agree_on_random_entries():
+    cfg = collect_mod.CollectConfig(layers=(0,), top_k=2, context=(5, 3))
+    state = collect_mod._State(cfg, 11, ["c"])
+    x = torch.randn(4 * 9, 11, generator=torch.Generator().manual_seed(0))
+    x[9] = -math.inf
+    rows, cols = torch.randint(0, 36, (200,)), torch.randint(0, 11, (200,))
+    a = state._context(x, rows, cols, 9)
+    b = state._context_padded(x, rows, cols, 9)
+    assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
 def test_prepended_bos_is_in_no_record_and_no_statistic(model, windows):
     """Position 0 of every window is BOS on this model: it tops some neurons' raw lists, yet is no record."""
     assert prepends_bos(model) and bool((windows.tokens[:, 0] == model.tokenizer.bos_token_id).all())
