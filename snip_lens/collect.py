@@ -942,42 +942,52 @@ def _load_checkpoint(path: Path, chash: str, state: _State) -> tuple[int, int]:
     return int(meta["corpus"]), int(meta["next_window"])
 
 
+def _gather_contexts(store: Float[Tensor, "layer slot neuron ctx"], slot: Int[Tensor, "layer rank neuron"],
+                     ) -> Float[Tensor, "layer neuron rank ctx"]:
+    """``store[l, slot[l, j, n], n]`` for every (l, n, j), with a prepended BOS (-inf in the hooks) as NaN."""
+    L, S, N, C = store.shape
+    r = slot.shape[1]
+    base = (torch.arange(L).view(L, 1, 1) * S * N + torch.arange(N).view(1, N, 1))  # (L, N, 1)
+    rows = base + slot.permute(0, 2, 1) * N  # (L, N, r): row of store.view(-1, C)
+    out = store.reshape(-1, C).index_select(0, rows.reshape(-1)).view(L, N, r, C)
+    return out.nan_to_num_(nan=math.nan, posinf=math.inf, neginf=math.nan)
+
+
 def _finalise(state: _State, cfg: CollectConfig, mname: str, d_mlp: int, names: list[str], rec_ci: int,
               rec: TokenWindows, chash: str, model: Any) -> ActivationRecords:
     t, n_pos = state.host_tensors(), rec.n_ctx
     C = cfg.context_len
-    # Payloads from storage slots into rank order.
-    t["top_ctx"] = torch.gather(t["top_ctx"], 1, t["top_slot"].unsqueeze(3).expand(-1, -1, -1, C))  # (L,k,N,C)
-    t["rnd_ctx"] = torch.gather(t["rnd_ctx"], 1, t["rnd_slot"].unsqueeze(3).expand(-1, -1, -1, C))
-    for name in ("top_ctx", "rnd_ctx"):  # a prepended BOS inside a context (-inf in the hooks) is not shown
-        t[name] = t[name].masked_fill(t[name] == -math.inf, math.nan)
-    t["rnd_v"] = torch.gather(t["rnd_v"], 1, t["rnd_slot"])
+    L, R, N = len(cfg.layers), cfg.n_random, d_mlp
     top_i = t["top_i"]  # (layer, k, neuron)
     top_window = (top_i // n_pos).permute(0, 2, 1).contiguous()
     top_pos = (top_i % n_pos).permute(0, 2, 1).contiguous()
-    L, R = len(cfg.layers), cfg.n_random
+    # Payloads from storage slots straight into the (layer, neuron, rank, ctx) layout: one gather of whole
+    # ctx rows per record (the context store is the bulk of the state).
+    top_ctx = _gather_contexts(t["top_ctx"], t["top_slot"])
     if R:
         ri = t["rnd_i"]  # (layer, cand, neuron), ordered by key
-        excluded = (ri.unsqueeze(2) == top_i.unsqueeze(1)).any(2) | (ri == NO_INDEX)  # (layer, cand, neuron)
+        excluded = ri == NO_INDEX  # (layer, cand, neuron): empty, or one of the neuron's top records
+        for j in range(top_i.shape[1]):  # k small comparisons, not one (layer, cand, k, neuron) tensor
+            excluded |= ri == top_i[:, j:j + 1]
         order = torch.sort(excluded.to(torch.int8), dim=1, stable=True).indices[:, :R]  # usable first
         keep = ~torch.gather(excluded, 1, order)
         sel_i = torch.gather(ri, 1, order)
-        r_val = torch.where(keep, torch.gather(t["rnd_v"], 1, order), math.nan)
-        r_ctx = torch.gather(t["rnd_ctx"], 1, order.unsqueeze(3).expand(-1, -1, -1, C))  # (L, r, N, C)
-        r_ctx = torch.where(keep.unsqueeze(3), r_ctx, math.nan)
+        slot = torch.gather(t["rnd_slot"], 1, order)  # (L, r, N) storage slot of each kept candidate
+        r_val = torch.where(keep, torch.gather(t["rnd_v"], 1, slot), math.nan)
+        r_ctx = _gather_contexts(t["rnd_ctx"], slot)  # (L, N, r, C)
+        r_ctx.masked_fill_(~keep.permute(0, 2, 1).unsqueeze(3), math.nan)
         r_win = torch.where(keep, sel_i // n_pos, -1)
         r_pos = torch.where(keep, sel_i % n_pos, -1)
+        r_val, r_win, r_pos = (v.permute(0, 2, 1).contiguous() for v in (r_val, r_win, r_pos))
     else:
-        r_val = torch.zeros(L, 0, d_mlp)
-        r_ctx = torch.zeros(L, 0, d_mlp, C)
-        r_win = r_pos = torch.zeros(L, 0, d_mlp, dtype=torch.long)
+        r_val = torch.zeros(L, N, 0)
+        r_ctx = torch.zeros(L, N, 0, C)
+        r_win = r_pos = torch.zeros(L, N, 0, dtype=torch.long)
     windows = rec.tokens.to(torch.int32).contiguous()
     return ActivationRecords(
         model_name=mname, layers=list(cfg.layers), d_mlp=d_mlp, top_k=cfg.top_k, context=cfg.context,
         records_corpus=names[rec_ci],
         top_values=t["top_v"].permute(0, 2, 1).contiguous(), top_window=top_window, top_pos=top_pos,
-        top_context=t["top_ctx"].permute(0, 2, 1, 3).contiguous(),
-        random_values=r_val.permute(0, 2, 1).contiguous(), random_window=r_win.permute(0, 2, 1).contiguous(),
-        random_pos=r_pos.permute(0, 2, 1).contiguous(), random_context=r_ctx.permute(0, 2, 1, 3).contiguous(),
+        top_context=top_ctx, random_values=r_val, random_window=r_win, random_pos=r_pos, random_context=r_ctx,
         windows=windows, vocab=_token_vocab(model, windows), stats={n: state.stats(i) for i, n in enumerate(names)},
         config_hash=chash, n_layers=models.n_layers(model))
