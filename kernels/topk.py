@@ -142,20 +142,21 @@ def update_topk(values: Float[Tensor, "k col"], index: Int[Tensor, "k col"], x: 
         return values, index
     # A later entry equal to the current k-th loses the tie: candidates are strictly above it.
     thr = torch.nextafter(values[k - 1], values.new_tensor(math.inf))
-    bound = _group_bound(x, k) if x.dtype == torch.float32 else None
-    if bound is not None:
+    if bool((index[k - 1] == NO_INDEX).any()):  # a column not yet full: only the group bound filters
+        # (Once every column is full, its k-th value is the tighter filter: the bound is not computed.)
+        bound = _group_bound(x, k) if x.dtype == torch.float32 else None
+        if bound is None:
+            return _dense_update(values, index, x, row_index, k)
         thr = torch.maximum(thr, bound)
-    elif bool((index[k - 1] == NO_INDEX).any()):  # a column not yet full and no bound: all are candidates
-        return _dense_update(values, index, x, row_index, k)
     above = torch.ge(x, thr, out=mask_out) if mask_out is not None else x >= thr
-    nz = above.nonzero()  # (cand, 2) in row-major order: rows ascending
-    n_cand = nz.shape[0]
+    flat = above.view(-1).nonzero().squeeze(1)  # candidates in row-major order: rows ascending
+    n_cand = flat.shape[0]
     if n_cand == 0:
         return values, index
     if n_cand > x.numel() * max_sparse or x.dtype != torch.float32:  # many candidates: dense is cheaper
         return _dense_update(values, index, x, row_index, k)
-    r, c = nz[:, 0], nz[:, 1]
-    vals = x[r, c]
+    r, c = torch.div(flat, cols, rounding_mode="floor"), flat % cols
+    vals = x.reshape(-1).index_select(0, flat)
     # One stable sort by (column, value descending); row-major input keeps rows ascending within ties.
     order = torch.sort((c << 32) | _sortable_desc(vals), stable=True).indices
     r, c, vals = r[order], c[order], vals[order]
