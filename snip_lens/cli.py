@@ -129,13 +129,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def _model_flags(sp: argparse.ArgumentParser, *, name: bool = True, required: bool = False,
-                 default: str | None = None) -> None:
+                 default: str | None = None, help_overrides: dict[str, str] | None = None) -> None:
     """--model (unless ``name`` is False), --device, --dtype, --device-map: the model stage's flags."""
     from .config import ModelConfig, add_stage_flags
 
     only = ("name", "device", "dtype", "device_map") if name else ("device", "dtype", "device_map")
     add_stage_flags(sp, ModelConfig, "model", only=only, required=("name",) if required else (),
-                    defaults={"name": default} if default else None)
+                    defaults={"name": default} if default else None, help_overrides=help_overrides)
 
 
 def _model_config(args: argparse.Namespace, **fixed: object):  # noqa: ANN202 - a ModelConfig
@@ -337,7 +337,11 @@ def _explain_cmd(args: argparse.Namespace) -> int:
             raise ValueError("--explainer openai needs an LLM: name it with --llm-model, e.g. --llm-model gpt-4o-mini")
         llm = LLMConfig(model=server.model, base_url=server.base_url, api_key_env=server.api_key_env,
                         concurrency=args.concurrency, temperature=args.temperature, max_retries=args.max_retries)
+    # The --explainer local chat model runs where, and in the dtype, the model flags say (checked here, before
+    # anything loads).
+    chat = _model_config(args, name=args.local_model)
     config = ExplainConfig(kind=args.explainer, llm=llm, local_model=args.local_model,
+                           local_device=chat.device, local_dtype=chat.dtype,
                            max_records=args.max_records, few_shot=not args.no_few_shot,
                            explanations=args.explanations)
     records = None
@@ -415,7 +419,11 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
                     help="evidence explanations rest on: top-activating inputs, VocabProj output tokens, or both")
     sp.add_argument("--subject-model", help="model whose neurons are explained, for output evidence "
                     "(default: the model the --records come from)")
-    _model_flags(sp, name=False)
+    _model_flags(sp, name=False, help_overrides={
+        "device": "where the subject model (output evidence) and the --explainer local chat model run: cpu, "
+                  "cuda, cuda:N, mps or auto",
+        "dtype": "dtype of the subject model and of the --explainer local chat model: float32, bfloat16 or "
+                 "float16 (aliases fp32, bf16, fp16)"})
     sp.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
     sp.add_argument("--temperature", type=float, default=1.0, help="LLM sampling temperature, in [0, 2]")
     sp.add_argument("--max-retries", type=int, default=5,

@@ -41,6 +41,38 @@ DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "f32": "float32", "flo
 """Accepted spellings of the model dtype, mapped to the torch name."""
 
 
+def normalise_dtype(dtype: Any, flag: str = "--dtype") -> str:
+    """The torch name (``float32``, ``bfloat16``, ``float16``) of a dtype spelling; ``ValueError`` otherwise."""
+    key = str(dtype).strip().lower().removeprefix("torch.")
+    if key not in DTYPE_ALIASES:
+        raise ValueError(f"dtype {dtype!r} is not supported (CLI {flag}); choose float32, bfloat16 or "
+                         "float16 (or fp32, bf16, fp16)")
+    return DTYPE_ALIASES[key]
+
+
+def normalise_device(device: Any, flag: str = "--device") -> str:
+    """A device name (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``xpu`` or ``auto``), lower case; checked without
+    touching the hardware (whether it exists here is checked when the model loads)."""
+    dev = str(device).strip().lower()
+    base, _, idx = dev.partition(":")
+    if base not in ("cpu", "cuda", "mps", "auto", "xpu") or (idx and not idx.isdigit()) or \
+            (idx and base in ("cpu", "auto")):
+        raise ValueError(f"device {device!r} is not a device (CLI {flag}); write cpu, cuda, cuda:1, mps or auto")
+    return dev
+
+
+def resolve_device(device: str) -> str:
+    """``device`` with ``auto`` replaced by the device it means on this machine (the first GPU, else cpu)."""
+    if device != "auto":
+        return device
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
 def _cli(flag: str | None = None, *, help: str | None = None, metavar: str | None = None,  # noqa: A002
          zero_is_none: bool = False, cli: bool = True) -> dict[str, Any]:
     """Field metadata for the CLI: another flag name, a help override, ``0`` meaning None, or no flag."""
@@ -68,18 +100,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"model name must be a non-empty string (CLI --model), got {self.name!r}")
-        key = str(self.dtype).lower().removeprefix("torch.")
-        if key not in DTYPE_ALIASES:
-            raise ValueError(f"dtype {self.dtype!r} is not supported (CLI --dtype); choose float32, bfloat16 or "
-                             "float16 (or fp32, bf16, fp16)")
-        self.dtype = DTYPE_ALIASES[key]
-        dev = str(self.device).strip().lower()
-        base, _, idx = dev.partition(":")
-        if base not in ("cpu", "cuda", "mps", "auto", "xpu") or (idx and not idx.isdigit()) or \
-                (idx and base in ("cpu", "auto")):
-            raise ValueError(f"device {self.device!r} is not a device (CLI --device); write cpu, cuda, cuda:1, "
-                             "mps or auto")
-        self.device = dev
+        self.dtype = normalise_dtype(self.dtype)
+        self.device = normalise_device(self.device)
         if isinstance(self.device_map, str) and self.device_map.lower() in ("", "none"):
             self.device_map = None
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -96,14 +118,7 @@ class ModelConfig:
     @property
     def resolved_device(self) -> str:
         """:attr:`device` with ``auto`` replaced by the device it means on this machine."""
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        if torch.cuda.is_available():
-            return "cuda"
-        mps = getattr(torch.backends, "mps", None)
-        return "mps" if mps is not None and mps.is_available() else "cpu"
+        return resolve_device(self.device)
 
     def load(self) -> Any:
         """``models.load_model`` with this config's device, dtype and device map."""

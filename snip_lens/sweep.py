@@ -510,7 +510,8 @@ def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: An
         expl_path = out / "explanations.jsonl"
         ex = config.explain
         llm_cfg = _llm_config(config) if ex.explainer == "openai" and not ex.import_explanations else None
-        ecfg = ExplainConfig(kind=ex.explainer, explanations=ex.explanations, llm=llm_cfg)
+        ecfg = ExplainConfig(kind=ex.explainer, explanations=ex.explanations, llm=llm_cfg,
+                             local_device=config.model.device, local_dtype=config.model.dtype)
         client = OpenAIChatClient(llm_cfg, seed=ecfg.seed) if llm_cfg is not None else None
         if expl_path.exists():  # written by an earlier run of the same settings (checked above)
             explanations = load_explanations(expl_path)

@@ -416,3 +416,77 @@ def test_every_model_running_command_accepts_device_and_dtype(model_dir, tmp_pat
         assert main(argv) == 0, argv
     assert len(seen) == len(commands)
     assert all(kw["device"] == "cpu" and kw["dtype"] == torch.bfloat16 for kw in seen)
+
+
+# ---- snip explain --explainer local: the chat model honours --device and --dtype ----------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory):
+    """A tiny chat model directory (random weights, a plain chat template), as --local-model takes it."""
+    from snip_lens.testing import tiny_hf_model, tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny-chat")
+    tiny_hf_model("llama", n_layers=1, d_mlp=32, n_ctx=1024).save_pretrained(d)
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+    tok.save_pretrained(d)
+    return d
+
+
+def test_explain_local_runs_its_chat_model_on_the_device_and_dtype_asked_for(model_dir, chat_dir, tmp_path,
+                                                                             monkeypatch):
+    from snip_lens.collect import collect
+    from snip_lens.explain import local as local_mod
+    from snip_lens.models import load_model
+
+    records = tmp_path / "records"
+    collect(load_model(str(model_dir)), ["Some words of text, and some more words. " * 8] * 2, n_ctx=16,
+            layers=[0], top_k=2, context=(2, 1), n_random=0, progress=False, out_dir=records)
+    clients = []
+    real_init = local_mod.LocalChatClient.__init__
+
+    def spy(self, *a, **kw):
+        real_init(self, *a, **kw)
+        clients.append(self)
+
+    monkeypatch.setattr(local_mod.LocalChatClient, "__init__", spy)
+    out = tmp_path / "e.jsonl"
+    argv = ["explain", "--explainer", "local", "--local-model", str(chat_dir), "--records", str(records),
+            "--neurons", "L0/N0,L0/N1", "--no-few-shot", "--max-records", "2", "--out", str(out),
+            "--device", "cpu", "--dtype", "bf16"]
+    assert main(argv) in (0, 1)  # 1: a random tiny model's answers may all be unparseable; they are recorded
+    assert len(clients) == 1
+    chat = clients[0]
+    assert chat.dtype == torch.bfloat16 and chat.device.type == "cpu"
+    assert all(p.dtype == torch.bfloat16 for p in chat.model.parameters())
+    assert len(out.read_text().splitlines()) == 2  # both neurons went through the bf16 model
+
+
+def test_local_chat_client_refuses_a_bad_device_or_dtype_before_loading(chat_dir):
+    from snip_lens.explain import ExplainConfig, LocalChatClient
+
+    with pytest.raises(ValueError, match="'int8'.*--dtype"):
+        LocalChatClient(str(chat_dir), dtype="int8")
+    with pytest.raises(ValueError, match="'gpu'.*--device"):
+        LocalChatClient(str(chat_dir), device="gpu")
+    with pytest.raises(ValueError, match="'fp8'"):
+        ExplainConfig(kind="local", local_dtype="fp8")
+    assert ExplainConfig(kind="local", local_dtype="bf16").local_dtype == "bfloat16"
+
+
+def test_local_explanations_in_another_dtype_are_cached_apart():
+    from snip_lens.explain import ExplainConfig
+    from snip_lens.explain.runner import _cache_identity
+
+    fp32 = _cache_identity(ExplainConfig(kind="local"))
+    assert "dtype" not in fp32  # float32 answers keep the keys they were cached under
+    assert _cache_identity(ExplainConfig(kind="local", local_dtype="bf16"))["dtype"] == "bfloat16"
+
+
+def test_explain_cli_refuses_a_bad_dtype_for_the_local_model(chat_dir, tmp_path, capsys):
+    argv = ["explain", "--explainer", "local", "--local-model", str(chat_dir), "--import", str(tmp_path / "x"),
+            "--out", str(tmp_path / "e.jsonl"), "--dtype", "int8"]
+    assert main(argv) == 2
+    assert "'int8'" in _err_first_line(capsys)

@@ -26,6 +26,10 @@ class ExplainConfig:
     """Server, model and sampling for ``kind="openai"`` (required there)."""
     local_model: str = "smollm2-135m"
     """Chat model for ``kind="local"``: a built-in name, a saved HF directory, or a hub name."""
+    local_device: str = "cpu"
+    """Where the local chat model runs: cpu, cuda, cuda:N, mps or auto (CLI ``--device``)."""
+    local_dtype: str = "float32"
+    """The local chat model's dtype: float32, bfloat16 or float16, or fp32, bf16, fp16 (CLI ``--dtype``)."""
     local_max_new_tokens: int = 40
     """Tokens generated per explanation by the local model."""
     local_temperature: float = 0.0
@@ -57,6 +61,10 @@ class ExplainConfig:
             raise ValueError(f"ExplainConfig.max_records must be >= 1, got {self.max_records}")
         if self.max_explanation_chars < 10:
             raise ValueError(f"ExplainConfig.max_explanation_chars must be >= 10, got {self.max_explanation_chars}")
+        from ..config import normalise_device, normalise_dtype
+
+        self.local_device = normalise_device(self.local_device)
+        self.local_dtype = normalise_dtype(self.local_dtype)
         if self.local_max_new_tokens < 1:
             raise ValueError(f"ExplainConfig.local_max_new_tokens must be >= 1, got {self.local_max_new_tokens}")
         if self.local_temperature < 0:

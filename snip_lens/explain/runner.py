@@ -78,7 +78,8 @@ def make_client(config: ExplainConfig) -> ChatClient:
         return OpenAIChatClient(config.llm, seed=config.seed)
     if config.kind == "local":
         return LocalChatClient(config.local_model, max_new_tokens=config.local_max_new_tokens,
-                               temperature=config.local_temperature, seed=config.seed)
+                               temperature=config.local_temperature, seed=config.seed,
+                               device=config.local_device, dtype=config.local_dtype)
     raise ValueError(f"explainer kind {config.kind!r} does not use a chat client")
 
 
@@ -86,8 +87,11 @@ def _cache_identity(config: ExplainConfig) -> dict[str, Any]:
     if config.kind == "openai":
         assert config.llm is not None
         return {"explainer": "openai", **config.llm.sampling}
-    return {"explainer": "local", "model": config.local_model, "max_new_tokens": config.local_max_new_tokens,
-            "temperature": config.local_temperature, "seed": config.seed}
+    ident = {"explainer": "local", "model": config.local_model, "max_new_tokens": config.local_max_new_tokens,
+             "temperature": config.local_temperature, "seed": config.seed}
+    if config.local_dtype != "float32":  # lower precision decodes other answers (float32 keys stay as they were)
+        ident["dtype"] = config.local_dtype
+    return ident
 
 
 def output_projection(model: Any, config: ExplainConfig, records: Any = None, *,
