@@ -17,7 +17,7 @@
 
 Writes benchmarks/results/collect.json with only what this run measured (a skipped part is absent).
 
-    python benchmarks/collect.py [--windows 32] [--repeats 3] [--skip-memory] [--skip-timing]
+    python benchmarks/collect.py [--windows 32] [--repeats 3] [--skip-memory] [--skip-timing] [--threads N]
     python benchmarks/collect.py --ray --skip-timing --skip-memory [--ray-windows 16] [--ray-actors 2] [--repeats 2]
 """
 
@@ -87,16 +87,23 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for the timing (default: torch's own, e.g. from OMP_NUM_THREADS)")
     ap.add_argument("--ray", action="store_true", help="also measure sharded collection on a local Ray cluster")
     ap.add_argument("--ray-windows", type=int, default=16)
     ap.add_argument("--ray-actors", type=int, default=2)
     ap.add_argument("--ray-shard-windows", type=int, default=4)
     args = ap.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error(f"--threads must be >= 1; got {args.threads}")
+        torch.set_num_threads(args.threads)
 
     out = Path(__file__).parent / "results" / "collect.json"
     # Only what this run measured: nothing is carried over from an earlier file.
     result: dict = {"command": "python benchmarks/collect.py " + " ".join(sys.argv[1:]),
-                    "torch_threads": torch.get_num_threads(), "load_average_before": _loadavg()}
+                    "torch_threads": torch.get_num_threads(),
+                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_average_before": _loadavg()}
     if not args.skip_timing:
         model = load_model("smollm2-135m")
         hf = model.original_model
