@@ -31,6 +31,8 @@ from torch import Tensor
 
 NO_INDEX = torch.iinfo(torch.long).max
 """Index of an empty slot (sorts after every real index)."""
+SHORT_BATCH_ROWS = 64
+"""Batches of at most this many rows are ordered by a full stable sort instead of ``torch.topk``."""
 BOUND_GROUPS_PER_K = 4
 """``_group_bound`` cuts a batch into at least this many groups per top-k entry."""
 
@@ -183,9 +185,15 @@ def update_topk(values: Float[Tensor, "k col"], index: Int[Tensor, "k col"], x: 
 
 
 def _dense_update(values: Tensor, index: Tensor, x: Tensor, row_index: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    bv, bi = topk_desc(x, k)
-    v, i, _ = merge_topk(values, index, bv, row_index[bi], k)
-    return v, i
+    """Every row of ``x`` a candidate: the batch's own top-k (a stable sort for short batches), then merged."""
+    if x.shape[0] <= SHORT_BATCH_ROWS:
+        # Short batches (the random candidates' keys): one stable sort along the contiguous dimension keeps
+        # equal values in row order, exactly the tie rule.
+        order = torch.sort(x.t().contiguous(), dim=1, descending=True, stable=True).indices[:, :k].t()
+        bv, bi = torch.gather(x, 0, order), order
+    else:
+        bv, bi = topk_desc(x, k)
+    return _merge_later(values, index, bv, row_index[bi], k)
 
 
 def update_topk_sync_free(values: Float[Tensor, "k col"], index: Int[Tensor, "k col"], x: Float[Tensor, "row col"],

@@ -460,7 +460,8 @@ class _State:
 
     def _contexts(self, x: Tensor, rows: Tensor, cols: Tensor, n_pos: int) -> Tensor:
         """``_context`` by whichever way is cheaper for this many entries (the results are equal)."""
-        if rows.numel() * self.cfg.context_len * PADDED_CONTEXT_RATIO > x.numel():
+        # Once the padded copy of this batch exists (for the top records), the random records use it too.
+        if self._pad_of is x or rows.numel() * self.cfg.context_len * PADDED_CONTEXT_RATIO > x.numel():
             return self._context_padded(x, rows, cols, n_pos)
         return self._context(x, rows, cols, n_pos)
 
