@@ -100,6 +100,9 @@ def _group_bound(x: Float[Tensor, "row col"], k: int) -> Tensor | None:
     if size < 2:
         return None
     n_groups = rows // size
+    if x.stride(0) == 1 and x.stride(1) == rows:  # the transpose of a contiguous (col, row) batch
+        gmax = x.t()[:, :n_groups * size].reshape(cols, n_groups, size).amax(2)  # (col, group)
+        return torch.topk(gmax, k, dim=1, sorted=False).values.amin(1)
     gmax = x[:n_groups * size].view(n_groups, size, cols).amax(1)  # (group, col)
     return torch.topk(gmax, k, dim=0, sorted=False).values.amin(0)  # (col,)
 
@@ -181,6 +184,60 @@ def update_topk(values: Float[Tensor, "k col"], index: Int[Tensor, "k col"], x: 
     out_v, out_i = values.clone(), index.clone()
     out_v[:, ucols] = v
     out_i[:, ucols] = i
+    return out_v, out_i
+
+
+def update_topk_t(values: Float[Tensor, "k col"], index: Int[Tensor, "k col"], xt: Float[Tensor, "col row"],
+                  row_index: Int[Tensor, " row"], *, max_sparse: float = 0.125,
+                  ) -> tuple[Float[Tensor, "k col"], Int[Tensor, "k col"]]:
+    """``update_topk(values, index, xt.t(), row_index)`` from the batch transposed, ``xt`` (col, row) contiguous.
+
+    In this layout the candidates come out of ``nonzero`` grouped by column, rows ascending: each column's
+    candidates fill one row of a small (column, depth) matrix in index order, and a single stable sort of
+    each column's running list followed by its candidates merges them (no sort over all candidates). A
+    caller that transposes the batch anyway (``collect`` does, for the records' contexts) saves that work.
+    """
+    k, cols = values.shape
+    rows = xt.shape[1]
+    if rows == 0:
+        return values, index
+    if xt.dtype != torch.float32 or not xt.is_contiguous():
+        return update_topk(values, index, xt.t(), row_index, max_sparse=max_sparse)
+    thr = torch.nextafter(values[k - 1], values.new_tensor(math.inf))
+    if bool((index[k - 1] == NO_INDEX).any()):  # a column not yet full: only the group bound filters
+        bound = _group_bound(xt.t(), k)
+        if bound is None:
+            return _dense_update(values, index, xt.t(), row_index, k)
+        thr = torch.maximum(thr, bound)
+    flat = (xt >= thr.unsqueeze(1)).view(-1).nonzero().squeeze(1)  # column-major: rows ascending per column
+    n_cand = flat.shape[0]
+    if n_cand == 0:
+        return values, index
+    c = torch.div(flat, rows, rounding_mode="floor")
+    counts = torch.bincount(c, minlength=cols)
+    depth = int(counts.max())
+    if n_cand > xt.numel() * max_sparse or depth > rows * max_sparse:  # ties or early batches: dense
+        return _dense_update(values, index, xt.t(), row_index, k)
+    ucols = (counts > 0).nonzero().squeeze(1)
+    n_u = ucols.numel()
+    slot = torch.zeros(cols, dtype=torch.long, device=xt.device)
+    slot[ucols] = torch.arange(n_u, device=xt.device)
+    starts = torch.cumsum(counts, 0) - counts
+    where = slot[c] * depth + (torch.arange(n_cand, device=xt.device) - starts[c])  # (cand,) in (u, depth)
+    cand_v = torch.full((n_u * depth,), -math.inf, dtype=values.dtype, device=xt.device)
+    cand_i = torch.full((n_u * depth,), NO_INDEX, dtype=torch.long, device=xt.device)
+    cand_v.index_copy_(0, where, xt.view(-1).index_select(0, flat))
+    cand_i.index_copy_(0, where, row_index.index_select(0, flat - c * rows))
+    # One stable sort per column of [running list, candidates in index order] keeps (value desc, index asc).
+    v = torch.cat([values.t()[ucols], cand_v.view(n_u, depth)], 1)  # (u, k + depth)
+    i = torch.cat([index.t()[ucols], cand_i.view(n_u, depth)], 1)
+    order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :k]
+    nv, ni = torch.gather(v, 1, order).t(), torch.gather(i, 1, order).t()
+    if n_u == cols:
+        return nv.contiguous(), ni.contiguous()
+    out_v, out_i = values.clone(), index.clone()
+    out_v[:, ucols] = nv
+    out_i[:, ucols] = ni
     return out_v, out_i
 
 

@@ -55,7 +55,7 @@ from . import models
 from .backends import backend
 from ._io import atomic_write, atomic_write_text
 from .corpus import TokenWindows
-from .kernels.topk import NO_INDEX, merge_topk, update_topk, update_topk_sync_free
+from .kernels.topk import NO_INDEX, merge_topk, update_topk, update_topk_sync_free, update_topk_t
 from .types import ActivationRecord, NeuronId, NeuronRecords
 
 logger = logging.getLogger(__name__)
@@ -349,6 +349,9 @@ class _State:
         self._mask: Tensor | None = None
         self._pad: Tensor | None = None
         self._xt: Tensor | None = None
+        self._xt_of: Tensor | None = None
+        self._many_fresh: dict[int, bool] = {}
+        """Per layer row: whether the last batch's new top records took the padded-context path."""
         self._pad_of: Tensor | None = None
         """The batch ``_pad`` holds a padded copy of (so the top and random records share one copy)."""
         # Tokens seen per (corpus, layer row), mirrored on the host so the hooks never read a device scalar.
@@ -446,17 +449,24 @@ class _State:
         P = before + n_pos + after
         if self._pad is None or self._pad.shape != (N, W, P) or self._pad.dtype != x.dtype:
             self._pad = torch.full((N, W, P), math.nan, dtype=x.dtype, device=x.device)
-            self._xt = torch.empty(N, W * n_pos, dtype=x.dtype, device=x.device)
         if self._pad_of is not x:  # the pads stay NaN; only the positions are rewritten, once per batch
             # A plain transpose, then a copy of whole rows: faster than one copy through a 3-d permute.
-            assert self._xt is not None
-            self._xt.copy_(x.t())
-            self._pad[:, :, before:before + n_pos].copy_(self._xt.view(N, W, n_pos))
+            self._pad[:, :, before:before + n_pos].copy_(self._transposed(x).view(N, W, n_pos))
             self._pad_of = x
         flat = self._pad.view(-1)
         runs = flat.as_strided((flat.numel() - C + 1, C), (1, 1))  # row s: the C floats from s on
         start = (cols * W + torch.div(rows, n_pos, rounding_mode="floor")) * P + rows % n_pos
         return runs.index_select(0, start)
+
+    def _transposed(self, x: Float[Tensor, "tok neuron"]) -> Float[Tensor, "neuron tok"]:
+        """``x.t()`` as a contiguous copy, made once per batch (the top-k update and the contexts share it)."""
+        if self._xt_of is not x:
+            if self._xt is None or self._xt.shape != x.t().shape or self._xt.dtype != x.dtype:
+                self._xt = torch.empty(x.shape[1], x.shape[0], dtype=x.dtype, device=x.device)
+            self._xt.copy_(x.t())
+            self._xt_of = x
+        assert self._xt is not None
+        return self._xt
 
     def _contexts(self, x: Tensor, rows: Tensor, cols: Tensor, n_pos: int) -> Tensor:
         """``_context`` by whichever way is cheaper for this many entries (the results are equal)."""
@@ -525,7 +535,8 @@ class _State:
         try:
             self._update_records(li, x, base, n_pos, rand_rows, rand_keys)
         finally:
-            self._pad_of = None  # the padded copy is of this call's batch only (and holds no reference to it)
+            # The transposed and padded copies are of this call's batch only (and hold no reference to it).
+            self._pad_of = self._xt_of = None
 
     def _update_records(self, li: int, x: Float[Tensor, "tok neuron"], base: int, n_pos: int,
                         rand_rows: Tensor | None, rand_keys: Tensor | None) -> None:
@@ -540,10 +551,16 @@ class _State:
                 self._apply_sync_free(li, ("rnd_key", "rnd_i", "rnd_slot", "rnd_v", "rnd_ctx"), kv, ki, x, base,
                                       n_pos)
             return
-        _, mask = self._buffers(x.shape)
-        v, i = update_topk(t["top_v"][li], old_i, x, row_index, mask_out=mask)
+        if self._many_fresh.get(li, True):
+            # Many records changed in the last batch (early batches): the contexts will want the transposed
+            # batch, and the top-k update is cheaper from it too.
+            v, i = update_topk_t(t["top_v"][li], old_i, self._transposed(x), row_index)
+        else:
+            _, mask = self._buffers(x.shape)
+            v, i = update_topk(t["top_v"][li], old_i, x, row_index, mask_out=mask)
         if i is not old_i:  # update_topk hands back its input when nothing changed
             self._apply(li, ("top_v", "top_i", "top_slot", None, "top_ctx"), v, i, x, base, n_pos)
+        self._many_fresh[li] = self._pad_of is x
         if rand_rows is not None and rand_keys is not None:
             old_ri = t["rnd_i"][li]
             kv, ki = update_topk(t["rnd_key"][li], old_ri, rand_keys[li], rand_rows + base)

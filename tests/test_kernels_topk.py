@@ -146,6 +146,7 @@ def test_group_bound_is_reached_by_k_entries_of_every_column():
     x = torch.randn(500, 9, generator=torch.Generator().manual_seed(4))
     bound = _group_bound(x, 6)
     assert bound is not None and ((x >= bound).sum(0) >= 6).all()
+    assert torch.equal(_group_bound(x.t().contiguous().t(), 6), bound)  # the transposed layout's own path
     assert _group_bound(x[:40], 6) is None  # too few rows for 4 groups per entry
 
 
@@ -158,3 +159,46 @@ def test_sortable_desc_orders_like_the_floats():
     order = torch.sort(keys, stable=True).indices
     assert torch.equal(v[order], torch.sort(v, descending=True, stable=True).values)
     assert keys[1] == keys[2]  # -0.0 == 0.0: a tie, broken by index like any other
+
+
+@pytest.mark.parametrize("levels", [None, 3, 50])
+def test_update_topk_t_from_the_transposed_batch_equals_update_topk_and_the_reference(levels):
+    """The transposed-layout update gives update_topk's result after every batch (early, tied, short and long
+    batches alike), and the stream equals one reference top-k."""
+    from snip_lens.kernels.topk import update_topk_t
+
+    g = torch.Generator().manual_seed(31 + (levels or 0))
+    rows, cols, k = 1500, 19, 5
+    x = torch.randn(rows, cols, generator=g) if levels is None else torch.randint(
+        -levels, levels, (rows, cols), generator=g).float() / 4
+    x[:, 2] = 1.0  # every row ties
+    x[::7, 4] = -0.0
+    x[::3, 4] = 0.0
+    x[::128] = -float("inf")
+    v_t = v_ref = torch.full((k, cols), -float("inf"))
+    i_t = i_ref = torch.full((k, cols), NO_INDEX)
+    for start, size in [(0, 400), (400, 3), (403, 97), (500, 300), (800, 12), (812, 688)]:
+        row_index = torch.arange(size) * 2 + 10 * start
+        xb = x[start:start + size]
+        v_t, i_t = update_topk_t(v_t, i_t, xb.t().contiguous(), row_index)
+        v_ref, i_ref = update_topk(v_ref, i_ref, xb, row_index)
+        assert torch.equal(i_t, i_ref) and torch.equal(v_t, v_ref), start
+    mapping = torch.cat([torch.arange(n) * 2 + 10 * s for s, n in
+                         [(0, 400), (400, 3), (403, 97), (500, 300), (800, 12), (812, 688)]])
+    ref_v, ref_i = topk_desc_reference(x, k)
+    assert torch.equal(i_t, mapping[ref_i]) and torch.equal(v_t, ref_v)
+
+
+def test_update_topk_t_on_few_changed_columns_keeps_the_others():
+    from snip_lens.kernels.topk import update_topk_t
+
+    k, cols = 3, 6
+    vals = torch.tensor([[9.0] * cols, [8.0] * cols, [7.0] * cols])
+    idx = torch.arange(k * cols).view(k, cols)
+    x = torch.zeros(50, cols)
+    x[10, 1], x[20, 4], x[30, 4] = 7.5, 100.0, 7.0  # column 4's 7.0 ties the k-th value: the later one loses
+    v, i = update_topk_t(vals, idx, x.t().contiguous(), torch.arange(100, 150))
+    assert v[:, 1].tolist() == [9.0, 8.0, 7.5] and i[:, 1].tolist() == [1, 7, 110]
+    assert v[:, 4].tolist() == [100.0, 9.0, 8.0] and i[:, 4].tolist() == [120, 4, 10]
+    for c in (0, 2, 3, 5):
+        assert torch.equal(v[:, c], vals[:, c]) and torch.equal(i[:, c], idx[:, c])
