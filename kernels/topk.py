@@ -11,7 +11,10 @@ column's current k-th value (a later token that merely ties it loses the tie) an
 *group bound*, the k-th largest maximum of >= 4k row groups, which k entries of the column reach (this
 filters the first batches too, before the running lists are full). That leaves a few values per column
 beyond the ones that enter; they are ordered by one stable sort on a (column, value) integer key and
-merged with the running lists by one stable sort per column. ``topk_desc`` / ``merge_topk`` are the
+merged with the running lists by one stable sort per column. ``update_topk_t`` does the same from the
+batch transposed (column, row): there ``nonzero`` hands the candidates out grouped by column in index
+order, so no sort over all candidates is needed (collection transposes early batches anyway, for the
+records' contexts). ``topk_desc`` / ``merge_topk`` are the
 vectorised building blocks (``torch.topk`` with an exact fallback for columns whose tie straddles the cut);
 ``topk_desc_reference`` / ``merge_topk_reference`` are plain per-column loops that define the expected
 result.
