@@ -95,3 +95,21 @@ def test_cli_score_evidence_match_needs_no_embedder(tmp_path, capsys):
     assert main(["score", "--explanations", str(ex), "--concepts", str(co), "--shape", "1x2", "--embedder",
                  str(tmp_path / "no-such-model"), "--out", str(tmp_path / "s")]) == 0
     assert capsys.readouterr().out.splitlines()[0].startswith("L0/N1\t")
+
+
+def test_input_evidence_keeps_the_peak_token_of_every_top_window():
+    from snip_lens.explain.input import input_evidence
+    from snip_lens.types import ActivationRecord, NeuronRecords
+
+    recs = [ActivationRecord(["\u0120Der", "\u0120Hund"], [0.1, 2.0]),
+            ActivationRecord(["\u0120die", "\u0120Katze"], [3.0, 0.2]),
+            ActivationRecord(["\u0120ein", "\u0120Hund"], [0.0, 1.5]),
+            ActivationRecord(["\u0120the", "\u0120dog"], [0.3, 1.0])]
+    ev = input_evidence(NeuronRecords(NeuronId(0, 0), recs))
+    assert [(t.token, t.weight) for t in ev.peaks] == [("Hund", 0.5), ("die", 0.25), ("dog", 0.25)]
+    assert type(ev).from_json(ev.to_json()).peaks == ev.peaks
+    # the evidence match reads those peaks, weighted by their share
+    terms = concept_terms(GERMAN + ["Der Hund bellt."], ENGLISH + ["The dog barks."])
+    score, _ = evidence_score(NeuronExplanation(NeuronId(0, 0), "x", source="t",
+                                                evidence=NeuronEvidence(ev, None)), terms)
+    assert score == pytest.approx(0.5 * terms["hund"] + 0.25 * terms["dog"] + 0.25 * terms["die"])
