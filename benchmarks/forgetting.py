@@ -8,8 +8,8 @@ Scenarios (the forget / retain pairs of the offline demo and of one language):
   retain = the English fortunes of ``fortunes`` (the package's own files, named below); one fortune (the text
   between two ``%`` lines) is one document; the auto detector picks ``language:de``.
 
-Each scenario is one ``run_sweep`` (methods snip, activation, random at 2% and 4% of the neurons, offline
-heuristic explainer) with ``--eval generation`` and the relearning attack at 4% (AdamW, lr 1e-4, batch 4
+Each scenario is one ``run_sweep`` (methods snip, activation, random at 2% and 4% of the neurons; SNIP in
+the library's default configuration: offline explanations of both kinds, evidence match) with ``--eval generation`` and the relearning attack at 4% (AdamW, lr 1e-4, batch 4
 windows of 64 tokens, measured after 2, 5 and 10 steps, exported and masked forms, plus the unpruned model).
 Time: on 2 CPU cores shared with seven other jobs (load 10-15) the code scenario's selection alone took
 27 minutes (explaining 46,080 neurons ~5, embedding their explanations ~11), one batch of 12 continuations

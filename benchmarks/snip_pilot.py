@@ -1,15 +1,17 @@
-"""Pilot that fixed SNIP's offline default: which explanation kind (input, output, both) on the demo scenario.
+"""Pilot that fixed SNIP's offline default: which explanation kind (input, output, both) and which match
+(embedding: the paper's max cosine of sentence embeddings; evidence: the explanation's evidence tokens
+weighted by the forget set's term log-odds) on the demo scenario.
 
-Run once, on a *pilot split* of the demo scenario only (stdlib source vs pydoc prose, documents split with
+Run on a *pilot split* of the demo scenario only (stdlib source vs pydoc prose, documents split with
 ``--seed 1``, while the benchmark and the demo use seed 0), before any other scenario is looked at. One
-collection, one set of offline concepts, then per explanation kind: offline explanations, MiniLM
-embeddings, SNIP scores, the top-k mask, held-out forget/retain top-1. To stay within a few minutes of
-CPU, SNIP explains and scores one random share of the neurons (``--sample``, the same neurons for every
-kind) and prunes its top k: a comparison between kinds, not the full method's figure. Random pruning (same k) is the
-baseline measured in the same run. Writes benchmarks/results/snip_pilot.json.
+collection, one set of offline concepts (with their term weights), then per explanation kind: offline
+explanations of every neuron; the evidence match over all neurons; and, because embedding 46k explanations
+per kind costs minutes, both matches over one random share of the neurons (``--sample``, the same neurons
+for every kind; the top k of that share is pruned: a comparison between matches, not the full method's
+figure). Random and activation pruning (same k; activation also restricted to the sample) are the
+baselines measured in the same run. Writes benchmarks/results/snip_pilot.json.
 
-    python benchmarks/snip_pilot.py [--k 2%] [--seed 1]
-    python benchmarks/snip_pilot.py --quality --kinds input,both --out snip_pilot_quality.json
+    python benchmarks/snip_pilot.py [--ks 2%,4%] [--seed 1] [--sample 0.25]
 """
 
 from __future__ import annotations
@@ -37,21 +39,18 @@ from snip_lens.sweep import DataConfig, load_side_texts, split_documents
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--k", default="2%")
+    ap.add_argument("--ks", default="2%,4%")
     ap.add_argument("--seed", type=int, default=1, help="document split of the pilot (the benchmark uses 0)")
     ap.add_argument("--kinds", default="input,output,both")
     ap.add_argument("--sample", type=float, default=0.25,
-                    help="share of neurons explained and scored (the same random sample for every kind; the "
-                         "MiniLM embedding of 46k explanations per kind costs ~12 min on 2 shared cores)")
-    ap.add_argument("--quality", action="store_true",
-                    help="also each kind weighted by the embedding quality score (scored for the top 2k)")
+                    help="share of neurons scored by both matches (embedding is the costly one)")
     ap.add_argument("--out", default="snip_pilot.json", help="file name under benchmarks/results/")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "snip_lens" / "pilot-embed"))
     args = ap.parse_args()
     t0 = time.perf_counter()
     model = M.load_model("smollm2-135m")
     n_layers, d_mlp = M.n_layers(model), M.d_mlp(model)
-    k = parse_k(args.k, n_layers * d_mlp)
+    ks = {spec: parse_k(spec, n_layers * d_mlp) for spec in args.ks.split(",")}
     d = DataConfig(seed=args.seed)
     f_sel, f_eval = split_documents(load_side_texts(d.forget, d), d.eval_fraction, d.seed)
     r_sel, r_eval = split_documents(load_side_texts(d.retain, d), d.eval_fraction, d.seed)
@@ -74,46 +73,59 @@ def main() -> None:
                 for side, toks in (("forget", fe.tokens), ("retain", re_.tokens))}
 
     base = evaluate(None)
-    runs = {}
-    rnd = evaluate(mask_from_scores(model, random_scores(n_layers, d_mlp, seed=0), k))
-    runs["random"] = rnd
-    runs["activation"] = evaluate(mask_from_scores(model, activation_scores(records), k))
     import random
 
+    from snip_lens.score import NeuronScores
     from snip_lens.types import NeuronId
 
     everyone = [NeuronId(lay, i) for lay in range(n_layers) for i in range(d_mlp)]
     sample = sorted(random.Random(0).sample(everyone, round(args.sample * len(everyone))))
+    in_sample = torch.zeros(n_layers, d_mlp, dtype=torch.bool)
+    for n in sample:
+        in_sample[n.layer, n.index] = True
+
+    def restrict(s: NeuronScores) -> NeuronScores:
+        return NeuronScores(torch.where(in_sample, s.scores, torch.tensor(float("-inf"), dtype=s.scores.dtype)),
+                            s.method, s.labels, secondary=s.secondary, secondary_name=s.secondary_name)
+
+    runs: dict[str, dict] = {}
+
+    def measure(name: str, s: NeuronScores) -> None:
+        for spec, k in ks.items():
+            r = evaluate(mask_from_scores(model, s, k))
+            runs[f"{name}@{spec}"] = {"method": name, "k": spec, **r}
+            print(name, spec, {key: round(base[key] - v, 4) for key, v in r.items()}, flush=True)
+
+    rnd = random_scores(n_layers, d_mlp, seed=0)
+    act = activation_scores(records)
+    measure("random", rnd)
+    measure("activation", act)
+    measure("activation (sample)", restrict(act))
     for kind in args.kinds.split(","):
         expl = explain(records, ExplainConfig(explanations=kind), projection=projection, model=model,
-                       neurons=sample, progress=False)
-        s = score_neurons(expl, concepts, embedder, n_layers=n_layers, d_mlp=d_mlp)
-        if not args.quality:
-            runs[f"snip-{kind}"] = evaluate(mask_from_scores(model, s, k))
-            print(kind, runs[f"snip-{kind}"], flush=True)
-            continue
-        from snip_lens.quality import EmbeddingScorer, score_explanations
-
-        candidates = set(s.top_k(2 * k))
-        score_explanations([e for e in expl if e.neuron in candidates], records, EmbeddingScorer(embedder))
-        w = score_neurons(expl, concepts, embedder, n_layers=n_layers, d_mlp=d_mlp, quality="embedding")
-        runs[f"snip-{kind}+quality"] = evaluate(mask_from_scores(model, w, k))
-        print(kind, "+quality", runs[f"snip-{kind}+quality"], flush=True)
+                       progress=False)
+        measure(f"snip-{kind} evidence", score_neurons(expl, concepts, None, n_layers=n_layers, d_mlp=d_mlp,
+                                                     match="evidence"))
+        sub = [e for e in expl if in_sample[e.neuron.layer, e.neuron.index]]
+        measure(f"snip-{kind} evidence (sample)", score_neurons(sub, concepts, None, n_layers=n_layers,
+                                                              d_mlp=d_mlp, match="evidence"))
+        measure(f"snip-{kind} embedding (sample)", score_neurons(sub, concepts, embedder, n_layers=n_layers,
+                                                               d_mlp=d_mlp, match="embedding"))
     table = {}
-    for name, r in runs.items():
+    for key, r in runs.items():
         fd, rd = base["forget"] - r["forget"], base["retain"] - r["retain"]
-        table[name] = {"forget_top1": round(r["forget"], 4), "retain_top1": round(r["retain"], 4),
-                       "forget_drop": round(fd, 4), "retain_drop": round(rd, 4),
-                       "forget_drop_vs_random": round(fd / (base["forget"] - rnd["forget"]), 2)
-                       if base["forget"] != rnd["forget"] else None}
-    res = {"scenario": "demo (stdlib code vs pydoc prose), pilot split", "seed": args.seed, "k": k,
-           "snip_neuron_sample": args.sample,
-           "k_spec": args.k, "baseline": {s: round(v, 4) for s, v in base.items()}, "runs": table,
+        rnd_fd = base["forget"] - runs[f"random@{r['k']}"]["forget"]
+        table[key] = {"method": r["method"], "k": r["k"], "forget_top1": round(r["forget"], 4),
+                      "retain_top1": round(r["retain"], 4), "forget_drop": round(fd, 4), "retain_drop": round(rd, 4),
+                      "forget_drop_vs_random": round(fd / rnd_fd, 2) if rnd_fd > 0 else None}
+    res = {"scenario": "demo (stdlib code vs pydoc prose), pilot split", "seed": args.seed,
+           "ks": {spec: k for spec, k in ks.items()}, "sample": args.sample,
+           "baseline": {s: round(v, 4) for s, v in base.items()}, "runs": table,
            "concepts": concepts.concepts, "seconds": round(time.perf_counter() - t0, 1),
            "load_average_1min": round(os.getloadavg()[0], 2)}
-    for name, r in table.items():
-        print(f"{name:14s} forget drop {r['forget_drop']:+.3f} ({r['forget_drop_vs_random']}x random) "
-              f"retain drop {r['retain_drop']:+.3f}")
+    for r in table.values():
+        print(f"{r['method']:34s} {r['k']:>4s} forget drop {r['forget_drop']:+.3f} ({r['forget_drop_vs_random']}x "
+              f"random) retain drop {r['retain_drop']:+.3f}")
     path = Path(__file__).parent / "results" / args.out
     path.write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {path}")

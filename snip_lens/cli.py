@@ -224,10 +224,10 @@ def _embedder_from_args(args: argparse.Namespace):  # noqa: ANN202 - an Embedder
                         api_key_env=server.api_key_env)
 
 
-def _embedder_args(sp: argparse.ArgumentParser) -> None:
+def _embedder_args(sp: argparse.ArgumentParser, *, match: bool = False) -> None:
     from .config import EmbeddingConfig, add_stage_flags
 
-    add_stage_flags(sp, EmbeddingConfig, "embed")
+    add_stage_flags(sp, EmbeddingConfig, "embed", only=None if match else ("embedder",))
     _llm_flags(sp, only=("base_url", "api_key_env"))
     sp.add_argument("--cache-dir", help="embedding cache (default: the snip_lens cache directory)")
     sp.add_argument("--no-cache", action="store_true", help="do not cache embeddings")
@@ -260,8 +260,9 @@ def _score_cmd(args: argparse.Namespace) -> int:
         d_mlp = 1 + max(e.neuron.index for e in explanations)
         logging.getLogger(__name__).warning("model shape inferred from the explanations: %dx%d (give --shape or "
                                             "--model to be sure)", n_layers, d_mlp)
-    scores = score_neurons(explanations, concepts, _embedder_from_args(args), n_layers=n_layers, d_mlp=d_mlp,
-                           model_name=name)
+    embedder = _embedder_from_args(args) if args.embed__match != "evidence" else None
+    scores = score_neurons(explanations, concepts, embedder, n_layers=n_layers, d_mlp=d_mlp,
+                           model_name=name, match=args.embed__match)
     path = scores.save(out)
     for nid in scores.top_k(min(args.show, int(scores.scores.isfinite().sum()))):
         print(f"{nid}\t{scores.scores[nid.layer, nid.index]:.3f}\t{scores.labels.get(nid, '')}")
@@ -270,7 +271,7 @@ def _score_cmd(args: argparse.Namespace) -> int:
 
 
 def _add_score(sub: argparse._SubParsersAction) -> None:
-    sp = sub.add_parser("score", help="SNIP step 3: score neurons by max cosine between explanation and concepts")
+    sp = sub.add_parser("score", help="SNIP step 3: score neurons by how their explanations match the concepts")
     sp.add_argument("--explanations", required=True, help="explanations JSONL (snip explain)")
     sp.add_argument("--concepts", required=True, help="concepts JSON (snip concepts)")
     sp.add_argument("--model", help="model whose shape to use (loaded), e.g. smollm2-135m")
@@ -279,7 +280,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--out", default="scores", help="output (.safetensors and .json)")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     sp.add_argument("--show", type=int, default=10, help="top neurons printed")
-    _embedder_args(sp)
+    _embedder_args(sp, match=True)
     sp.set_defaults(func=_score_cmd)
 
 

@@ -151,8 +151,13 @@ def extract_concepts(forget_texts: list[str], *, client: Any = None, n_samples: 
         raise ValueError(f"the forget set is empty ({len(forget_texts or [])} documents, none with text); "
                          "give documents to forget (e.g. --forget code or a .txt/.jsonl file)")
     if client is None:
-        concepts = distinctive_concepts(texts, reference_texts, n=n_concepts)
-        return DatasetConcepts(concepts, source="distinctive-words (log-odds vs reference)")
+        reference = _default_reference() if reference_texts is None else reference_texts
+        if not [t for t in reference if isinstance(t, str) and t.strip()]:
+            raise ValueError("the reference corpus is empty; give reference documents (e.g. --reference prose) "
+                             "or none at all to use the built-in reference")
+        concepts, terms = distinctive_concepts_and_terms(texts, [t for t in reference if isinstance(t, str)
+                                                                 and t.strip()], n=n_concepts)
+        return DatasetConcepts(concepts, source="distinctive-words (log-odds vs reference)", terms=terms)
 
     from .llm import DiskCache, LLMConfig, OpenAIChatClient, run_all
 
@@ -179,13 +184,15 @@ def extract_concepts(forget_texts: list[str], *, client: Any = None, n_samples: 
         hit = cache.get(key)
         if isinstance(hit, dict) and hit.get("concepts"):
             logger.info("concepts read from cache %s", cache.path(key))
-            return DatasetConcepts(list(hit["concepts"]), source=source)
+            return DatasetConcepts(list(hit["concepts"]), source=source,
+                                   terms=concept_terms(texts, reference_texts))
     answer = run_all([client.generate(messages)], desc="concepts", progress=False)[0]
     concepts = parse_concepts(answer)
     if cache is not None:
         cache.put(key, {"concepts": concepts, "answer": answer})
     logger.info("%d concepts from %s", len(concepts), source)
-    return DatasetConcepts(concepts, source=source)
+    # The LLM names the concepts; the term weights of the evidence match still come from the data.
+    return DatasetConcepts(concepts, source=source, terms=concept_terms(texts, reference_texts))
 
 
 # -- offline fallback ---------------------------------------------------------------------------------------
@@ -283,6 +290,10 @@ def _typical_lines(texts: list[str], z: dict[str, float], n: int, *, min_tokens:
     return [s for _, s in scored[:n]]
 
 
+MAX_TERMS = 5000
+"""Terms kept by :func:`concept_terms`: the largest |z| (forget-like and reference-like alike)."""
+
+
 def distinctive_concepts(forget_texts: list[str], reference_texts: list[str] | None = None, n: int = 30, *,
                          prior_strength: float = 500.0, n_lines: int = 3) -> list[str]:
     """What sets ``forget_texts`` apart from ``reference_texts``, as text copied from the forget set (step 2).
@@ -306,9 +317,19 @@ def distinctive_concepts(forget_texts: list[str], reference_texts: list[str] | N
     elif not reference:
         raise ValueError("the reference corpus is empty; give reference documents (e.g. --reference prose) "
                          "or none at all to use the built-in reference")
+    concepts, _ = distinctive_concepts_and_terms(forget, reference, n, prior_strength=prior_strength,
+                                                 n_lines=n_lines)
+    return concepts
+
+
+def distinctive_concepts_and_terms(forget: list[str], reference: list[str], n: int = 30, *,
+                                   prior_strength: float = 500.0, n_lines: int = 3, max_terms: int = MAX_TERMS
+                                   ) -> tuple[list[str], dict[str, float]]:
+    """:func:`distinctive_concepts` and :func:`concept_terms` from one count of both corpora."""
     f_counts, f_df, surface = _counts(forget, "counting forget-set tokens")
     r_counts, _, _ = _counts(reference, "counting reference tokens")
     z = log_odds_dirichlet(f_counts, r_counts, prior_strength=prior_strength)
+    terms = _terms_from(z, f_counts, r_counts, max_terms)
     min_df = 2 if len(forget) >= 4 else 1
     min_count = 3 if len(forget) >= 4 else 2
     uni: list[str] = []
@@ -337,7 +358,47 @@ def distinctive_concepts(forget_texts: list[str], reference_texts: list[str] | N
     if not out:
         raise ValueError("found no concept that distinguishes the forget set from the reference corpus; "
                          "give a larger forget set or a different reference")
-    return out
+    return out, terms
+
+
+def term_pieces(text: str) -> list[str]:
+    """The case-folded terms of ``text`` as the concept statistics count them: words (any script) and single
+    non-space symbols. Tokenizer display markers (byte-level BPE, SentencePiece) are read as the text they
+    stand for, so a model token and the same text written out give the same terms."""
+    return [m.group(0).casefold() for m in _TOKEN.finditer(text.translate(_DISPLAY_MARKERS))]
+
+
+_DISPLAY_MARKERS = str.maketrans({"\u0120": " ", "\u2581": " ", "\u010a": "\n", "\u0109": "\t"})
+
+
+def _terms_from(z: dict[str, float], f_counts: Counter, r_counts: Counter, max_terms: int) -> dict[str, float]:
+    # Unigrams seen at least twice over both corpora; the rest carry no usable statistic.
+    uni = [(w, v) for w, v in z.items() if "\x00" not in w and f_counts.get(w, 0) + r_counts.get(w, 0) >= 2]
+    uni.sort(key=lambda x: (-abs(x[1]), x[0]))
+    return {w: round(float(v), 4) for w, v in uni[:max_terms]}
+
+
+def concept_terms(forget_texts: list[str], reference_texts: list[str] | None = None, *,
+                  prior_strength: float = 500.0, max_terms: int = MAX_TERMS) -> dict[str, float]:
+    """Each term's log-odds z-score, forget set vs reference (:func:`log_odds_dirichlet`): positive where the
+    forget set uses it more, negative where the reference does.
+
+    These weights are the forget set's concept vocabulary for SNIP's evidence match
+    (:func:`snip_lens.score.evidence_scores`): they come from the raw text alone (the same regex and counts
+    as the offline concepts), never from an explainer. With no reference, the ``pydoc_data`` help topics.
+    """
+    forget = [t for t in (forget_texts or []) if isinstance(t, str) and t.strip()]
+    if not forget:
+        raise ValueError("the forget set is empty; give documents to forget")
+    reference = [t for t in (reference_texts or []) if isinstance(t, str) and t.strip()]
+    if reference_texts is None:
+        reference = _default_reference()
+    elif not reference:
+        raise ValueError("the reference corpus is empty; give reference documents (e.g. --reference prose)")
+    f_counts, _, _ = _counts(forget, "counting forget-set tokens")
+    r_counts, _, _ = _counts(reference, "counting reference tokens")
+    return _terms_from(log_odds_dirichlet(f_counts, r_counts, prior_strength=prior_strength), f_counts,
+                       r_counts, max_terms)
 
 
 def _norm_text(s: str) -> str:

@@ -277,6 +277,10 @@ class EmbeddingConfig:
 
     embedder: str = "local"
     """Embedding model: local (offline MiniLM), openai:text-embedding-3-small, or a local model directory."""
+    match: Literal["evidence", "embedding", "both"] = "evidence"
+    """How explanations are matched with concepts: evidence (the tokens each explanation rests on, weighted by
+    the forget set's term log-odds; needs no embedding), embedding (the paper: max cosine between sentence
+    embeddings of explanation and concepts), or both (the two standardised and added)."""
 
 
 @dataclass

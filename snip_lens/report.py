@@ -93,11 +93,15 @@ def neuron_evidence(method: str, neuron: Any, scores: dict[str, Any]) -> dict[st
         sc = scores.get(name)
         return sc.labels.get(neuron, "") if sc is not None else ""
 
+    snip = scores.get("snip")
+    evidence = snip is not None and getattr(snip, "score_name", "").startswith("evidence")
+    # what SNIP's score is (the paper's cosine, or the evidence match) and what gave it
+    what, why = ("evidence score", "weightiest evidence") if evidence else ("cosine", "matched concept")
     if method == "snip":
-        return {"cosine": fmt(val("snip")), "matched concept": concept("snip")}
+        return {what: fmt(val("snip")), why: concept("snip")}
     if method == "hybrid":
         return {"hybrid score": fmt(val("hybrid")), "activation ratio": fmt(val("activation")),
-                "cosine": fmt(val("snip")), "matched concept": concept("snip")}
+                what: fmt(val("snip")), why: concept("snip")}
     if method in ("activation", "activation-freq"):
         return {"forget/retain ratio": fmt(val(method))}
     if method == "keyword":

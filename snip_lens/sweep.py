@@ -94,6 +94,9 @@ class SweepConfig:
     """Environment variable holding the API key (never written anywhere)."""
     embedder: str = "local"
     """Embedding model: "local" (offline MiniLM), "openai:text-embedding-3-small", or a local directory."""
+    match: Literal["evidence", "embedding", "both"] = "evidence"
+    """How SNIP matches explanations with concepts (``score.score_neurons``): evidence, embedding (the
+    paper's max cosine) or both."""
     keywords: list[str] = field(default_factory=list)
     """Keywords for the keyword baseline."""
     hybrid_weight: float = 0.05
@@ -554,10 +557,19 @@ def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: An
 
         # -- step 3: embed and score -------------------------------------------------------------------
         t = time.perf_counter()
+        if not concepts.terms and config.embed.match != "embedding":
+            # a concepts file from before term weights: add them from the same selection documents
+            from .concepts import concept_terms
+
+            concepts = DatasetConcepts(concepts.concepts, concepts.source, concept_terms(f_sel, r_sel))
+            concepts.save(concepts_path)
+        # The evidence match needs no embeddings (the costliest step), unless quality is scored by embedding.
+        needs_embedder = config.embed.match != "evidence" or config.explain.quality_weight == "embedding"
         embedder = get_embedder(config.embed.embedder, cache_dir=out / "cache" / "embed",
                                 base_url=config.llm.base_url, api_key_env=config.llm.api_key_env,
-                                progress=progress)
-        scores["snip"] = score_neurons(explanations, concepts, embedder, n_layers=n_layers, d_mlp=d_mlp)
+                                progress=progress) if needs_embedder else None
+        scores["snip"] = score_neurons(explanations, concepts, embedder, n_layers=n_layers, d_mlp=d_mlp,
+                                       match=config.embed.match)
         if config.explain.quality_weight != "none":
             scores["snip"] = _quality_weighted(config, explanations, records, concepts, embedder, scores["snip"],
                                                max(ks), out / "explanations.jsonl", n_layers, d_mlp)
@@ -569,7 +581,7 @@ def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: An
         scores["snip"] = NeuronScores(snip.scores, snip.method, snip.labels, snip.model_name or name,
                                       secondary=quality if quality is not None else snip.secondary,
                                       secondary_name="explanation score" if quality is not None
-                                      else snip.secondary_name, tie_seed=d.seed)
+                                      else snip.secondary_name, tie_seed=d.seed, score_name=snip.score_name)
 
     sel = config.select
     if any(m in sel.methods for m in ("activation", "hybrid")) or (
@@ -733,7 +745,8 @@ def _quality_weighted(config: SweepConfig, explanations: list, records: Any, con
         scorer = EmbeddingScorer(embedder) if name == "embedding" else SimulatorScorer(_llm_config(config))
         score_explanations(todo, records, scorer)
         save_explanations(expl_path, explanations)
-    return score_neurons(explanations, concepts, embedder, n_layers=n_layers, d_mlp=d_mlp, quality=name)
+    return score_neurons(explanations, concepts, embedder, n_layers=n_layers, d_mlp=d_mlp, quality=name,
+                         match=config.embed.match)
 
 
 QUALITY_CANDIDATES_FACTOR = 2

@@ -123,17 +123,21 @@ class InputEvidence:
     """Context tokens over-represented in its top windows against its random windows (log-odds z-score)."""
     contexts: list[str] = field(default_factory=list)
     """Text of a few top windows around the peak (the peak token in ``[[ ]]``)."""
+    peaks: list[TokenWeight] = field(default_factory=list)
+    """The token at the peak of each top window, weight = share of top windows (all of them, commonest first;
+    the sentence names only the strongest tokens)."""
 
     def to_json(self) -> dict:
         return {"top_tokens": [t.to_json() for t in self.top_tokens],
                 "preceding": [t.to_json() for t in self.preceding],
                 "following": [t.to_json() for t in self.following],
-                "distinctive": [t.to_json() for t in self.distinctive], "contexts": list(self.contexts)}
+                "distinctive": [t.to_json() for t in self.distinctive], "contexts": list(self.contexts),
+                "peaks": [t.to_json() for t in self.peaks]}
 
     @classmethod
     def from_json(cls, d: dict) -> "InputEvidence":
         return cls(_tw(d.get("top_tokens")), _tw(d.get("preceding")), _tw(d.get("following")),
-                   _tw(d.get("distinctive")), list(d.get("contexts") or []))
+                   _tw(d.get("distinctive")), list(d.get("contexts") or []), _tw(d.get("peaks")))
 
 
 @dataclass
@@ -232,10 +236,14 @@ class DatasetConcepts:
     """De-duplicated concept phrases."""
     source: str = ""
     """How they were obtained (LLM model name, or the offline distinctive-words fallback)."""
+    terms: dict[str, float] = field(default_factory=dict)
+    """The forget set's term weights: each case-folded term's log-odds z-score, forget set vs reference
+    (positive: the forget set uses it more); what SNIP's evidence match scores an explanation's evidence
+    against (:func:`snip_lens.concepts.concept_terms`). Empty in files written before version 2."""
 
     FORMAT = "snip_lens.concepts"
     """Value of the ``format`` key of a saved concepts file."""
-    VERSION = 1
+    VERSION = 2
     """Version of the saved layout."""
 
     def __post_init__(self) -> None:
@@ -247,11 +255,14 @@ class DatasetConcepts:
         if bad:
             raise ValueError(f"concepts {bad[:5]!r} are empty or hold control characters: concepts are text "
                              "(was the forget set a binary file?)")
+        if not isinstance(self.terms, dict) or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and v == v for k, v in self.terms.items()):
+            raise ValueError(f"DatasetConcepts.terms must map strings to finite numbers, got {self.terms!r:.200}")
 
     def to_json(self) -> dict:
-        """The saved form: ``{"format", "version", "concepts", "source"}``."""
+        """The saved form: ``{"format", "version", "concepts", "source", "terms"}``."""
         return {"format": self.FORMAT, "version": self.VERSION, "concepts": list(self.concepts),
-                "source": self.source}
+                "source": self.source, "terms": dict(self.terms)}
 
     @classmethod
     def from_json(cls, d: object, *, where: str = "concepts") -> "DatasetConcepts":
@@ -264,7 +275,11 @@ class DatasetConcepts:
         if int(d.get("version", 1)) > cls.VERSION:
             raise ValueError(f"{where} has concepts format version {d.get('version')}; this snip_lens reads up to "
                              f"{cls.VERSION}: upgrade snip_lens")
-        return cls(list(d["concepts"]), str(d.get("source", "")))
+        terms = d.get("terms", {})
+        if not isinstance(terms, dict):
+            raise ValueError(f"{where}: 'terms' must be an object mapping terms to weights, got "
+                             f"{type(terms).__name__}")
+        return cls(list(d["concepts"]), str(d.get("source", "")), {str(k): float(v) for k, v in terms.items()})
 
     def save(self, path: "str | os.PathLike[str]") -> "Path":
         """Write the concepts as JSON, atomically; returns the path."""

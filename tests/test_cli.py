@@ -410,7 +410,8 @@ def test_every_model_running_command_accepts_device_and_dtype(model_dir, tmp_pat
         ["evaluate", "toxicity", *m, "--n", "2", "--max-new-tokens", "2", "--scorer", "profanity", *dev],
         ["export", *m, "--mask", str(mask), "--out", str(tmp_path / "e"), *dev],
         ["evaluate", "cbt", *m, "--source", str(Path(__file__).parent / "fixtures" / "cbt_sample.jsonl"), *dev],
-        ["score", "--explanations", str(expl), "--concepts", str(concepts), *m, "--out", str(tmp_path / "s"), *dev],
+        ["score", "--explanations", str(expl), "--concepts", str(concepts), *m, "--match", "embedding",
+         "--out", str(tmp_path / "s"), *dev],
     ]
     for argv in commands:
         assert main(argv) == 0, argv

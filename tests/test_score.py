@@ -243,11 +243,16 @@ def test_cli_concepts_score_search(tmp_path, capsys):
 
     ex, co = _write_inputs(tmp_path)
     cache = tmp_path / "cache"
+    # these hand-written concepts have no term weights: the default evidence match says so and names the fix
+    assert main(["score", "--explanations", str(ex), "--concepts", str(co), "--shape", "3x6",
+                 "--out", str(tmp_path / "scores")]) == 2
+    err = capsys.readouterr().err
+    assert "term weights" in err and "--match embedding" in err and "snip concepts" in err
     assert main(["score", "--explanations", str(ex), "--concepts", str(co), "--shape", "3x6", "--embedder", "local",
-                 "--cache-dir", str(cache), "--out", str(tmp_path / "scores")]) == 0
+                 "--match", "embedding", "--cache-dir", str(cache), "--out", str(tmp_path / "scores")]) == 0
     s = NeuronScores.load(tmp_path / "scores.safetensors", n_layers=3, d_mlp=6)
     assert s.top_k(1) == [NeuronId(0, 0)] and s.labels[NeuronId(0, 0)] == "Python function definitions"
-    assert main(["score", "--explanations", str(ex), "--concepts", str(co), "--shape", "2x6",
+    assert main(["score", "--explanations", str(ex), "--concepts", str(co), "--shape", "2x6", "--match", "embedding",
                  "--cache-dir", str(cache), "--out", str(tmp_path / "s2")]) == 2
     assert "outside the model's shape" in capsys.readouterr().err
 

@@ -76,7 +76,7 @@ def test_results_schema_and_outputs(offline_run, model):
     report = (out / "report.md").read_text()
     assert "## snip" in report and "## keyword" in report
     html = (out / "report.html").read_text()
-    assert "<table>" in html and "matched concept" in html
+    assert "<table>" in html and "weightiest evidence" in html
     cfg_json = json.loads((out / "config.json").read_text())
     assert cfg_json["version"] == 2 and cfg_json["select"]["methods"] == cfg.methods
     assert "(none)" in summary_table(res)
@@ -104,13 +104,15 @@ def test_report_shows_each_methods_own_evidence(offline_run):
     texts = {f"L{e['layer']}/N{e['index']}": e["explanation"].replace("|", "\\|") for e in expl}
     snip = NeuronScores.load(out / "scores" / "snip.safetensors")
     act = NeuronScores.load(out / "scores" / "activation.safetensors")
-    # SNIP: the matched concept and its cosine, and the neuron's own explanation
+    # SNIP (evidence match, the default): its evidence score, the evidence token that weighed most, and the
+    # neuron's own explanation
     head, rows = _report_rows(report, "snip")
-    assert head == ["neuron", "cosine", "matched concept", "explanation"] and rows
-    for neuron, cos, concept, text in rows:
+    assert head == ["neuron", "evidence score", "weightiest evidence", "explanation"] and rows
+    assert snip.score_name == "evidence score"
+    for neuron, score, why, text in rows:
         n = NeuronId.parse(neuron)
-        assert concept in concepts and concept == snip.labels[n]
-        assert float(cos) == pytest.approx(float(snip.scores[n.layer, n.index]), abs=1e-3)
+        assert why.replace("\\|", "|") == snip.labels[n] and "term weight" in why
+        assert float(score) == pytest.approx(float(snip.scores[n.layer, n.index]), abs=1e-3)
         assert text == texts[neuron]
     # activation: its ratio, and no concept it never used
     head, rows = _report_rows(report, "activation")
@@ -202,7 +204,7 @@ def test_paper_path_with_an_openai_compatible_server(model, tmp_path, monkeypatc
         cfg = SweepConfig(model="tiny", data=_data(), ks=["5%"], methods=["snip", "llm-judge", "random"],
                           explainer="openai", llm_model="loopback-chat", base_url=server.base_url,
                           api_key_env="SNIP_TEST_KEY", embedder="openai:text-embedding-3-small",
-                          judge_candidates=64)
+                          match="embedding", judge_candidates=64)
         res = run_sweep(cfg, tmp_path, model=model, progress=False)
     assert [r["method"] for r in res["runs"]] == ["snip", "llm-judge", "random"]
     # identical explanations share the secondary signal too, so the seeded draw decides among them

@@ -65,6 +65,7 @@ def input_evidence(records: NeuronRecords, *, max_records: int = 10, n_tokens: i
         return None
     mass: Counter[str] = Counter()
     before: Counter[str] = Counter()
+    peaks: Counter[str] = Counter()
     after: Counter[str] = Counter()
     contexts: list[str] = []
     top_df: Counter[str] = Counter()
@@ -77,6 +78,7 @@ def input_evidence(records: NeuronRecords, *, max_records: int = 10, n_tokens: i
                 mass[_key(t)] += a
         if peak <= 0:  # a neuron that never fires positively: its peak token is still what it reads
             mass[_key(r.tokens[p])] += 1.0
+        peaks[_key(r.tokens[p])] += 1
         if p > 0:
             before[_key(r.tokens[p - 1])] += 1
         if p + 1 < len(r.tokens):
@@ -109,7 +111,8 @@ def input_evidence(records: NeuronRecords, *, max_records: int = 10, n_tokens: i
         scored.sort(key=lambda x: (-x[0], -x[1], x[2]))
         distinctive = [TokenWeight(t, z) for z, _, t in scored[:n_context]]
     return InputEvidence(top_tokens=top_tokens, preceding=preceding, following=following,
-                         distinctive=distinctive, contexts=contexts)
+                         distinctive=distinctive, contexts=contexts,
+                         peaks=[TokenWeight(t, c / n) for t, c in sorted(peaks.items(), key=lambda x: (-x[1], x[0]))])
 
 
 def describe_input(ev: InputEvidence) -> str:
