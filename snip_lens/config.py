@@ -307,9 +307,17 @@ class SelectionConfig:
     mask_mode: str = "zero"
     """How pruned neurons are masked: zero, mean (their mean activation on the retain selection windows) or
     scale:F (activation times F; negative F flips it, e.g. scale:-1)."""
+    random_seed: int | None = None
+    """Seed of the random baseline's draw (default: the data seed). Several random baselines on the same
+    document split and windows differ only in this seed."""
 
     def __post_init__(self) -> None:
         from .select import METHODS, parse_k
+
+        if self.random_seed is not None and (isinstance(self.random_seed, bool)
+                                             or not isinstance(self.random_seed, int)):
+            raise ValueError(f"random_seed must be an integer or None, got {self.random_seed!r} "
+                             "(CLI --random-seed 1)")
 
         self.methods = list(self.methods)
         self.ks = [str(k).strip() for k in self.ks]
@@ -570,10 +578,9 @@ def from_flat(flat: dict[str, Any]) -> RunConfig:
     for name, value in flat.items():
         if name == "data":
             continue
-        if name == "seed":  # the flat config's second seed (random baseline): data.seed seeds everything now
-            if value != stages["data"].get("seed", value):
-                logger.warning("SweepConfig.seed=%s differs from data.seed=%s; data.seed seeds every random "
-                               "choice now, the random baseline included", value, stages["data"].get("seed"))
+        if name == "seed":  # the flat config's second seed: the random baseline's (data.seed seeds the rest)
+            if value != stages["data"].get("seed", 0):
+                stages["select"]["random_seed"] = value
             continue
         path = flat_path(name)
         if path is None:

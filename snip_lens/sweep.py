@@ -601,7 +601,8 @@ def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: An
             progress=progress))
         timings["attribution"] = time.perf_counter() - t
     if "random" in sel.methods:
-        scores["random"] = random_scores(n_layers, d_mlp, seed=d.seed, model_name=name)
+        seed = d.seed if sel.random_seed is None else sel.random_seed
+        scores["random"] = random_scores(n_layers, d_mlp, seed=seed, model_name=name)
     if "keyword" in sel.methods:
         scores["keyword"] = keyword_scores(explanations, sel.keywords, n_layers=n_layers, d_mlp=d_mlp,
                                            model_name=name, seed=d.seed)

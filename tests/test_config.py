@@ -157,3 +157,17 @@ def test_results_schema_round_trip_keeps_unknown_keys(tmp_path):
     assert SweepResults.load(p) == res
     d.pop("version")  # a version-1 file
     assert SweepResults.from_json(d).runs[0].k == 3
+
+
+def test_flat_seed_seeds_the_random_baseline_and_leaves_the_split_alone():
+    from snip_lens.sweep import DataConfig, SweepConfig
+
+    cfg = SweepConfig(data=DataConfig(seed=0), methods=["random"], seed=2).to_run_config()
+    assert cfg.data.seed == 0 and cfg.select.random_seed == 2
+    assert SweepConfig(data=DataConfig(seed=3), methods=["random"], seed=3).to_run_config().select.random_seed is None
+    import pytest
+
+    from snip_lens.config import SelectionConfig
+
+    with pytest.raises(ValueError, match="random_seed"):
+        SelectionConfig(random_seed="1")  # type: ignore[arg-type]

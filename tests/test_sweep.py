@@ -488,3 +488,14 @@ def test_rerun_retries_exactly_the_failed_explanations_and_says_so(model, tmp_pa
     for key, e in first.items():
         if e["error"] is None:
             assert second[key] == e  # successes kept as they were
+
+
+def test_random_seed_draws_other_neurons_on_the_same_windows(model, tmp_path):
+    base = run_sweep(SweepConfig(model="tiny", data=_data(), ks=["6"], methods=["random"]), tmp_path / "a",
+                     model=model, progress=False)
+    other = run_sweep(SweepConfig(model="tiny", data=_data(), ks=["6"], methods=["random"], seed=5), tmp_path / "b",
+                      model=model, progress=False)
+    assert base["baseline"] == other["baseline"]  # same split and windows
+    a = NeuronMask.load(tmp_path / "a" / "masks" / "random_k6.safetensors").neurons
+    b = NeuronMask.load(tmp_path / "b" / "masks" / "random_k6.safetensors").neurons
+    assert sorted(a) != sorted(b)
