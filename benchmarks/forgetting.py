@@ -55,7 +55,9 @@ SKIP_GERMAN = {"asciiart"}
 def fortune_entries(path: Path) -> list[str]:
     """The fortunes of one file: the texts between lines holding only ``%``."""
     entries, cur = [], []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    from unlearning import clean_fortune  # the same cleaning as the unlearning benchmark's scenarios
+
+    for line in clean_fortune(path.read_text(encoding="utf-8", errors="replace")).splitlines():
         if line.strip() == "%":
             if cur:
                 entries.append("\n".join(cur).strip())

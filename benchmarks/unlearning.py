@@ -107,12 +107,19 @@ def _fortune_files(directory: Path) -> list[Path]:
     return files
 
 
+def clean_fortune(text: str) -> str:
+    """Fortune text as plain text: overstrike (character, backspace) pairs, used for bold and underline on
+    terminals, keep the character written last; other control characters (bells) are dropped."""
+    text = re.sub(r".\x08", "", text)
+    return re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "", text)
+
+
 def fortune_entries(directory: Path) -> list[str]:
     """Every entry of every fortune file in ``directory`` (entries end at a line holding only ``%``)."""
     out = []
     for f in _fortune_files(directory):
         text = f.read_text(encoding="utf-8", errors="replace")
-        text = re.sub(r".\x08", "", text)  # overstrike (char, backspace) pairs: keep the struck-over char
+        text = clean_fortune(text)
         for entry in re.split(r"^%\s*$", text, flags=re.MULTILINE):
             if entry.strip():
                 out.append(entry.strip("\n"))
