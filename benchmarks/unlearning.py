@@ -438,6 +438,23 @@ def table(scenarios: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary_table(scenarios: list[dict]) -> str:
+    """Forget top-1 drop (as a multiple of random's) and retain top-1 drop of every method at 2% and 4%: the
+    table the README shows."""
+    lines = ["| scenario | method | 2%: forget drop (x random) | 2%: retain drop | 4%: forget drop (x random) | "
+             "4%: retain drop |", "|---|---|---|---|---|---|"]
+    for sc in scenarios:
+        rows = method_rows(sc)
+        for m in dict.fromkeys(r["method"] for r in rows):
+            cells = []
+            for pct in (2, 4):
+                r = next((r for r in rows if r["method"] == m and abs(r["k_percent"] - pct) < 0.01), None)
+                cells += ["", ""] if r is None else [f"{r['forget_top1_drop']:+.3f} ({r['forget_drop_x_random']:.1f}x)",
+                                                     f"{r['retain_top1_drop']:+.3f}"]
+            lines.append(f"| {sc['name']} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def mask_mode_table(mm: dict) -> str:
     b = mm["baseline"]
     lines = ["| method | mask mode | k | forget top-1 drop | retain top-1 drop | forget loss rise | retain loss rise |",
@@ -553,7 +570,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{doc['sweeps_git_commit'][:10]}; {sizes['select_windows']} selection and "
           f"{sizes['eval_windows']} held-out windows of {sizes['n_ctx']} tokens per side; top-1 drops are baseline "
           "minus pruned; `x random` is the forget drop over random's (mean of seeds) at the same k; selectivity "
-          "is forget drop minus retain drop.", "", table(doc["scenarios"]), ""]
+          "is forget drop minus retain drop.", "", "## Summary at 2% and 4%", "", summary_table(doc["scenarios"]), "",
+          "## Every method and k", "", table(doc["scenarios"]), ""]
     md += ["## Targets", ""]
     for sc in doc["scenarios"]:
         if sc.get("not_run"):

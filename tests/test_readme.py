@@ -1,19 +1,57 @@
-"""Claims in README.md match the numbers printed next to them."""
+"""Claims in README.md match the results files they quote."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
-README = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+ROOT = Path(__file__).parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
-def test_demo_claim_of_how_much_more_forget_falls_matches_the_table():
-    rows = re.findall(r"^\| (\w+) \| ([\d.]+%?) \| ([\d.]+) \| ([\d.]+) \|$", README, flags=re.M)
-    table = {(m, k): (float(f), float(r)) for m, k, f, r in rows}
-    base_f, base_r = table[("none", "0")]
-    ratios = [(base_f - f) / (base_r - r) for (m, _), (f, r) in table.items() if m in ("activation", "hybrid")]
-    assert len(ratios) == 4
-    m = re.search(r"forget top-1 falls ([\d.]+)–([\d.]+) times\s+as much as retain top-1", README)
-    assert m, "the README states how much more forget top-1 falls than retain top-1"
-    assert (float(m.group(1)), float(m.group(2))) == (round(min(ratios), 1), round(max(ratios), 1))
+def _summary(text: str) -> list[str]:
+    """The rows of the benchmark's summary table (2% and 4%) in a markdown text."""
+    head = "| scenario | method | 2%: forget drop (x random) |"
+    assert head in text, "no summary table of the unlearning benchmark"
+    part = text[text.index(head):]
+    rows = []
+    for line in part.splitlines():
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    return rows
+
+
+def test_readme_shows_the_unlearning_benchmarks_own_summary_table():
+    written = (ROOT / "benchmarks" / "results" / "unlearning.md").read_text(encoding="utf-8")
+    assert _summary(README) == _summary(written)
+
+
+def test_readme_pilot_figures_match_the_pilot_results():
+    runs = json.loads((ROOT / "benchmarks" / "results" / "snip_pilot.json").read_text())["runs"]
+    both2, both4 = runs["snip-both evidence@2%"], runs["snip-both evidence@4%"]
+    rnd2, rnd4 = runs["random@2%"], runs["random@4%"]
+    m = re.search(r"the most at 2% \(([\d.]+) against random's ([\d.]+),\s+retain ([\d.]+); at 4% ([\d.]+) "
+                  r"against ([\d.]+), retain ([\d.]+)\)", README)
+    assert m, "the README states the pilot's figures for both kinds with the evidence match"
+    got = [float(x) for x in m.groups()]
+    want = [both2["forget_drop"], rnd2["forget_drop"], both2["retain_drop"], both4["forget_drop"],
+            rnd4["forget_drop"], both4["retain_drop"]]
+    assert got == [round(w, 3) for w in want]
+
+
+def test_readme_forgetting_table_matches_the_forgetting_results():
+    res = json.loads((ROOT / "benchmarks" / "results" / "forgetting.json").read_text())["scenarios"]
+    rows = re.findall(r"^\| (code|German) \| (\w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)(?: \(([\d.]+)\))? \|$",
+                      README, flags=re.M)
+    assert len(rows) == 8
+    for scen, method, top1, in_dom, after, rec in rows:
+        s = res["code" if scen == "code" else "german"]
+        key = "none" if method == "unpruned" else method
+        row = next(r for r in s["rows"] if r["method"] == key and (key == "none" or abs(r["k_percent"] - 4) < 0.01))
+        rel = next(r for r in s["relearn"]["runs"] if r["method"] == method and r["form"] in ("exported", "none"))
+        assert float(top1) == round(row["forget_top1"], 3) and float(in_dom) == round(row["greedy_forget_in_domain"], 2)
+        assert float(after) == round(rel["forget_top1"][-1], 3)
+        if rec:
+            assert float(rec) == round(rel["recovery"][-1], 2)
