@@ -14,8 +14,9 @@ terms: for input evidence over the peak tokens of its top windows (weighted by t
 evidence over its top promoted tokens, for both kinds the mean of the two. Why: a sentence embedding of "the
 tokens 'X' and 'Y' after 'A'" is mostly the embedding of its template, so its cosine to a concept says
 little about X and Y. On a pilot split of the demo scenario (``benchmarks/snip_pilot.py``) the embedding
-match lowered forget top-1 0.6-0.8 times as much as random pruning (on a quarter of the neurons), the evidence
-match of both kinds 3.8 times (2% of neurons) and 2.9 times (4%) as much. ``match="both"`` adds the two,
+match lowered forget top-1 0.5-1.1 times as much as random pruning (on a quarter of the neurons), the evidence
+match of both kinds of evidence 3.8 times (2% of neurons) and 2.9 times (4%) as much; on the benchmark's
+language scenarios it does far less well (``benchmarks/results/unlearning.md``). ``match="both"`` adds the two,
 each standardised over the scored neurons.
 
 Neurons without a usable explanation get ``-inf``: they rank after every scored neuron and are never
