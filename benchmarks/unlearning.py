@@ -257,10 +257,13 @@ def run_one(config: Any, out: Path, model: Any) -> dict:
     from snip_lens.sweep import run_sweep
 
     done = out / "results.json"
-    new = json.loads(json.dumps(config.to_json(), default=str))
+    # the sweep saves the staged RunConfig, so compare in that form (a flat SweepConfig has other keys)
+    staged = config.to_run_config() if hasattr(config, "to_run_config") else config
+    new = json.loads(json.dumps(staged.to_json(), default=str))
     old = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else None
     if old is not None and "llm-judge" not in config.methods:  # a judge setting cannot change these results
-        old.pop("judge_candidates", None)
+        for d in (old, old.get("select", {}), new, new.get("select", {})):
+            d.pop("judge_candidates", None)
     if done.exists() and old is not None and _same(old, new):
         return json.loads(done.read_text())
     if REPORT_ONLY:
