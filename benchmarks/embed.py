@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import random
-import re
 import sysconfig
 import tempfile
 import time

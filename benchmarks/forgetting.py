@@ -152,7 +152,6 @@ def _merge_write(path: Path, name: str, part: str, value: dict) -> None:
 def from_scores(args: argparse.Namespace, name: str, model, out: Path, result_path: Path) -> None:
     """One check on the masks of an earlier run's saved scores (see the module docstring)."""
     from snip_lens.corpus import make_windows
-    from snip_lens.evaluate import lm_metrics
     from snip_lens.evaluate.generation import GenerationEvaluator
     from snip_lens.evaluate.relearn import relearn_attack, relearn_documents
     from snip_lens.score import NeuronScores

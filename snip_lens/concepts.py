@@ -21,7 +21,6 @@ import math
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 from .types import DatasetConcepts

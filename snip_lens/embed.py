@@ -122,7 +122,6 @@ class LocalEmbedder:
         if model is not None and not Path(path).is_dir():
             raise ValueError(f"local embedding model {path!r} is not a directory; give a saved "
                              "sentence-transformers model directory, or no model for the built-in MiniLM")
-        import torch
 
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or None (torch's own setting), got {num_threads}")

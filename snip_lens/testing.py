@@ -215,3 +215,41 @@ def tiny_hooked_model(arch: Literal["gpt2", "llama"] = "llama", *, n_layers: int
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose 'gpt2' or 'llama'")
     return HookedTransformer(cfg, tokenizer=tiny_tokenizer(vocab_size)).eval()
+
+
+SAMPLE_TEXTS = ["The quick brown fox jumps over the lazy dog.", "Functions are defined with the def keyword"]
+"""Two short texts (prose and a line about code) that the tests of masks, backends and export feed a tiny model."""
+
+
+def hook_state(model: Any) -> dict[str, list[int]]:
+    """Every hook handle of every hook point, by identity: what "exactly the hook state found" means when a
+    test checks that a mask or a collection left no hook behind."""
+    return {name: [id(h) for h in hp.fwd_hooks] for name, hp in model.hook_dict.items()}
+
+
+def reference_cbt_scores(model: Any, item: Any) -> list[float]:
+    """Brute-force CBT option scores (the reference of ``snip_lens.evaluate.cbt_scores``): each full text
+    tokenised piecewise as documented (BOS where the model takes one, context left-truncated to fit, question
+    stem, option completion), one plain forward per option, the inverse perplexity of the scored tokens."""
+    import math
+
+    from .models import encode, prepends_bos
+
+    before, after = item.question.split("XXXXX")
+    space = " " if before.endswith(" ") else ""
+    before = before[:-1] if space else before
+    bos = [model.tokenizer.bos_token_id] if prepends_bos(model) else []
+    ctx = encode(model, " ".join(item.context)) if item.context else []
+    stem = encode(model, (" " if item.context else "") + before)
+    comps = [encode(model, space + opt + after) for opt in item.options]
+    budget = model.cfg.n_ctx - len(bos) - len(stem) - max(map(len, comps))
+    ctx = ctx[max(0, len(ctx) - budget):]  # the documented left truncation
+    out = []
+    for comp in comps:
+        ids = torch.tensor([bos + ctx + stem + comp])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids)[0, :-1], -1)
+        nll = -logp.gather(-1, ids[0, 1:, None])[:, 0]  # loss of tokens 1.. (token 0 has no prediction)
+        n_scored = min(len(stem) + len(comp), len(nll))
+        out.append(math.exp(-float(nll[len(nll) - n_scored:].mean())))
+    return out

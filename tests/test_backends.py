@@ -15,18 +15,13 @@ from snip_lens.corpus import make_windows
 from snip_lens.evaluate import lm_metrics, prefix_cache
 from snip_lens.mask import NeuronMask
 from snip_lens.models import bridge_from_hf, hook_name, load_model, model_device, model_dtype, parse_dtype, to_tokens
-from snip_lens.testing import tiny_hf_model, tiny_model, tiny_tokenizer
+from snip_lens.testing import SAMPLE_TEXTS, hook_state, tiny_hf_model, tiny_model, tiny_tokenizer
 
 collect_mod = importlib.import_module("snip_lens.collect")
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "Functions are defined with the def keyword"]
+TEXTS = SAMPLE_TEXTS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +29,6 @@ def llama():
     return tiny_model("llama")
 
 
-def _hook_state(model):
-    return {name: [id(h) for h in hp.fwd_hooks] for name, hp in model.hook_dict.items()}
 
 
 def _prose():
@@ -71,17 +64,17 @@ def test_mask_removes_its_hooks_when_add_hook_returns_no_handle(llama, monkeypat
     user_calls: list[int] = []
     llama.add_hook(hook_name(1), lambda act, hook: user_calls.append(1), is_permanent=True)
     try:
-        state = _hook_state(llama)
+        state = hook_state(llama)
         mask = NeuronMask.from_neurons(llama, [(0, 3), (1, 7), (2, 9)])
         with mask.applied(llama):
-            assert _hook_state(llama) != state
-        assert _hook_state(llama) == state
+            assert hook_state(llama) != state
+        assert hook_state(llama) == state
         with pytest.raises(RuntimeError, match="boom"), mask.applied(llama):
             raise RuntimeError("boom")
-        assert _hook_state(llama) == state
+        assert hook_state(llama) == state
         handle = mask.attach(llama)
         handle.remove()
-        assert _hook_state(llama) == state
+        assert hook_state(llama) == state
         user_calls.clear()
         with torch.no_grad():
             out = llama(tokens)

@@ -25,13 +25,7 @@ collect_mod = importlib.import_module("snip_lens.collect")
 TOP_K, CONTEXT = 4, (3, 2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls are slower on two contended threads than on one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

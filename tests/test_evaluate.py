@@ -3,9 +3,7 @@ vs a brute-force reference), CBT loading/building errors, toxicity sampling and 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import re
 from pathlib import Path
 
@@ -18,20 +16,14 @@ from snip_lens.evaluate import (PREPOSITIONS, VERBS, CBTItem, DetoxifyScorer, Pr
                                 load_cbt, prefix_cache, save_cbt_jsonl, toxicity_rate)
 from snip_lens.evaluate import toxicity as toxicity_mod
 from snip_lens.evaluate._common import kv_cache_fix
-from snip_lens.models import encode, hook_name, prepends_bos
-from snip_lens.testing import tiny_model
+from snip_lens.models import hook_name, prepends_bos
+from snip_lens.testing import reference_cbt_scores, tiny_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TEXTS = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models are dominated by thread start-up; one thread is several times faster (and steadier).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class ZeroMask:
@@ -162,27 +154,6 @@ def test_prefix_cache_bad_layer(llama):
 # ---- CBT scoring ---------------------------------------------------------------------------------------
 
 
-def reference_scores(model, item: CBTItem) -> list[float]:
-    """Brute force: tokenise each full text piecewise as documented, run the bridge, average the question loss."""
-    before, after = item.question.split("XXXXX")
-    space = " " if before.endswith(" ") else ""
-    before = before[:-1] if space else before
-    bos = [model.tokenizer.bos_token_id] if prepends_bos(model) else []
-    ctx = encode(model, " ".join(item.context)) if item.context else []
-    stem = encode(model, (" " if item.context else "") + before)
-    comps = [encode(model, space + opt + after) for opt in item.options]
-    budget = model.cfg.n_ctx - len(bos) - len(stem) - max(map(len, comps))
-    ctx = ctx[max(0, len(ctx) - budget):]  # the documented left truncation
-    out = []
-    for comp in comps:
-        ids = torch.tensor([bos + ctx + stem + comp])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(ids)[0, :-1], -1)
-        nll = -logp.gather(-1, ids[0, 1:, None])[:, 0]  # loss of tokens 1.. (token 0 has no prediction)
-        n_scored = min(len(stem) + len(comp), len(nll))
-        scored = nll[len(nll) - n_scored:]
-        out.append(math.exp(float(scored.mean())) ** -1)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +166,7 @@ def test_cbt_kv_naive_and_reference_agree(model, prose_items):
     kv = cbt_scores(model, items, batch_size=4)
     naive = cbt_scores(model, items, use_kv_cache=False, batch_size=3)
     for item, a, b in zip(items, kv, naive):
-        ref = reference_scores(model, item)
+        ref = reference_cbt_scores(model, item)
         assert a == pytest.approx(ref, rel=1e-4)
         assert b == pytest.approx(ref, rel=1e-4)
     acc_kv = cbt_accuracy(model, items)
@@ -215,7 +186,7 @@ def test_cbt_item_without_context_on_a_model_without_bos():
     kv = cbt_scores(no_bos, items, batch_size=4)
     naive = cbt_scores(no_bos, items, use_kv_cache=False, batch_size=3)
     for item, a, b in zip(items, kv, naive):
-        ref = reference_scores(no_bos, item)
+        ref = reference_cbt_scores(no_bos, item)
         assert a == pytest.approx(ref, rel=1e-4)
         assert b == pytest.approx(ref, rel=1e-4)
     assert cbt_accuracy(no_bos, items)["predictions"] == cbt_accuracy(no_bos, items, use_kv_cache=False)["predictions"]
@@ -231,7 +202,7 @@ def test_cbt_mask_changes_scores_and_both_paths_agree_under_it(llama, prose_item
     for a, b in zip(kv, naive):
         assert a == pytest.approx(b, rel=1e-4)
     with mask.applied(llama):
-        assert kv[0] == pytest.approx(reference_scores(llama, prose_items[0]), rel=1e-4)
+        assert kv[0] == pytest.approx(reference_cbt_scores(llama, prose_items[0]), rel=1e-4)
     assert not llama.blocks[1].mlp.hook_post.fwd_hooks
 
 

@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from snip_lens.export import MASK_FILE, REPORT_FILE, export_pruned
 from snip_lens.mask import NeuronMask
 from snip_lens.models import to_tokens
-from snip_lens.testing import tiny_model
+from snip_lens.testing import SAMPLE_TEXTS, tiny_model
 
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "Functions are defined with the def keyword"]
+TEXTS = SAMPLE_TEXTS
 D_MODEL, D_MLP, N_LAYERS = 32, 64, 3
 
 

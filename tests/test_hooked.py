@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import os
 
 import pytest
@@ -34,19 +33,14 @@ from snip_lens.evaluate import ToxicityConfig, build_cloze_items, cbt_accuracy, 
 from snip_lens.evaluate.cbt import cbt_scores  # noqa: E402
 from snip_lens.evaluate.toxicity import generate_samples  # noqa: E402
 from snip_lens.mask import NeuronMask  # noqa: E402
-from snip_lens.models import encode, hook_name, prepends_bos, to_tokens  # noqa: E402
-from snip_lens.testing import tiny_hooked_model  # noqa: E402
+from snip_lens.models import hook_name, to_tokens  # noqa: E402
+from snip_lens.testing import SAMPLE_TEXTS, hook_state, reference_cbt_scores, tiny_hooked_model  # noqa: E402
 
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "Functions are defined with the def keyword"]
+TEXTS = SAMPLE_TEXTS
 NEURONS = [(2, 5), (0, 1), (1, 63), (0, 40), (2, 0)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,8 +62,6 @@ def _logits(model, tokens):
         return model(tokens)
 
 
-def _hook_state(model):
-    return {name: [id(h) for h in hp.fwd_hooks] for name, hp in model.hook_dict.items()}
 
 
 def _prose():
@@ -135,17 +127,17 @@ def test_applied_restores_exact_state_on_exit_and_on_exception(arch):
     model = _model(arch)
     tokens = _tokens(model)
     base = _logits(model, tokens)
-    state = _hook_state(model)
+    state = hook_state(model)
     mask = NeuronMask.from_neurons(model, NEURONS)
     with mask.applied(model):
-        assert _hook_state(model) != state
+        assert hook_state(model) != state
         assert not torch.equal(_logits(model, tokens), base)
-    assert _hook_state(model) == state
+    assert hook_state(model) == state
     assert torch.equal(_logits(model, tokens), base)
     with pytest.raises(RuntimeError, match="boom"):
         with mask.applied(model):
             raise RuntimeError("boom")
-    assert _hook_state(model) == state
+    assert hook_state(model) == state
     assert torch.equal(_logits(model, tokens), base)
 
 
@@ -157,7 +149,7 @@ def test_attach_remove_out_of_order_user_hooks_and_tl_resets():
     name = hook_name(1)
     model.add_hook(name, lambda act, hook: calls.append("perm"), is_permanent=True)
     try:
-        before = _hook_state(model)
+        before = hook_state(model)
         a = NeuronMask.from_neurons(model, [(0, 1), (1, 2)])
         b = NeuronMask.from_neurons(model, [(1, 3), (2, 4)])
         with b.applied(model):
@@ -172,7 +164,7 @@ def test_attach_remove_out_of_order_user_hooks_and_tl_resets():
         assert torch.equal(_logits(model, tokens), only_b)
         hb.remove()
         hb.remove()  # idempotent
-        assert _hook_state(model) == before
+        assert hook_state(model) == before
         calls.clear()
         assert torch.equal(_logits(model, tokens), base)
         assert calls == ["perm"]
@@ -222,9 +214,9 @@ def test_collect_equals_run_with_cache(arch, sync_free, monkeypatch):
         init = mod._State.__init__
         monkeypatch.setattr(mod._State, "__init__",
                             lambda self, *a, **kw: init(self, *a, **{**kw, "sync_free": True}))
-    before = _hook_state(model)
+    before = hook_state(model)
     rec = collect(model, tw, top_k=4, context=(3, 2), n_random=2, batch_size=3, progress=False)
-    assert _hook_state(model) == before
+    assert hook_state(model) == before
     for li, layer in enumerate(rec.layers):
         x, order = _brute_force(model, tw, layer, 4)
         for n in range(0, 64, 7):
@@ -287,24 +279,6 @@ def test_prefix_cache_equals_full_forward_and_skips_lower_blocks(arch, layer):
 # ---- CBT and generation --------------------------------------------------------------------------------
 
 
-def _reference_cbt(model, item):
-    before, after = item.question.split("XXXXX")
-    space = " " if before.endswith(" ") else ""
-    before = before[:-1] if space else before
-    bos = [model.tokenizer.bos_token_id] if prepends_bos(model) else []
-    ctx = encode(model, " ".join(item.context)) if item.context else []
-    stem = encode(model, (" " if item.context else "") + before)
-    comps = [encode(model, space + opt + after) for opt in item.options]
-    budget = model.cfg.n_ctx - len(bos) - len(stem) - max(map(len, comps))
-    ctx = ctx[max(0, len(ctx) - budget):]  # the documented left truncation
-    out = []
-    for comp in comps:
-        ids = torch.tensor([bos + ctx + stem + comp])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(ids)[0, :-1], -1)
-        nll = -logp.gather(-1, ids[0, 1:, None])[:, 0]
-        out.append(math.exp(-float(nll[-(len(stem) + len(comp)):].mean())))
-    return out
 
 
 def test_cbt_kv_cache_naive_and_reference_agree_with_and_without_mask(arch):
@@ -316,13 +290,13 @@ def test_cbt_kv_cache_naive_and_reference_agree_with_and_without_mask(arch):
     kv = cbt_scores(model, items, batch_size=4)
     naive = cbt_scores(model, items, use_kv_cache=False, batch_size=3)
     for item, a, b in zip(items, kv, naive):
-        ref = _reference_cbt(model, item)
+        ref = reference_cbt_scores(model, item)
         assert a == pytest.approx(ref, rel=1e-4)
         assert b == pytest.approx(ref, rel=1e-4)
     mask = NeuronMask.from_neurons(model, [(1, i) for i in range(64)])
     masked = cbt_scores(model, items, mask=mask)
     with mask.applied(model):
-        assert masked[0] == pytest.approx(_reference_cbt(model, items[0]), rel=1e-4)
+        assert masked[0] == pytest.approx(reference_cbt_scores(model, items[0]), rel=1e-4)
     assert masked != kv
     assert cbt_accuracy(model, items)["n_items"] == 3
     assert not model.blocks[1].mlp.hook_post.fwd_hooks

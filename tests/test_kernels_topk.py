@@ -119,18 +119,25 @@ def test_update_topk_sync_free_equals_reference_stream(levels):
     assert torch.equal(vals, ref_v)
 
 
-@pytest.mark.parametrize("levels", [None, 3, 50])
-def test_update_topk_group_bound_path_equals_reference_stream(levels):
-    """Batches long enough for the group bound (the first, not-yet-full one included) equal the reference,
-    with exact ties, -0.0 against 0.0, -inf rows (a prepended BOS) and a column of one repeated value."""
-    g = torch.Generator().manual_seed(21 + (levels or 0))
-    rows, cols, k = 1200, 23, 5
+def _hard_batch(seed: int, rows: int, cols: int, levels: int | None) -> torch.Tensor:
+    """Activations that stress a top-k merge: continuous values or few levels (many ties), one column where
+    every row ties, -0.0 against 0.0, and -inf rows (a prepended BOS)."""
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, cols, generator=g) if levels is None else torch.randint(
         -levels, levels, (rows, cols), generator=g).float() / 4
     x[:, 2] = 1.0  # every row ties
     x[::7, 4] = -0.0
     x[::3, 4] = 0.0
     x[::128] = -float("inf")
+    return x
+
+
+@pytest.mark.parametrize("levels", [None, 3, 50])
+def test_update_topk_group_bound_path_equals_reference_stream(levels):
+    """Batches long enough for the group bound (the first, not-yet-full one included) equal the reference,
+    with exact ties, -0.0 against 0.0, -inf rows (a prepended BOS) and a column of one repeated value."""
+    k, cols = 5, 23
+    x = _hard_batch(21 + (levels or 0), 1200, cols, levels)
     vals = torch.full((k, cols), -float("inf"))
     idx = torch.full((k, cols), NO_INDEX)
     for start, size in [(0, 400), (400, 100), (500, 300), (800, 400)]:
@@ -167,14 +174,8 @@ def test_update_topk_t_from_the_transposed_batch_equals_update_topk_and_the_refe
     batches alike), and the stream equals one reference top-k."""
     from snip_lens.kernels.topk import update_topk_t
 
-    g = torch.Generator().manual_seed(31 + (levels or 0))
-    rows, cols, k = 1500, 19, 5
-    x = torch.randn(rows, cols, generator=g) if levels is None else torch.randint(
-        -levels, levels, (rows, cols), generator=g).float() / 4
-    x[:, 2] = 1.0  # every row ties
-    x[::7, 4] = -0.0
-    x[::3, 4] = 0.0
-    x[::128] = -float("inf")
+    k, cols = 5, 19
+    x = _hard_batch(31 + (levels or 0), 1500, cols, levels)
     v_t = v_ref = torch.full((k, cols), -float("inf"))
     i_t = i_ref = torch.full((k, cols), NO_INDEX)
     for start, size in [(0, 400), (400, 3), (403, 97), (500, 300), (800, 12), (812, 688)]:

@@ -10,10 +10,10 @@ from safetensors.torch import save_file
 
 from snip_lens.mask import MaskHandle, NeuronMask
 from snip_lens.models import hook_name, to_tokens
-from snip_lens.testing import tiny_hf_model, tiny_model
+from snip_lens.testing import SAMPLE_TEXTS, hook_state, tiny_hf_model, tiny_model
 from snip_lens.types import NeuronId
 
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "Functions are defined with the def keyword"]
+TEXTS = SAMPLE_TEXTS
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,9 +35,6 @@ def _logits(model, tokens):
         return model(tokens)
 
 
-def _hook_state(model):
-    """Every hook handle of every hook point, by identity (what 'exactly the state found' means)."""
-    return {name: [id(h) for h in hp.fwd_hooks] for name, hp in model.hook_dict.items()}
 
 
 def _out_proj(hf, arch: str, layer: int):
@@ -129,18 +126,18 @@ def test_applied_restores_exact_state_on_exit_and_on_exception(arch):
     model = _model(arch)
     tokens = _tokens(model)
     base = _logits(model, tokens)
-    state = _hook_state(model)
+    state = hook_state(model)
     mask = NeuronMask.from_neurons(model, NEURONS)
     with mask.applied(model):
-        assert _hook_state(model) != state
+        assert hook_state(model) != state
         assert not torch.equal(_logits(model, tokens), base)
-    assert _hook_state(model) == state
+    assert hook_state(model) == state
     assert torch.equal(_logits(model, tokens), base)
 
     with pytest.raises(RuntimeError, match="boom"):
         with mask.applied(model):
             raise RuntimeError("boom")
-    assert _hook_state(model) == state
+    assert hook_state(model) == state
     assert torch.equal(_logits(model, tokens), base)
 
 
@@ -182,7 +179,7 @@ def test_user_hooks_survive_and_mask_survives_tl_resets(arch):
     model.add_hook(name, lambda act, hook: calls.append("temp"))
     model.add_hook(name, lambda act, hook: calls.append("perm"), is_permanent=True)
     try:
-        before = _hook_state(model)
+        before = hook_state(model)
         mask = NeuronMask.from_neurons(model, [(1, 3), (1, 9)])
         handle = mask.attach(model)
         masked = _logits(model, tokens)
@@ -191,7 +188,7 @@ def test_user_hooks_survive_and_mask_survives_tl_resets(arch):
             model.run_with_hooks(tokens, fwd_hooks=[(hook_name(0), lambda act, hook: None)])
         assert torch.equal(_logits(model, tokens), masked)
         handle.remove()
-        after = _hook_state(model)
+        after = hook_state(model)
         # run_with_hooks resets non-permanent hooks, so compare permanent user hooks; ours are gone.
         perm_before = [h for h in model.hook_dict[name].fwd_hooks if h.is_permanent]
         assert len(perm_before) == 1 and id(perm_before[0]) in before[name]
@@ -210,10 +207,10 @@ def test_user_temporary_hook_survives_applied():
     calls: list[int] = []
     model.add_hook(hook_name(2), lambda act, hook: calls.append(1))
     try:
-        before = _hook_state(model)
+        before = hook_state(model)
         with NeuronMask.from_neurons(model, [(2, 1)]).applied(model):
             _logits(model, tokens)
-        assert _hook_state(model) == before
+        assert hook_state(model) == before
         calls.clear()
         _logits(model, tokens)
         assert calls == [1]
@@ -333,7 +330,7 @@ def test_load_errors(tmp_path):
 
 def test_handle_is_context_manager():
     model = _model("gpt2")
-    state = _hook_state(model)
+    state = hook_state(model)
     with NeuronMask.from_neurons(model, [(0, 0)]).attach(model) as handle:
         assert isinstance(handle, MaskHandle) and handle.active
-    assert _hook_state(model) == state
+    assert hook_state(model) == state

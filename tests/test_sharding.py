@@ -23,13 +23,7 @@ KW = dict(top_k=4, context=(3, 2), n_random=3, batch_size=2, shard_windows=4, pr
 FACTORY = TinyModelFactory("llama", (("n_layers", 3), ("d_model", 32), ("d_mlp", 64), ("seed", 0)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls are slower on two contended threads than on one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,6 @@ import codeop
 import logging
 import random
 import re
-import textwrap
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
