@@ -150,12 +150,7 @@ def extract_concepts(forget_texts: list[str], *, client: Any = None, n_samples: 
         raise ValueError(f"the forget set is empty ({len(forget_texts or [])} documents, none with text); "
                          "give documents to forget (e.g. --forget code or a .txt/.jsonl file)")
     if client is None:
-        reference = _default_reference() if reference_texts is None else reference_texts
-        if not [t for t in reference if isinstance(t, str) and t.strip()]:
-            raise ValueError("the reference corpus is empty; give reference documents (e.g. --reference prose) "
-                             "or none at all to use the built-in reference")
-        concepts, terms = distinctive_concepts_and_terms(texts, [t for t in reference if isinstance(t, str)
-                                                                 and t.strip()], n=n_concepts)
+        concepts, terms = distinctive_concepts_and_terms(texts, _reference(reference_texts), n=n_concepts)
         return DatasetConcepts(concepts, source="distinctive-words (log-odds vs reference)", terms=terms)
 
     from .llm import DiskCache, LLMConfig, OpenAIChatClient, run_all
@@ -270,6 +265,17 @@ def _default_reference() -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
+def _reference(reference_texts: list[str] | None) -> list[str]:
+    """The reference documents with text: the built-in reference for None, an error for an empty corpus."""
+    if reference_texts is None:
+        return _default_reference()
+    reference = [t for t in reference_texts if isinstance(t, str) and t.strip()]
+    if not reference:
+        raise ValueError("the reference corpus is empty; give reference documents (e.g. --reference prose) "
+                         "or none at all to use the built-in reference")
+    return reference
+
+
 def _typical_lines(texts: list[str], z: dict[str, float], n: int, *, min_tokens: int = 3,
                    max_chars: int = 100) -> list[str]:
     """The ``n`` lines of ``texts`` whose words are on average most distinctive (whole lines, as written)."""
@@ -310,13 +316,7 @@ def distinctive_concepts(forget_texts: list[str], reference_texts: list[str] | N
                          "give documents to forget")
     if n < 1:
         raise ValueError(f"n (number of concepts) must be >= 1, got {n}")
-    reference = [t for t in (reference_texts or []) if isinstance(t, str) and t.strip()]
-    if reference_texts is None:
-        reference = _default_reference()
-    elif not reference:
-        raise ValueError("the reference corpus is empty; give reference documents (e.g. --reference prose) "
-                         "or none at all to use the built-in reference")
-    concepts, _ = distinctive_concepts_and_terms(forget, reference, n, prior_strength=prior_strength,
+    concepts, _ = distinctive_concepts_and_terms(forget, _reference(reference_texts), n, prior_strength=prior_strength,
                                                  n_lines=n_lines)
     return concepts
 
@@ -383,19 +383,14 @@ def concept_terms(forget_texts: list[str], reference_texts: list[str] | None = N
     forget set uses it more, negative where the reference does.
 
     These weights are the forget set's concept vocabulary for SNIP's evidence match
-    (:func:`snip_lens.score.evidence_scores`): they come from the raw text alone (the same regex and counts
+    (:func:`snip_lens.score.evidence_score`): they come from the raw text alone (the same regex and counts
     as the offline concepts), never from an explainer. With no reference, the ``pydoc_data`` help topics.
     """
     forget = [t for t in (forget_texts or []) if isinstance(t, str) and t.strip()]
     if not forget:
         raise ValueError("the forget set is empty; give documents to forget")
-    reference = [t for t in (reference_texts or []) if isinstance(t, str) and t.strip()]
-    if reference_texts is None:
-        reference = _default_reference()
-    elif not reference:
-        raise ValueError("the reference corpus is empty; give reference documents (e.g. --reference prose)")
     f_counts, _, _ = _counts(forget, "counting forget-set tokens")
-    r_counts, _, _ = _counts(reference, "counting reference tokens")
+    r_counts, _, _ = _counts(_reference(reference_texts), "counting reference tokens")
     return _terms_from(log_odds_dirichlet(f_counts, r_counts, prior_strength=prior_strength), f_counts,
                        r_counts, max_terms)
 

@@ -94,7 +94,7 @@ def neuron_evidence(method: str, neuron: Any, scores: dict[str, Any]) -> dict[st
         return sc.labels.get(neuron, "") if sc is not None else ""
 
     snip = scores.get("snip")
-    evidence = snip is not None and getattr(snip, "score_name", "").startswith("evidence")
+    evidence = snip is not None and snip.score_name.startswith("evidence")
     # what SNIP's score is (the paper's cosine, or the evidence match) and what gave it
     what, why = ("evidence score", "weightiest evidence") if evidence else ("cosine", "matched concept")
     if method == "snip":

@@ -386,6 +386,21 @@ def _quoted(text: str) -> list[str]:
     return re.findall(r"'([^']{1,40})'|\"([^\"]{1,40})\"", text)
 
 
+def _evidence_items(explanation: NeuronExplanation) -> list[list[tuple[str, float]]]:
+    """The (token, weight) lists the evidence match reads, one per kind of evidence (see evidence_score)."""
+    ev = explanation.evidence
+    sources: list[list[tuple[str, float]]] = []
+    if ev is not None and ev.input is not None:
+        sources.append([(t.token, t.weight) for t in (ev.input.peaks or ev.input.top_tokens)])
+    if ev is not None and ev.output is not None:
+        sources.append([(t.token, 1.0) for t in ev.output.promoted[:EVIDENCE_OUTPUT_TOKENS]])
+    if not sources:
+        text = explanation.explanation or ""
+        quoted = [a or b for a, b in _quoted(text)]
+        sources.append([(q, 1.0) for q in quoted] or [(w, 1.0) for w in text.split()])
+    return sources
+
+
 def evidence_score(explanation: NeuronExplanation, terms: dict[str, float], cache: dict[str, float] | None = None
                    ) -> tuple[float, str]:
     """(evidence score, the evidence token that weighs most) of one explanation against the term weights.
@@ -398,17 +413,7 @@ def evidence_score(explanation: NeuronExplanation, terms: dict[str, float], cach
     cache = {} if cache is None else cache
     parts: list[float] = []
     best: tuple[float, str] = (float("-inf"), "")
-    ev = explanation.evidence
-    sources: list[list[tuple[str, float]]] = []
-    if ev is not None and ev.input is not None:
-        items = ev.input.peaks or ev.input.top_tokens
-        sources.append([(t.token, t.weight) for t in items])
-    if ev is not None and ev.output is not None:
-        sources.append([(t.token, 1.0) for t in ev.output.promoted[:EVIDENCE_OUTPUT_TOKENS]])
-    if not sources:
-        quoted = [a or b for a, b in _quoted(explanation.explanation or "")]
-        sources.append([(q, 1.0) for q in quoted] or [(w, 1.0) for w in (explanation.explanation or "").split()])
-    for items in sources:
+    for items in _evidence_items(explanation):
         total = sum(w for _, w in items)
         if not items or total <= 0:
             continue
@@ -472,7 +477,7 @@ def score_neurons(explanations: list[NeuronExplanation], concepts: DatasetConcep
         raise ValueError(f"match={match!r} compares embeddings: give an embedder (CLI --embedder local)")
     ev_labels: list[str] = []
     if match != "embedding":
-        cache: dict[str, float] = {}
+        cache: dict[str, float] = {}  # token -> weight, shared by the score and its tie-break
         pairs = [evidence_score(e, concepts.terms, cache) for e in usable]
         ev_values = np.array([v for v, _ in pairs], dtype=np.float64)
         ev_labels = [lab for _, lab in pairs]
@@ -492,8 +497,7 @@ def score_neurons(explanations: list[NeuronExplanation], concepts: DatasetConcep
         if embedder is not None:
             secondary_values, secondary_name = sims.astype(np.float64), EVIDENCE_SECONDARY
         else:
-            cache2: dict[str, float] = {}
-            secondary_values = np.array([_evidence_spread(e, concepts.terms, cache2) for e in usable])
+            secondary_values = np.array([_evidence_spread(e, concepts.terms, cache) for e in usable])
             secondary_name = EVIDENCE_SPREAD
         labels_list = ev_labels
     else:
@@ -535,13 +539,8 @@ def _zscore(x: np.ndarray) -> np.ndarray:
 
 
 def _evidence_spread(explanation: NeuronExplanation, terms: dict[str, float], cache: dict[str, float]) -> float:
-    ev = explanation.evidence
-    toks: list[str] = []
-    if ev is not None and ev.input is not None:
-        toks += [t.token for t in (ev.input.peaks or ev.input.top_tokens)]
-    if ev is not None and ev.output is not None:
-        toks += [t.token for t in ev.output.promoted[:EVIDENCE_OUTPUT_TOKENS]]
-    return max((_term_weight(t, terms, cache) for t in toks), default=0.0)
+    return max((_term_weight(tok, terms, cache) for items in _evidence_items(explanation) for tok, _ in items),
+               default=0.0)
 
 
 IndexKind = Literal["auto", "flat", "hnsw", "ivf"]
