@@ -18,6 +18,7 @@
 Writes benchmarks/results/collect.json with only what this run measured (a skipped part is absent).
 
     python benchmarks/collect.py [--windows 32] [--repeats 3] [--skip-memory] [--skip-timing] [--threads N]
+    python benchmarks/collect.py --profile [--windows 16] [--threads 1]
     python benchmarks/collect.py --ray --skip-timing --skip-memory [--ray-windows 16] [--ray-actors 2] [--repeats 2]
 """
 
@@ -79,6 +80,31 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
+def profile(args: argparse.Namespace) -> None:
+    """Print the operators one all-layer collect spends its time in, and its total against a plain forward."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    model = load_model("smollm2-135m")
+    hf = model.original_model
+    tw = load_corpus(model, "code", n_ctx=args.n_ctx, max_windows=args.windows, seed=0)
+    collect(model, tw, layers=[0], progress=False)  # warm-up of the collection path
+    with torch.no_grad():
+        hf(tw.tokens[: args.batch_size])
+    t = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, len(tw.tokens), args.batch_size):
+            hf(tw.tokens[s:s + args.batch_size])
+    forward = time.perf_counter() - t
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        collect(model, tw, batch_size=args.batch_size, progress=False)
+        total = time.perf_counter() - t
+    print(f"{len(tw.tokens)} windows of {args.n_ctx} tokens, {torch.get_num_threads()} torch thread(s): plain forward "
+          f"{forward:.2f} s, collect (profiled, all layers) {total:.2f} s = {total / forward:.2f}x")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows", type=int, default=32)
@@ -89,6 +115,9 @@ def main() -> None:
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for the timing (default: torch's own, e.g. from OMP_NUM_THREADS)")
+    ap.add_argument("--profile", action="store_true",
+                    help="only print where one all-layer collect spends its time (torch.profiler, top operators "
+                         "by self CPU time) next to a plain forward over the same windows; writes nothing")
     ap.add_argument("--ray", action="store_true", help="also measure sharded collection on a local Ray cluster")
     ap.add_argument("--ray-windows", type=int, default=16)
     ap.add_argument("--ray-actors", type=int, default=2)
@@ -99,6 +128,9 @@ def main() -> None:
             ap.error(f"--threads must be >= 1; got {args.threads}")
         torch.set_num_threads(args.threads)
 
+    if args.profile:
+        profile(args)
+        return
     out = Path(__file__).parent / "results" / "collect.json"
     # Only what this run measured: nothing is carried over from an earlier file.
     result: dict = {"command": "python benchmarks/collect.py " + " ".join(sys.argv[1:]),
