@@ -55,16 +55,23 @@ def _run(cmd: list[str], **kw) -> None:
     subprocess.run([str(c) for c in cmd], check=True, **kw)
 
 
+def _new_venv(path: Path, py: Path) -> list:
+    """Create the virtual environment at ``path`` if missing, with a current pip and the pinned CPU torch;
+    returns its pip command."""
+    if not py.exists():
+        print(f"creating virtual environment in {path}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(path)
+    pip = [py, "-m", "pip", "--disable-pip-version-check"]
+    _run(pip + ["install", "-q", "--upgrade", "pip"])
+    _run(pip + ["install", "-q", TORCH])
+    return pip
+
+
 def setup() -> None:
     stamp_file = VENV / ".snip-lens-stamp"
     if PY.exists() and stamp_file.exists() and stamp_file.read_text() == _stamp():
         return
-    if not PY.exists():
-        print(f"creating virtual environment in {VENV}", flush=True)
-        venv.EnvBuilder(with_pip=True).create(VENV)
-    pip = [PY, "-m", "pip", "--disable-pip-version-check"]
-    _run(pip + ["install", "-q", "--upgrade", "pip"])
-    _run(pip + ["install", "-q", TORCH])
+    pip = _new_venv(VENV, PY)
     _run(pip + ["install", "-q", "-e", f"{ROOT}[test,ray]"])
     _run(pip + ["install", "-q", "--no-deps", *EXTRA])
     _run(pip + ["install", "-q", *OPTIONAL])
@@ -78,12 +85,7 @@ def setup_tl3() -> Path:
     stamp = hashlib.sha256(f"{_stamp()} {TL3}".encode()).hexdigest()
     if py.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
         return py
-    if not py.exists():
-        print(f"creating virtual environment in {VENV_TL3}", flush=True)
-        venv.EnvBuilder(with_pip=True).create(VENV_TL3)
-    pip = [py, "-m", "pip", "--disable-pip-version-check"]
-    _run(pip + ["install", "-q", "--upgrade", "pip"])
-    _run(pip + ["install", "-q", TORCH])
+    pip = _new_venv(VENV_TL3, py)
     # One resolve: this package with its test extras and TransformerLens 3.x instead of 4.x.
     _run(pip + ["install", "-q", "-e", f"{ROOT}[test]", TL3, TORCH])
     stamp_file.write_text(stamp)

@@ -261,6 +261,9 @@ def _score_cmd(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).warning("model shape inferred from the explanations: %dx%d (give --shape or "
                                             "--model to be sure)", n_layers, d_mlp)
     embedder = _embedder_from_args(args) if args.embed__match != "evidence" else None
+    if embedder is None and args.embed__embedder != "local":
+        logging.getLogger(__name__).warning("--embedder %s is not used: the evidence match embeds nothing (add "
+                                            "--match embedding or --match both)", args.embed__embedder)
     scores = score_neurons(explanations, concepts, embedder, n_layers=n_layers, d_mlp=d_mlp,
                            model_name=name, match=args.embed__match)
     path = scores.save(out)
@@ -707,13 +710,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _relearn_cmd(args: argparse.Namespace) -> int:
-    from . import models as M
     from .evaluate.relearn import RelearnConfig, relearn_mask, relearn_table
     from .mask import NeuronMask
     from .report import format_table
     from .sweep import DataConfig
 
-    model = M.load_model(args.model)
+    model = _model_config(args).load()
     mask = NeuronMask.load(args.mask, model=model)
     data = DataConfig(forget=args.forget, retain=args.retain, n_ctx=args.n_ctx, eval_windows=args.eval_windows,
                       eval_fraction=args.eval_fraction, max_docs=args.max_docs,
@@ -736,7 +738,7 @@ def _add_relearn(sub: argparse._SubParsersAction) -> None:
                         "trainable; masked: hooks stay on), of the unpruned model and of a random mask of the same "
                         "size on forget documents disjoint from the held-out ones, and measure forget / retain "
                         "top-1 after each step count. The data is split as `snip run` splits it.")
-    sp.add_argument("--model", required=True, help="smollm2-135m, gemma3-270m, a HF name or a local directory")
+    _model_flags(sp, required=True)
     sp.add_argument("--mask", required=True, help="mask file written by NeuronMask.save (e.g. a sweep's masks/)")
     sp.add_argument("--label", default="mask", help="name of the mask in the results, e.g. snip")
     sp.add_argument("--forget", required=True, help="code | prose | FILE | DIR | hf:NAME[:CONFIG]")

@@ -564,7 +564,12 @@ def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: An
             concepts = DatasetConcepts(concepts.concepts, concepts.source, concept_terms(f_sel, r_sel))
             concepts.save(concepts_path)
         # The evidence match needs no embeddings (the costliest step), unless quality is scored by embedding.
+        from .config import EmbeddingConfig
+
         needs_embedder = config.embed.match != "evidence" or config.explain.quality_weight == "embedding"
+        if not needs_embedder and config.embed.embedder != EmbeddingConfig().embedder:
+            logger.warning("--embedder %s is not used: the evidence match embeds nothing (add --match embedding "
+                           "or --match both to score with it)", config.embed.embedder)
         embedder = get_embedder(config.embed.embedder, cache_dir=out / "cache" / "embed",
                                 base_url=config.llm.base_url, api_key_env=config.llm.api_key_env,
                                 progress=progress) if needs_embedder else None

@@ -412,6 +412,9 @@ def test_every_model_running_command_accepts_device_and_dtype(model_dir, tmp_pat
         ["evaluate", "cbt", *m, "--source", str(Path(__file__).parent / "fixtures" / "cbt_sample.jsonl"), *dev],
         ["score", "--explanations", str(expl), "--concepts", str(concepts), *m, "--match", "embedding",
          "--out", str(tmp_path / "s"), *dev],
+        ["relearn", *m, "--mask", str(mask), "--forget", "code", "--retain", "prose", "--max-docs", "8",
+         "--steps", "1", "--forms", "masked", "--relearn-windows", "2", "--batch-size", "1", "--n-ctx", "16",
+         "--eval-windows", "1", "--out", str(tmp_path / "rl"), *dev],
     ]
     for argv in commands:
         assert main(argv) == 0, argv

@@ -81,7 +81,7 @@ def test_concepts_keep_their_term_weights_through_save_and_load(tmp_path):
         DatasetConcepts(["a"], terms={"x": "high"})  # type: ignore[dict-item]
 
 
-def test_cli_score_evidence_match_needs_no_embedder(tmp_path, capsys):
+def test_cli_score_evidence_match_needs_no_embedder(tmp_path, capsys, caplog):
     forget, ref = tmp_path / "de.txt", tmp_path / "en.txt"
     forget.write_text("\n\n".join(GERMAN * 2))
     ref.write_text("\n\n".join(ENGLISH * 2))
@@ -95,6 +95,7 @@ def test_cli_score_evidence_match_needs_no_embedder(tmp_path, capsys):
     assert main(["score", "--explanations", str(ex), "--concepts", str(co), "--shape", "1x2", "--embedder",
                  str(tmp_path / "no-such-model"), "--out", str(tmp_path / "s")]) == 0
     assert capsys.readouterr().out.splitlines()[0].startswith("L0/N1\t")
+    assert any("is not used" in r.getMessage() and "--match embedding" in r.getMessage() for r in caplog.records)
 
 
 def test_input_evidence_keeps_the_peak_token_of_every_top_window():
