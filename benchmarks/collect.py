@@ -15,6 +15,11 @@
    Reports the first sharded run (actor start and model load included), then ``--repeats`` interleaved
    pairs of single-process and warm-actor runs (best of each), the ratio of each to the single-process time, per-actor tokens/s, and checks the records are identical.
 
+Warm-up: before anything is timed, one ``collect`` of layer 0 runs the whole collection path once. On the CPU
+that compiles the fused kernels of ``snip_lens.kernels.fused`` (numba; or loads them from numba's on-disk
+cache when an earlier run compiled them), so compile time is in no measured run; it is reported as
+``warmup_collect_s``, next to ``fused_kernels`` (whether the kernels ran or the torch path did).
+
 Writes benchmarks/results/collect.json with only what this run measured (a skipped part is absent).
 
     python benchmarks/collect.py [--windows 32] [--repeats 3] [--skip-memory] [--skip-timing] [--threads N]
@@ -85,10 +90,12 @@ def profile(args: argparse.Namespace) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    import snip_lens.collect as collect_mod
+
     model = load_model("smollm2-135m")
     hf = model.original_model
     tw = load_corpus(model, "code", n_ctx=args.n_ctx, max_windows=args.windows, seed=0)
-    collect(model, tw, layers=[0], progress=False)  # warm-up of the collection path
+    warmup = _time(lambda: collect(model, tw, layers=[0], progress=False))  # compiles the fused kernels
     with torch.no_grad():
         hf(tw.tokens[: args.batch_size])
     t = time.perf_counter()
@@ -96,12 +103,34 @@ def profile(args: argparse.Namespace) -> None:
         for s in range(0, len(tw.tokens), args.batch_size):
             hf(tw.tokens[s:s + args.batch_size])
     forward = time.perf_counter() - t
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        t = time.perf_counter()
-        collect(model, tw, batch_size=args.batch_size, progress=False)
-        total = time.perf_counter() - t
+    # The fused kernels are numba code, invisible to torch.profiler: their time is taken around each call.
+    in_kernels = [0.0, 0]
+    real_update = collect_mod._State.update_batch
+
+    def timed_update(self, *a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return real_update(self, *a, **kw)
+        finally:
+            in_kernels[0] += time.perf_counter() - t0
+            in_kernels[1] += 1
+
+    collect_mod._State.update_batch = timed_update
+    try:
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            t = time.perf_counter()
+            collect(model, tw, batch_size=args.batch_size, progress=False)
+            total = time.perf_counter() - t
+    finally:
+        collect_mod._State.update_batch = real_update
     print(f"{len(tw.tokens)} windows of {args.n_ctx} tokens, {torch.get_num_threads()} torch thread(s): plain forward "
-          f"{forward:.2f} s, collect (profiled, all layers) {total:.2f} s = {total / forward:.2f}x")
+          f"{forward:.2f} s, collect (profiled, all layers) {total:.2f} s = {total / forward:.2f}x; warm-up "
+          f"(compiles or loads the fused kernels) {warmup:.2f} s")
+    if in_kernels[1]:
+        print(f"fused CPU kernels (update_batch): {in_kernels[0]:.2f} s in {in_kernels[1]} layer-batches "
+              f"= {1e3 * in_kernels[0] / in_kernels[1]:.2f} ms each")
+    else:
+        print("fused CPU kernels not used (torch path): see the operators below")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
@@ -156,7 +185,11 @@ def main() -> None:
 
         runs = {"hf_forward": hf_forward, "collect_all_layers": collect_all, "collect_first_half": collect_half}
         hf(input_ids=tw.tokens[:1, :16])  # warm-up
-        collect(model, tw, layers=[0], progress=False)  # warm-up of the collection path
+        # Warm-up of the collection path; on the CPU it compiles (or loads) the fused kernels: not timed below.
+        import snip_lens.collect as collect_mod
+
+        result["warmup_collect_s"] = _time(lambda: collect(model, tw, layers=[0], progress=False))
+        result["fused_kernels"] = bool(collect_mod.FUSED_KERNEL)
         times: dict[str, list[float]] = {k: [] for k in runs}
         order = list(runs)
         for r in range(args.repeats):
