@@ -24,12 +24,14 @@ Writes benchmarks/results/collect.json with only what this run measured (a skipp
 
     python benchmarks/collect.py [--windows 32] [--repeats 3] [--skip-memory] [--skip-timing] [--threads N]
     python benchmarks/collect.py --profile [--windows 16] [--threads 1]
+    python benchmarks/collect.py --torch-path ...   # the same, collecting through the torch path
     python benchmarks/collect.py --ray --skip-timing --skip-memory [--ray-windows 16] [--ray-actors 2] [--repeats 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -90,7 +92,7 @@ def profile(args: argparse.Namespace) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    import snip_lens.collect as collect_mod
+    collect_mod = importlib.import_module("snip_lens.collect")  # (`snip_lens.collect` is the function)
 
     model = load_model("smollm2-135m")
     hf = model.original_model
@@ -147,6 +149,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="only print where one all-layer collect spends its time (torch.profiler, top operators "
                          "by self CPU time) next to a plain forward over the same windows; writes nothing")
+    ap.add_argument("--torch-path", action="store_true",
+                    help="collect with the torch path instead of the fused CPU kernels (the comparison before them)")
     ap.add_argument("--ray", action="store_true", help="also measure sharded collection on a local Ray cluster")
     ap.add_argument("--ray-windows", type=int, default=16)
     ap.add_argument("--ray-actors", type=int, default=2)
@@ -156,6 +160,10 @@ def main() -> None:
         if args.threads < 1:
             ap.error(f"--threads must be >= 1; got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.torch_path:
+        collect_mod = importlib.import_module("snip_lens.collect")  # (`snip_lens.collect` is the function)
+
+        collect_mod.FUSED_KERNEL = False
 
     if args.profile:
         profile(args)
@@ -186,10 +194,10 @@ def main() -> None:
         runs = {"hf_forward": hf_forward, "collect_all_layers": collect_all, "collect_first_half": collect_half}
         hf(input_ids=tw.tokens[:1, :16])  # warm-up
         # Warm-up of the collection path; on the CPU it compiles (or loads) the fused kernels: not timed below.
-        import snip_lens.collect as collect_mod
+        collect_mod = importlib.import_module("snip_lens.collect")  # (`snip_lens.collect` is the function)
 
         result["warmup_collect_s"] = _time(lambda: collect(model, tw, layers=[0], progress=False))
-        result["fused_kernels"] = bool(collect_mod.FUSED_KERNEL)
+        result["fused_kernels"] = bool(collect_mod.FUSED_KERNEL and collect_mod._fused_kernels() is not None)
         times: dict[str, list[float]] = {k: [] for k in runs}
         order = list(runs)
         for r in range(args.repeats):

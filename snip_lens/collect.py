@@ -56,7 +56,6 @@ from . import models
 from .backends import backend
 from ._io import atomic_write, atomic_write_text
 from .corpus import TokenWindows
-from .kernels import fused
 from .kernels.topk import NO_INDEX, merge_topk, update_topk, update_topk_sync_free, update_topk_t
 from .types import ActivationRecord, NeuronId, NeuronRecords
 
@@ -77,8 +76,9 @@ STATS_CHUNK = 128
 """Token rows per cache-sized chunk of the statistics pass."""
 PADDED_CONTEXT_RATIO = 10
 """Contexts are gathered from a padded copy of the batch once they hold over 1/this of its values."""
-FUSED_KERNEL = fused.AVAILABLE
-"""On the CPU, reduce each batch with the one-pass kernels of ``kernels.fused`` (False: the torch path)."""
+FUSED_KERNEL = True
+"""On the CPU, reduce each batch with the one-pass kernels of ``kernels.fused`` where numba is installed
+(False: always the torch path)."""
 
 
 # ---- config -----------------------------------------------------------------------------------------
@@ -335,6 +335,13 @@ def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[
 # ---- running state ----------------------------------------------------------------------------------
 
 
+def _fused_kernels() -> Any:
+    """``kernels.fused`` when numba works here, else None (imported on first use: numba is slow to import)."""
+    from .kernels import fused
+
+    return fused if fused.AVAILABLE else None
+
+
 class _StopForward(Exception):
     """Raised by the last requested layer's hook: nothing after it needs computing."""
 
@@ -349,10 +356,11 @@ class _State:
         self.device = torch.device(device)
         self.sync_free = self.device.type != "cpu" if sync_free is None else sync_free
         """Use the kernels without host synchronisation (always off the CPU; on the CPU only for tests)."""
-        self.fused = (FUSED_KERNEL if use_fused is None else use_fused) and self.device.type == "cpu" \
-            and not self.sync_free
+        want = (FUSED_KERNEL if use_fused is None else use_fused) and self.device.type == "cpu" and not self.sync_free
+        self._kernels = _fused_kernels() if want else None
+        self.fused = self._kernels is not None
         """Reduce each batch with the one-pass CPU kernels (``update_batch``) instead of the torch path."""
-        if self.fused and not fused.AVAILABLE:
+        if use_fused and want and not self.fused:
             raise ValueError("use_fused=True needs numba (pip install numba); leave use_fused unset to fall back "
                              "to the torch path")
         self._buf: Tensor | None = None
@@ -422,14 +430,14 @@ class _State:
         values, index, slots = (t[n][li].numpy() for n in ("top_v", "top_i", "top_slot"))
         bound = np.full(self.N, -np.inf, dtype=np.float32)
         if records and bool((index[k - 1] == NO_INDEX).any()):  # a list not yet full: the group bound filters
-            fused.group_bound(xn, skip, k, bound)
+            self._kernels.group_bound(xn, skip, k, bound)
         if records and rand_rows is not None and rand_keys is not None:
             rkeys, rrows = rand_keys[li].numpy(), rand_rows.numpy()
         else:
             rkeys, rrows = np.empty((0, self.N), dtype=np.float32), np.empty(0, dtype=np.int64)
         rnd = [t[n][li].numpy() for n in ("rnd_key", "rnd_i", "rnd_slot", "rnd_v", "rnd_ctx")]
         before, after = cfg.context
-        counted = fused.reduce_batch(
+        counted = self._kernels.reduce_batch(
             xn, skip, n_pos, before, after, n_a, t[p + "mean"][li].numpy(), t[p + "m2"][li].numpy(),
             t[p + "sum_abs"][li].numpy(), t[p + "n_pos"][li].numpy(), t[p + "max"][li].numpy(), records, values,
             index, slots, bound, base, t["top_ctx"][li].numpy(), rkeys, rrows, *rnd)
