@@ -250,3 +250,15 @@ def test_a_run_resumed_on_the_other_path_equals_an_uninterrupted_one(model, wind
         for corpus in full.stats:
             for f in ("mean", "std", "max", "mean_abs", "freq_pos"):
                 assert torch.equal(getattr(resumed.stats[corpus], f), getattr(full.stats[corpus], f))
+
+
+def test_without_numba_collection_takes_the_torch_path_and_an_explicit_request_says_why(model, windows,
+                                                                                     monkeypatch):
+    expected = _run(model, windows, True, monkeypatch, top_k=3, context=(2, 1), n_random=2, batch_size=4)
+    monkeypatch.setattr(collect_mod, "_fused_kernels", lambda: None)  # as where numba cannot be imported
+    cfg = collect_mod.CollectConfig(layers=(0,))
+    assert not collect_mod._State(cfg, 8, ["c"]).fused
+    with pytest.raises(ValueError, match="needs numba"):
+        collect_mod._State(cfg, 8, ["c"], use_fused=True)
+    got = collect(model, windows, top_k=3, context=(2, 1), n_random=2, batch_size=4, progress=False)
+    _assert_records_equal(got, expected)
