@@ -12,6 +12,17 @@ figure). Random and activation pruning (same k; activation also restricted to th
 baselines measured in the same run. Writes benchmarks/results/snip_pilot.json.
 
     python benchmarks/snip_pilot.py [--ks 2%,4%] [--seed 1] [--sample 0.25]
+
+``--terms word,token --no-embedding --out snip_pilot_terms.json`` compares the evidence match's term weights
+on the same split, skipping the embedding match: word terms only (``concepts.terms``, the match before
+token terms), and word plus model-token terms (``concepts.token_terms``,
+:func:`snip_lens.concepts.token_terms`; each token weighs the larger of its two readings, the library's
+default). ``--forget``/``--retain`` take any corpus the sweep reads, e.g. the German pilot:
+
+    python benchmarks/snip_pilot.py --terms word,token --no-embedding --forget out/unlearning/german-vs-english/data/forget.jsonl --retain out/unlearning/german-vs-english/data/retain.jsonl --out snip_pilot_terms_german.json
+
+(those files are written by ``benchmarks/unlearning.py``; the pilot splits them with seed 1, the benchmark
+with seed 0).
 """
 
 from __future__ import annotations
@@ -44,6 +55,12 @@ def main() -> None:
     ap.add_argument("--kinds", default="input,output,both")
     ap.add_argument("--sample", type=float, default=0.25,
                     help="share of neurons scored by both matches (embedding is the costly one)")
+    ap.add_argument("--terms", default="word",
+                    help="term weights of the evidence match, comma-separated: word (concepts.terms only), token "
+                         "(word terms and the model's token terms, concepts.token_terms: the default)")
+    ap.add_argument("--forget", help="forget corpus (default: the demo's, stdlib source)")
+    ap.add_argument("--retain", help="retain corpus (default: the demo's, pydoc prose)")
+    ap.add_argument("--no-embedding", action="store_true", help="skip the embedding match (and its sample runs)")
     ap.add_argument("--out", default="snip_pilot.json", help="file name under benchmarks/results/")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "snip_lens" / "pilot-embed"))
     args = ap.parse_args()
@@ -51,7 +68,8 @@ def main() -> None:
     model = M.load_model("smollm2-135m")
     n_layers, d_mlp = M.n_layers(model), M.d_mlp(model)
     ks = {spec: parse_k(spec, n_layers * d_mlp) for spec in args.ks.split(",")}
-    d = DataConfig(seed=args.seed)
+    d = DataConfig(seed=args.seed, **{side: getattr(args, side) for side in ("forget", "retain")
+                                      if getattr(args, side)})
     f_sel, f_eval = split_documents(load_side_texts(d.forget, d), d.eval_fraction, d.seed)
     r_sel, r_eval = split_documents(load_side_texts(d.retain, d), d.eval_fraction, d.seed)
 
@@ -65,7 +83,19 @@ def main() -> None:
                          "records")
     records = collect(model, {"records": probe, "forget": fs, "retain": rs}, top_k=20, batch_size=8, progress=False)
     concepts = extract_concepts(f_sel, reference_texts=r_sel, seed=d.seed)
-    embedder = get_embedder("local", cache_dir=args.cache, progress=False)
+    term_kinds = args.terms.split(",")
+    bad = [t for t in term_kinds if t not in ("word", "token")]
+    if bad:
+        raise SystemExit(f"--terms takes word and/or token, got {bad}")
+    concepts_of = {"word": concepts}
+    if "token" in term_kinds:
+        from dataclasses import replace
+
+        from snip_lens.concepts import token_terms
+
+        concepts_of["token"] = replace(concepts, token_terms=token_terms(f_sel, r_sel, M.tokenizer(model)),
+                                       tokenizer=M.model_name(model))
+    embedder = None if args.no_embedding else get_embedder("local", cache_dir=args.cache, progress=False)
     projection = output_projection(model, ExplainConfig(explanations="output"), records)
 
     def evaluate(mask) -> dict:
@@ -104,8 +134,12 @@ def main() -> None:
     for kind in args.kinds.split(","):
         expl = explain(records, ExplainConfig(explanations=kind), projection=projection, model=model,
                        progress=False)
-        measure(f"snip-{kind} evidence", score_neurons(expl, concepts, None, n_layers=n_layers, d_mlp=d_mlp,
-                                                     match="evidence"))
+        for terms in term_kinds:
+            tag = "evidence, word terms" if terms == "word" else "evidence, word and token terms"
+            measure(f"snip-{kind} {tag}", score_neurons(expl, concepts_of[terms], None, n_layers=n_layers,
+                                                        d_mlp=d_mlp, match="evidence"))
+        if embedder is None:
+            continue
         sub = [e for e in expl if in_sample[e.neuron.layer, e.neuron.index]]
         measure(f"snip-{kind} evidence (sample)", score_neurons(sub, concepts, None, n_layers=n_layers,
                                                               d_mlp=d_mlp, match="evidence"))
@@ -118,7 +152,10 @@ def main() -> None:
         table[key] = {"method": r["method"], "k": r["k"], "forget_top1": round(r["forget"], 4),
                       "retain_top1": round(r["retain"], 4), "forget_drop": round(fd, 4), "retain_drop": round(rd, 4),
                       "forget_drop_vs_random": round(fd / rnd_fd, 2) if rnd_fd > 0 else None}
-    res = {"scenario": "demo (stdlib code vs pydoc prose), pilot split", "seed": args.seed,
+    scenario = ("demo (stdlib code vs pydoc prose)" if not (args.forget or args.retain)
+                else f"{d.forget} vs {d.retain}")
+    res = {"scenario": f"{scenario}, pilot split", "seed": args.seed,
+           "command": "python benchmarks/snip_pilot.py " + " ".join(__import__("sys").argv[1:]),
            "ks": {spec: k for spec, k in ks.items()}, "sample": args.sample,
            "baseline": {s: round(v, 4) for s, v in base.items()}, "runs": table,
            "concepts": concepts.concepts, "seconds": round(time.perf_counter() - t0, 1),

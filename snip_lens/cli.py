@@ -184,6 +184,16 @@ def _concepts_cmd(args: argparse.Namespace) -> int:
         probe_server(client, timeout=server.probe_timeout)
     concepts = extract_concepts(forget, client=client, n_samples=args.n_samples, seed=args.seed,
                                 reference_texts=reference, n_concepts=args.n_concepts, cache_dir=args.cache_dir)
+    if args.tokenizer:
+        import dataclasses
+
+        from . import models as M
+        from .concepts import token_terms
+        from .config import ModelConfig
+
+        model = ModelConfig(name=args.tokenizer).load()
+        concepts = dataclasses.replace(concepts, token_terms=token_terms(forget, reference, M.tokenizer(model)),
+                                       tokenizer=M.model_name(model))
     concepts.save(out)
     for i, c in enumerate(concepts.concepts, 1):
         print(f"{i}. {c}")
@@ -199,6 +209,9 @@ def _add_concepts(sub: argparse._SubParsersAction) -> None:
     _llm_flags(sp)
     sp.add_argument("--n-samples", type=int, default=10, help="distinct forget documents shown to the LLM")
     sp.add_argument("--n-concepts", type=int, default=30, help="concepts kept by the offline fallback")
+    sp.add_argument("--tokenizer", metavar="MODEL",
+                    help="also weigh this model's tokens, forget set vs reference, for the evidence match (the "
+                         "model whose neurons will be scored; without it the match reads word terms only)")
     sp.add_argument("--cache-dir", help="cache of LLM answers")
     sp.add_argument("--seed", type=int, default=0, help="seed of the documents sampled for the LLM")
     sp.add_argument("--out", default="concepts.json", help="output JSON file")
@@ -250,6 +263,7 @@ def _score_cmd(args: argparse.Namespace) -> int:
 
         model = _model_config(args, name=args.model).load()
         n_layers, d_mlp = M.n_layers(model), M.d_mlp(model)
+        name = M.model_name(model)
     elif args.shape:
         try:
             n_layers, d_mlp = (int(x) for x in args.shape.lower().split("x"))
@@ -264,6 +278,15 @@ def _score_cmd(args: argparse.Namespace) -> int:
     if embedder is None and args.embed__embedder != "local":
         logging.getLogger(__name__).warning("--embedder %s is not used: the evidence match embeds nothing (add "
                                             "--match embedding or --match both)", args.embed__embedder)
+    if args.embed__match != "embedding":
+        if not concepts.token_terms:
+            logging.getLogger(__name__).warning(
+                "%s holds no token terms: evidence tokens are weighed by their word terms only (word pieces get "
+                "no weight); write the concepts with `snip concepts --tokenizer MODEL`", args.concepts)
+        elif name and concepts.tokenizer != name:
+            logging.getLogger(__name__).warning(
+                "%s weighs the tokens of %s, but the neurons are of %s: evidence tokens the two do not share are "
+                "weighed by their word terms", args.concepts, concepts.tokenizer, name)
     scores = score_neurons(explanations, concepts, embedder, n_layers=n_layers, d_mlp=d_mlp,
                            model_name=name, match=args.embed__match)
     path = scores.save(out)

@@ -395,6 +395,59 @@ def concept_terms(forget_texts: list[str], reference_texts: list[str] | None = N
                        r_counts, max_terms)
 
 
+MAX_TOKEN_TERMS = 20000
+"""Tokens kept by :func:`token_terms` (a vocabulary of 49k tokens leaves 10-20k seen twice in a benchmark's
+selection documents)."""
+
+
+def token_terms(forget_texts: list[str], reference_texts: list[str] | None, tokenizer: Any, *,
+                prior_strength: float = 500.0, max_terms: int = MAX_TOKEN_TERMS, batch: int = 256
+                ) -> dict[str, float]:
+    """Each model token's log-odds z-score, forget set vs reference (:func:`log_odds_dirichlet`), keyed by
+    its decoded text (leading space and case kept, as explanations record their evidence tokens).
+
+    :func:`concept_terms` counts words; a neuron's evidence is in the model's own tokens, and many of those
+    are word pieces that no word count weighs (a suffix, a stem, a byte of a multi-byte character). Counting
+    model tokens directly weighs every piece by how much more the forget set uses it, whatever the language
+    or script: the same statistic over the units the evidence is written in. A token is counted each time it
+    occurs in the text, so the weight of a promoted token is also how much more often the forget set needs it
+    as the next token. ``tokenizer`` is a Hugging Face tokenizer (``model.tokenizer``); whitespace-only tokens
+    and tokens seen fewer than twice over both corpora are left out, then the ``max_terms`` largest |z| kept.
+    The evidence match reads a token by the larger of this weight and its word terms'
+    (:func:`snip_lens.score.evidence_score`).
+    """
+    forget = [t for t in (forget_texts or []) if isinstance(t, str) and t.strip()]
+    if not forget:
+        raise ValueError("the forget set is empty; give documents to forget")
+    if not callable(getattr(tokenizer, "decode", None)):
+        raise ValueError(f"token_terms needs a Hugging Face tokenizer (with .decode), got {type(tokenizer).__name__}; "
+                         "pass model.tokenizer")
+    counts = [_token_counts(forget, tokenizer, batch), _token_counts(_reference(reference_texts), tokenizer, batch)]
+    text_of: dict[int, str] = {}
+    decoded: list[Counter] = []
+    for c in counts:  # several ids can decode to one text (bytes of a character): counted as that text
+        out: Counter = Counter()
+        for i, n in c.items():
+            if i not in text_of:
+                text_of[i] = tokenizer.decode([i])
+            out[text_of[i]] += n
+        decoded.append(out)
+    f_counts, r_counts = decoded
+    z = log_odds_dirichlet(f_counts, r_counts, prior_strength=prior_strength)
+    # whitespace carries no term here either (as in the word counts)
+    kept = [(w, v) for w, v in z.items() if w.strip() and f_counts.get(w, 0) + r_counts.get(w, 0) >= 2]
+    kept.sort(key=lambda x: (-abs(x[1]), x[0]))
+    return {w: round(float(v), 4) for w, v in kept[:max_terms]}
+
+
+def _token_counts(texts: list[str], tokenizer: Any, batch: int) -> Counter:
+    counts: Counter = Counter()
+    for b in range(0, len(texts), batch):
+        for ids in tokenizer(texts[b:b + batch], add_special_tokens=False)["input_ids"]:
+            counts.update(ids)
+    return counts
+
+
 def _norm_text(s: str) -> str:
     return " ".join(s.split()).casefold()
 

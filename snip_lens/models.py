@@ -336,6 +336,11 @@ def prepends_bos(model: Any) -> bool:
     return backend(model).prepends_bos()
 
 
+def tokenizer(model: Any) -> Any:
+    """The model's Hugging Face tokenizer (bridge or HookedTransformer alike)."""
+    return backend(model).tokenizer
+
+
 def encode(model: Any, text: str) -> list[int]:
     """Token ids of ``text`` with no special tokens added (BOS handling is the caller's, see ``prepends_bos``)."""
     return backend(model).encode(text)

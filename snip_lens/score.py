@@ -11,7 +11,9 @@ from (the tokens its neuron peaks on, the tokens its output promotes), and every
 forget set's term weights (each term's log-odds z-score, forget set vs reference; see
 :func:`snip_lens.concepts.concept_terms`). A neuron's evidence score is the mean weight of its evidence
 terms: for input evidence over the peak tokens of its top windows (weighted by their share), for output
-evidence over its top promoted tokens, for both kinds the mean of the two. Why: a sentence embedding of "the
+evidence over its top promoted tokens, for both kinds the mean of the two. A token weighs the larger of its
+two readings: as words (``concepts.terms``) and as the model's own token (``concepts.token_terms``, which
+weigh the word pieces no word count knows). Why: a sentence embedding of "the
 tokens 'X' and 'Y' after 'A'" is mostly the embedding of its template, so its cosine to a concept says
 little about X and Y. On a pilot split of the demo scenario (``benchmarks/snip_pilot.py``) the embedding
 match lowered forget top-1 0.5-1.1 times as much as random pruning (on a quarter of the neurons), the evidence
@@ -369,14 +371,25 @@ EVIDENCE_OUTPUT_TOKENS = 12
 """Promoted tokens of output evidence that the evidence match reads."""
 
 
-def _term_weight(token: str, terms: dict[str, float], cache: dict[str, float]) -> float:
-    """A token's weight: the largest weight among its terms (a token such as '):' holds two); 0 for a token
-    with no known term (whitespace, a term neither corpus used twice)."""
+def _term_weight(token: str, terms: dict[str, float], cache: dict[str, float],
+                 token_terms: dict[str, float] | None = None) -> float:
+    """A token's weight: the larger of its two readings, as words (the largest weight among its word terms;
+    a token such as '):' holds two) and as itself among ``token_terms`` (the model's tokens counted); either
+    reading alone where the other has none; 0 for a token with no known term (whitespace, a term neither
+    corpus used twice).
+
+    Each reading sees what the other misses: word terms pool a word's forms (' self', 'self', 'Self') into
+    one steadier count but give a word piece (a suffix, a stem) nothing; token terms weigh the pieces.
+    """
     hit = cache.get(token)
     if hit is None:
         from .concepts import term_pieces
 
-        hit = cache[token] = max((terms.get(t, 0.0) for t in term_pieces(token)), default=0.0)
+        readings = [terms[t] for t in term_pieces(token) if t in terms]
+        word = max(readings) if readings else None
+        own = token_terms.get(token) if token_terms else None
+        known = [v for v in (word, own) if v is not None]
+        hit = cache[token] = max(known) if known else 0.0
     return hit
 
 
@@ -401,14 +414,16 @@ def _evidence_items(explanation: NeuronExplanation) -> list[list[tuple[str, floa
     return sources
 
 
-def evidence_score(explanation: NeuronExplanation, terms: dict[str, float], cache: dict[str, float] | None = None
-                   ) -> tuple[float, str]:
+def evidence_score(explanation: NeuronExplanation, terms: dict[str, float], cache: dict[str, float] | None = None,
+                   token_terms: dict[str, float] | None = None) -> tuple[float, str]:
     """(evidence score, the evidence token that weighs most) of one explanation against the term weights.
 
     Input evidence: the share-weighted mean weight of the peak tokens of its top windows (the strongest
     tokens when an older file has no peaks); output evidence: the mean weight of its first
     :data:`EVIDENCE_OUTPUT_TOKENS` promoted tokens; both: the mean of the two. An explanation without
     typed evidence (imported, or text only) is read by the tokens it quotes ('X' or "X"), else by its words.
+    A token's weight is the larger of its word-term and its ``token_terms`` weight (:func:`_term_weight`);
+    ``cache`` must be used with one pair of weight maps only.
     """
     cache = {} if cache is None else cache
     parts: list[float] = []
@@ -417,7 +432,7 @@ def evidence_score(explanation: NeuronExplanation, terms: dict[str, float], cach
         total = sum(w for _, w in items)
         if not items or total <= 0:
             continue
-        vals = [(_term_weight(tok, terms, cache), tok, w) for tok, w in items]
+        vals = [(_term_weight(tok, terms, cache, token_terms), tok, w) for tok, w in items]
         parts.append(sum(v * w for v, _, w in vals) / total)
         top = max(vals, key=lambda x: x[0] * x[2])
         if top[0] * top[2] > best[0]:
@@ -478,7 +493,7 @@ def score_neurons(explanations: list[NeuronExplanation], concepts: DatasetConcep
     ev_labels: list[str] = []
     if match != "embedding":
         cache: dict[str, float] = {}  # token -> weight, shared by the score and its tie-break
-        pairs = [evidence_score(e, concepts.terms, cache) for e in usable]
+        pairs = [evidence_score(e, concepts.terms, cache, concepts.token_terms) for e in usable]
         ev_values = np.array([v for v, _ in pairs], dtype=np.float64)
         ev_labels = [lab for _, lab in pairs]
     if embedder is not None:
@@ -497,7 +512,7 @@ def score_neurons(explanations: list[NeuronExplanation], concepts: DatasetConcep
         if embedder is not None:
             secondary_values, secondary_name = sims.astype(np.float64), EVIDENCE_SECONDARY
         else:
-            secondary_values = np.array([_evidence_spread(e, concepts.terms, cache) for e in usable])
+            secondary_values = np.array([_evidence_spread(e, concepts, cache) for e in usable])
             secondary_name = EVIDENCE_SPREAD
         labels_list = ev_labels
     else:
@@ -538,9 +553,9 @@ def _zscore(x: np.ndarray) -> np.ndarray:
     return (x - x.mean()) / sd if sd > 0 else x - x.mean()
 
 
-def _evidence_spread(explanation: NeuronExplanation, terms: dict[str, float], cache: dict[str, float]) -> float:
-    return max((_term_weight(tok, terms, cache) for items in _evidence_items(explanation) for tok, _ in items),
-               default=0.0)
+def _evidence_spread(explanation: NeuronExplanation, concepts: DatasetConcepts, cache: dict[str, float]) -> float:
+    return max((_term_weight(tok, concepts.terms, cache, concepts.token_terms)
+                for items in _evidence_items(explanation) for tok, _ in items), default=0.0)
 
 
 IndexKind = Literal["auto", "flat", "hnsw", "ivf"]

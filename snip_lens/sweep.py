@@ -561,7 +561,14 @@ def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: An
             # a concepts file from before term weights: add them from the same selection documents
             from .concepts import concept_terms
 
-            concepts = DatasetConcepts(concepts.concepts, concepts.source, concept_terms(f_sel, r_sel))
+            concepts = dataclasses.replace(concepts, terms=concept_terms(f_sel, r_sel))
+            concepts.save(concepts_path)
+        if not concepts.token_terms and config.embed.match != "embedding":
+            # the evidence is in this model's tokens: weigh them as tokens (snip_lens.concepts.token_terms)
+            from .concepts import token_terms
+
+            concepts = dataclasses.replace(concepts, token_terms=token_terms(f_sel, r_sel, M.tokenizer(model)),
+                                           tokenizer=M.model_name(model))
             concepts.save(concepts_path)
         # The evidence match needs no embeddings (the costliest step), unless quality is scored by embedding.
         from .config import EmbeddingConfig

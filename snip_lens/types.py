@@ -240,10 +240,16 @@ class DatasetConcepts:
     """The forget set's term weights: each case-folded term's log-odds z-score, forget set vs reference
     (positive: the forget set uses it more); what SNIP's evidence match scores an explanation's evidence
     against (:func:`snip_lens.concepts.concept_terms`). Empty in files written before version 2."""
+    token_terms: dict[str, float] = field(default_factory=dict)
+    """The same statistic over one model's tokens (as decoded, leading space and case kept): what the evidence
+    match reads first, since evidence is in model tokens (:func:`snip_lens.concepts.token_terms`). Empty when
+    the concepts were made without a tokenizer, and in files written before version 3."""
+    tokenizer: str = ""
+    """The model whose tokens ``token_terms`` counts (its name as loaded)."""
 
     FORMAT = "snip_lens.concepts"
     """Value of the ``format`` key of a saved concepts file."""
-    VERSION = 2
+    VERSION = 3
     """Version of the saved layout."""
 
     def __post_init__(self) -> None:
@@ -255,14 +261,20 @@ class DatasetConcepts:
         if bad:
             raise ValueError(f"concepts {bad[:5]!r} are empty or hold control characters: concepts are text "
                              "(was the forget set a binary file?)")
-        if not isinstance(self.terms, dict) or not all(
-                isinstance(k, str) and isinstance(v, (int, float)) and v == v for k, v in self.terms.items()):
-            raise ValueError(f"DatasetConcepts.terms must map strings to finite numbers, got {self.terms!r:.200}")
+        for name in ("terms", "token_terms"):
+            d = getattr(self, name)
+            if not isinstance(d, dict) or not all(
+                    isinstance(k, str) and isinstance(v, (int, float)) and v == v for k, v in d.items()):
+                raise ValueError(f"DatasetConcepts.{name} must map strings to finite numbers, got {d!r:.200}")
+        if self.token_terms and not self.tokenizer:
+            raise ValueError("DatasetConcepts.token_terms are given without the tokenizer they count: set "
+                             "tokenizer to the model's name")
 
     def to_json(self) -> dict:
-        """The saved form: ``{"format", "version", "concepts", "source", "terms"}``."""
+        """The saved form: ``{"format", "version", "concepts", "source", "terms", "token_terms", "tokenizer"}``."""
         return {"format": self.FORMAT, "version": self.VERSION, "concepts": list(self.concepts),
-                "source": self.source, "terms": dict(self.terms)}
+                "source": self.source, "terms": dict(self.terms), "token_terms": dict(self.token_terms),
+                "tokenizer": self.tokenizer}
 
     @classmethod
     def from_json(cls, d: object, *, where: str = "concepts") -> "DatasetConcepts":
@@ -275,11 +287,15 @@ class DatasetConcepts:
         if int(d.get("version", 1)) > cls.VERSION:
             raise ValueError(f"{where} has concepts format version {d.get('version')}; this snip_lens reads up to "
                              f"{cls.VERSION}: upgrade snip_lens")
-        terms = d.get("terms", {})
-        if not isinstance(terms, dict):
-            raise ValueError(f"{where}: 'terms' must be an object mapping terms to weights, got "
-                             f"{type(terms).__name__}")
-        return cls(list(d["concepts"]), str(d.get("source", "")), {str(k): float(v) for k, v in terms.items()})
+        maps = {}
+        for name in ("terms", "token_terms"):
+            m = d.get(name, {})
+            if not isinstance(m, dict):
+                raise ValueError(f"{where}: {name!r} must be an object mapping terms to weights, got "
+                                 f"{type(m).__name__}")
+            maps[name] = {str(k): float(v) for k, v in m.items()}
+        return cls(list(d["concepts"]), str(d.get("source", "")), maps["terms"], maps["token_terms"],
+                   str(d.get("tokenizer", "")))
 
     def save(self, path: "str | os.PathLike[str]") -> "Path":
         """Write the concepts as JSON, atomically; returns the path."""

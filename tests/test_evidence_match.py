@@ -114,3 +114,87 @@ def test_input_evidence_keeps_the_peak_token_of_every_top_window():
     score, _ = evidence_score(NeuronExplanation(NeuronId(0, 0), "x", source="t",
                                                 evidence=NeuronEvidence(ev, None)), terms)
     assert score == pytest.approx(0.5 * terms["hund"] + 0.25 * terms["dog"] + 0.25 * terms["die"])
+
+
+def _piece_only_in(tok, forget: list[str], reference: list[str]) -> str:
+    """A decoded token of ``forget`` that is not a whole word and never occurs in ``reference``."""
+    ref_ids = {i for t in reference for i in tok(t, add_special_tokens=False)["input_ids"]}
+    seen: dict[str, int] = {}
+    for t in forget:
+        for i in tok(t, add_special_tokens=False)["input_ids"]:
+            s = tok.decode([i])
+            if i not in ref_ids and s.strip().isalpha() and not s.startswith(" ") and len(s) >= 2:
+                seen[s] = seen.get(s, 0) + 1
+    assert seen, "the test corpora should split German words into pieces"
+    return max(seen, key=lambda s: (seen[s], s))
+
+
+def test_token_terms_weigh_the_word_pieces_that_word_terms_cannot():
+    from snip_lens.concepts import token_terms
+    from snip_lens.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()  # trained on English prose: German words come out as pieces
+    tt = token_terms(GERMAN * 3, ENGLISH * 3, tok)
+    piece = _piece_only_in(tok, GERMAN, ENGLISH)
+    words = concept_terms(GERMAN * 3, ENGLISH * 3)
+    # a piece of a German word: no word term knows it, the token terms do
+    assert max((words.get(t, 0.0) for t in term_pieces(piece)), default=0.0) == 0.0
+    assert tt[piece] > 0
+    # keys are the tokens as explanations record them: decoded, leading space and case kept
+    assert tt[" the"] < 0 and "the" not in tt
+    de = _expl(0, 0, peaks=[(piece, 1.0)])
+    assert evidence_score(de, words)[0] == 0.0
+    assert evidence_score(de, words, None, tt)[0] == pytest.approx(tt[piece])
+    # a token the token terms lack is weighed by its word terms
+    assert evidence_score(_expl(0, 1, peaks=[("\u0120Hundx", 1.0)]), words, None, tt)[0] == 0.0
+    assert evidence_score(_expl(0, 1, peaks=[("Die!", 1.0)]), words, None, tt)[0] == pytest.approx(
+        max(words["die"], words.get("!", 0.0)))
+    with pytest.raises(ValueError, match="Hugging Face tokenizer"):
+        token_terms(GERMAN, ENGLISH, "not a tokenizer")
+
+
+def test_concepts_keep_their_token_terms_and_older_files_load(tmp_path):
+    c = DatasetConcepts(["Der Hund"], source="t", terms={"die": 2.0}, token_terms={" die": 3.0}, tokenizer="m")
+    back = DatasetConcepts.load(c.save(tmp_path / "c.json"))
+    assert (back.token_terms, back.tokenizer, back.terms) == ({" die": 3.0}, "m", {"die": 2.0})
+    (tmp_path / "v2.json").write_text(json.dumps({"format": "snip_lens.concepts", "version": 2, "concepts": ["a"],
+                                                  "terms": {"a": 1.0}}))
+    v2 = DatasetConcepts.load(tmp_path / "v2.json")
+    assert v2.token_terms == {} and v2.terms == {"a": 1.0}
+    with pytest.raises(ValueError, match="without the tokenizer"):
+        DatasetConcepts(["a"], token_terms={" a": 1.0})
+    with pytest.raises(ValueError, match="token_terms"):
+        DatasetConcepts(["a"], token_terms={" a": float("nan")}, tokenizer="m")
+
+
+def test_a_token_weighs_the_larger_of_its_word_and_token_readings():
+    tt = {"ung": 4.0, " the": -3.0, " die": 5.0}
+    concepts = DatasetConcepts(["Der Hund"], source="t", terms={"the": -1.0, "die": 2.0}, token_terms=tt,
+                               tokenizer="m")
+    s = score_neurons([_expl(0, 0, peaks=[(" the", 1.0)]), _expl(0, 1, promoted=["ung", "ung"]),
+                       _expl(0, 2, peaks=[(" die", 1.0)]), _expl(0, 3, peaks=[("Die", 1.0)])], concepts, None,
+                      n_layers=1, d_mlp=4, match="evidence")
+    assert [round(float(v), 4) for v in s.scores[0]] == [-1.0, 4.0, 5.0, 2.0]
+
+
+def test_cli_concepts_with_a_tokenizer_writes_token_terms_and_score_warns_without(tmp_path, capsys, caplog):
+    from snip_lens.testing import tiny_hf_model, tiny_tokenizer
+
+    model_dir = tmp_path / "tiny"
+    tiny_hf_model("llama", n_layers=1, d_mlp=8).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    forget, ref = tmp_path / "de.txt", tmp_path / "en.txt"
+    forget.write_text("\n\n".join(GERMAN * 2))
+    ref.write_text("\n\n".join(ENGLISH * 2))
+    co, plain = tmp_path / "c.json", tmp_path / "plain.json"
+    assert main(["concepts", "--forget", str(forget), "--reference", str(ref), "--tokenizer", str(model_dir),
+                 "--out", str(co)]) == 0
+    c = DatasetConcepts.load(co)
+    assert c.token_terms[" the"] < 0 and c.tokenizer
+    assert main(["concepts", "--forget", str(forget), "--reference", str(ref), "--out", str(plain)]) == 0
+    ex = tmp_path / "e.jsonl"
+    ex.write_text(json.dumps(_expl(0, 0, peaks=[("\u0120die", 1.0)]).to_json()) + "\n")
+    caplog.clear()
+    assert main(["score", "--explanations", str(ex), "--concepts", str(plain), "--shape", "1x1",
+                 "--out", str(tmp_path / "s")]) == 0
+    assert any("no token terms" in r.getMessage() and "--tokenizer" in r.getMessage() for r in caplog.records)
