@@ -15,16 +15,23 @@
    Reports the first sharded run (actor start and model load included), then ``--repeats`` interleaved
    pairs of single-process and warm-actor runs (best of each), the ratio of each to the single-process time, per-actor tokens/s, and checks the records are identical.
 
+Warm-up: before anything is timed, one ``collect`` of layer 0 runs the whole collection path once. On the CPU
+that compiles the fused kernels of ``snip_lens.kernels.fused`` (numba; or loads them from numba's on-disk
+cache when an earlier run compiled them), so compile time is in no measured run; it is reported as
+``warmup_collect_s``, next to ``fused_kernels`` (whether the kernels ran or the torch path did).
+
 Writes benchmarks/results/collect.json with only what this run measured (a skipped part is absent).
 
     python benchmarks/collect.py [--windows 32] [--repeats 3] [--skip-memory] [--skip-timing] [--threads N]
     python benchmarks/collect.py --profile [--windows 16] [--threads 1]
+    python benchmarks/collect.py --torch-path ...   # the same, collecting through the torch path
     python benchmarks/collect.py --ray --skip-timing --skip-memory [--ray-windows 16] [--ray-actors 2] [--repeats 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -85,10 +92,12 @@ def profile(args: argparse.Namespace) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    collect_mod = importlib.import_module("snip_lens.collect")  # (`snip_lens.collect` is the function)
+
     model = load_model("smollm2-135m")
     hf = model.original_model
     tw = load_corpus(model, "code", n_ctx=args.n_ctx, max_windows=args.windows, seed=0)
-    collect(model, tw, layers=[0], progress=False)  # warm-up of the collection path
+    warmup = _time(lambda: collect(model, tw, layers=[0], progress=False))  # compiles the fused kernels
     with torch.no_grad():
         hf(tw.tokens[: args.batch_size])
     t = time.perf_counter()
@@ -96,12 +105,34 @@ def profile(args: argparse.Namespace) -> None:
         for s in range(0, len(tw.tokens), args.batch_size):
             hf(tw.tokens[s:s + args.batch_size])
     forward = time.perf_counter() - t
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        t = time.perf_counter()
-        collect(model, tw, batch_size=args.batch_size, progress=False)
-        total = time.perf_counter() - t
+    # The fused kernels are numba code, invisible to torch.profiler: their time is taken around each call.
+    in_kernels = [0.0, 0]
+    real_update = collect_mod._State.update_batch
+
+    def timed_update(self, *a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return real_update(self, *a, **kw)
+        finally:
+            in_kernels[0] += time.perf_counter() - t0
+            in_kernels[1] += 1
+
+    collect_mod._State.update_batch = timed_update
+    try:
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            t = time.perf_counter()
+            collect(model, tw, batch_size=args.batch_size, progress=False)
+            total = time.perf_counter() - t
+    finally:
+        collect_mod._State.update_batch = real_update
     print(f"{len(tw.tokens)} windows of {args.n_ctx} tokens, {torch.get_num_threads()} torch thread(s): plain forward "
-          f"{forward:.2f} s, collect (profiled, all layers) {total:.2f} s = {total / forward:.2f}x")
+          f"{forward:.2f} s, collect (profiled, all layers) {total:.2f} s = {total / forward:.2f}x; warm-up "
+          f"(compiles or loads the fused kernels) {warmup:.2f} s")
+    if in_kernels[1]:
+        print(f"fused CPU kernels (update_batch): {in_kernels[0]:.2f} s in {in_kernels[1]} layer-batches "
+              f"= {1e3 * in_kernels[0] / in_kernels[1]:.2f} ms each")
+    else:
+        print("fused CPU kernels not used (torch path): see the operators below")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
@@ -118,6 +149,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="only print where one all-layer collect spends its time (torch.profiler, top operators "
                          "by self CPU time) next to a plain forward over the same windows; writes nothing")
+    ap.add_argument("--torch-path", action="store_true",
+                    help="collect with the torch path instead of the fused CPU kernels (the comparison before them)")
     ap.add_argument("--ray", action="store_true", help="also measure sharded collection on a local Ray cluster")
     ap.add_argument("--ray-windows", type=int, default=16)
     ap.add_argument("--ray-actors", type=int, default=2)
@@ -127,6 +160,10 @@ def main() -> None:
         if args.threads < 1:
             ap.error(f"--threads must be >= 1; got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.torch_path:
+        collect_mod = importlib.import_module("snip_lens.collect")  # (`snip_lens.collect` is the function)
+
+        collect_mod.FUSED_KERNEL = False
 
     if args.profile:
         profile(args)
@@ -156,7 +193,11 @@ def main() -> None:
 
         runs = {"hf_forward": hf_forward, "collect_all_layers": collect_all, "collect_first_half": collect_half}
         hf(input_ids=tw.tokens[:1, :16])  # warm-up
-        collect(model, tw, layers=[0], progress=False)  # warm-up of the collection path
+        # Warm-up of the collection path; on the CPU it compiles (or loads) the fused kernels: not timed below.
+        collect_mod = importlib.import_module("snip_lens.collect")  # (`snip_lens.collect` is the function)
+
+        result["warmup_collect_s"] = _time(lambda: collect(model, tw, layers=[0], progress=False))
+        result["fused_kernels"] = bool(collect_mod.FUSED_KERNEL and collect_mod._fused_kernels() is not None)
         times: dict[str, list[float]] = {k: [] for k in runs}
         order = list(runs)
         for r in range(args.repeats):

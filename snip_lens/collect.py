@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from safetensors import safe_open
@@ -75,6 +76,9 @@ STATS_CHUNK = 128
 """Token rows per cache-sized chunk of the statistics pass."""
 PADDED_CONTEXT_RATIO = 10
 """Contexts are gathered from a padded copy of the batch once they hold over 1/this of its values."""
+FUSED_KERNEL = True
+"""On the CPU, reduce each batch with the one-pass kernels of ``kernels.fused`` where numba is installed
+(False: always the torch path)."""
 
 
 # ---- config -----------------------------------------------------------------------------------------
@@ -331,6 +335,13 @@ def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[
 # ---- running state ----------------------------------------------------------------------------------
 
 
+def _fused_kernels() -> Any:
+    """``kernels.fused`` when numba works here, else None (imported on first use: numba is slow to import)."""
+    from .kernels import fused
+
+    return fused if fused.AVAILABLE else None
+
+
 class _StopForward(Exception):
     """Raised by the last requested layer's hook: nothing after it needs computing."""
 
@@ -339,12 +350,19 @@ class _State:
     """Running top-k, random candidates and moments; every tensor is O(layers x neurons x k x context)."""
 
     def __init__(self, cfg: CollectConfig, d_mlp: int, corpora: list[str], device: torch.device | str = "cpu",
-                 sync_free: bool | None = None):
+                 sync_free: bool | None = None, use_fused: bool | None = None):
         L, N, k, C, R = len(cfg.layers), d_mlp, cfg.top_k, cfg.context_len, cfg.n_candidates
         self.cfg, self.N, self.n_corpora = cfg, N, len(corpora)
         self.device = torch.device(device)
         self.sync_free = self.device.type != "cpu" if sync_free is None else sync_free
         """Use the kernels without host synchronisation (always off the CPU; on the CPU only for tests)."""
+        want = (FUSED_KERNEL if use_fused is None else use_fused) and self.device.type == "cpu" and not self.sync_free
+        self._kernels = _fused_kernels() if want else None
+        self.fused = self._kernels is not None
+        """Reduce each batch with the one-pass CPU kernels (``update_batch``) instead of the torch path."""
+        if use_fused and want and not self.fused:
+            raise ValueError("use_fused=True needs numba (pip install numba); leave use_fused unset to fall back "
+                             "to the torch path")
         self._buf: Tensor | None = None
         self._mask: Tensor | None = None
         self._pad: Tensor | None = None
@@ -358,6 +376,7 @@ class _State:
         self._count: dict[tuple[int, int], float] = {}
         with torch.device(self.device):
             self._init_tensors(L, N, k, C, R, corpora)
+        self._relayout()
 
     def _init_tensors(self, L: int, N: int, k: int, C: int, R: int, corpora: list[str]) -> None:
         self.t: dict[str, Tensor] = {
@@ -380,7 +399,51 @@ class _State:
                 f"s{ci}.max": torch.full((L, N), -math.inf, dtype=torch.float64),
             })
 
+    _LIST_KEYS = ("top_v", "top_i", "top_slot", "rnd_key", "rnd_i", "rnd_slot")
+
+    def _relayout(self) -> None:
+        """For the fused kernels, store each (layer, rank, neuron) list tensor neuron-major in memory.
+
+        The logical shape is unchanged (every reader sees the same tensor); only one neuron's list becomes
+        contiguous, which is what the kernels walk. Called after anything that replaces these tensors.
+        """
+        if self.fused:
+            for key in self._LIST_KEYS:
+                v = self.t[key]
+                if v.stride(1) != 1:
+                    self.t[key] = v.transpose(1, 2).contiguous().transpose(1, 2)
+
     # -- per-batch work, called from the hook of layer row `li` --
+
+    def update_batch(self, ci: int, li: int, x: Float[Tensor, "tok neuron"], skip: Any, records: bool, base: int,
+                     n_pos: int, rand_rows: Tensor | None, rand_keys: Tensor | None) -> None:
+        """``update_stats`` and (``records``) ``update_records`` in one pass of the fused CPU kernels.
+
+        ``x`` holds every row of the batch; ``skip`` (numpy bool, one per row) marks the prepended BOS rows,
+        which count in no statistic and no record (the torch path gets them filtered and set to -inf).
+        """
+        t, cfg = self.t, self.cfg
+        xn = x.numpy()
+        n_a = self._count.get((ci, li), 0.0)
+        p = f"s{ci}."
+        k = cfg.top_k
+        values, index, slots = (t[n][li].numpy() for n in ("top_v", "top_i", "top_slot"))
+        bound = np.full(self.N, -np.inf, dtype=np.float32)
+        if records and bool((index[k - 1] == NO_INDEX).any()):  # a list not yet full: the group bound filters
+            self._kernels.group_bound(xn, skip, k, bound)
+        if records and rand_rows is not None and rand_keys is not None:
+            rkeys, rrows = rand_keys[li].numpy(), rand_rows.numpy()
+        else:
+            rkeys, rrows = np.empty((0, self.N), dtype=np.float32), np.empty(0, dtype=np.int64)
+        rnd = [t[n][li].numpy() for n in ("rnd_key", "rnd_i", "rnd_slot", "rnd_v", "rnd_ctx")]
+        before, after = cfg.context
+        counted = self._kernels.reduce_batch(
+            xn, skip, n_pos, before, after, n_a, t[p + "mean"][li].numpy(), t[p + "m2"][li].numpy(),
+            t[p + "sum_abs"][li].numpy(), t[p + "n_pos"][li].numpy(), t[p + "max"][li].numpy(), records, values,
+            index, slots, bound, base, t["top_ctx"][li].numpy(), rkeys, rrows, *rnd)
+        n_t = n_a + counted
+        t[p + "n"][li] = n_t
+        self._count[(ci, li)] = n_t
 
     def _buffers(self, shape: torch.Size) -> tuple[Tensor, Tensor]:
         # Reused scratch space: a fresh 6 MB temporary per reduction costs page faults on every batch.
@@ -603,6 +666,7 @@ class _State:
                         t[val_n][li] = torch.gather(torch.cat([t[val_n][li], part[val_n][li]], 0), 0, store)
                     t[key_n][li], t[idx_n][li] = key, idx
                 t[slot_n] = torch.arange(size, device=self.device).view(1, size, 1).expand(L, size, N).clone()
+            self._relayout()
         for ci in range(self.n_corpora):
             p = f"s{ci}."
             if p + "n" not in part:
@@ -630,6 +694,7 @@ class _State:
         """Replace the running state (from a checkpoint), on this state's device."""
         for k in self.t:
             self.t[k] = tensors[k].to(self.device)
+        self._relayout()
         self._count = {}
         for k, v in tensors.items():
             if k.startswith("s") and k.endswith(".n"):
@@ -854,6 +919,12 @@ def _collect_windows(model: Any, state: _State, rec_ci: int, todo: list[tuple[in
             x = act.detach().reshape(-1, d_mlp).float().contiguous()  # (batch*pos, neuron)
             ci = batch_ctx["ci"]
             # torch's thread count is the user's (it is process-wide): the hooks never change it.
+            if state.fused:  # one pass of the CPU kernels; BOS rows are skipped inside
+                state.update_batch(ci, li, x, batch_ctx["skip"], ci == rec_ci, batch_ctx["base"], batch_ctx["n_pos"],
+                                   batch_ctx["rand_rows"], batch_ctx["rand_keys"])
+                if layer == last:
+                    raise _StopForward
+                return None
             bos = batch_ctx["bos_rows"]
             if bos.numel():  # prepended BOS: out of the statistics, and -inf so that no top-k list takes it
                 state.update_stats(ci, li, x[batch_ctx["text_rows"]])
@@ -880,8 +951,10 @@ def _collect_windows(model: Any, state: _State, rec_ci: int, todo: list[tuple[in
                 bos = _bos_rows(tokens[b0 - first:b1 - first], bos_id)
                 text_rows = _text_rows(b1 - b0, n_pos, bos)
                 # Copied to the device once per batch, not once per layer.
+                skip = np.zeros((b1 - b0) * n_pos, dtype=np.bool_)
+                skip[bos.numpy()] = True
                 batch_ctx.update(ci=ci, base=b0 * n_pos, n_pos=n_pos, rand_rows=None, rand_keys=None,
-                                 bos_rows=bos.to(device),
+                                 bos_rows=bos.to(device), skip=skip,
                                  text_rows=None if text_rows is None else text_rows.to(device))
                 if ci == rec_ci and cfg.n_random:
                     rows, keys = _random_candidates(cfg, b0, b1 - b0, n_pos, L, d_mlp)

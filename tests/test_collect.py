@@ -95,8 +95,12 @@ def _check_stats(st, ref, layers):
             torch.testing.assert_close(getattr(st, f)[li].double(), r[f], atol=1e-5, rtol=1e-5, msg=f)
 
 
+@pytest.mark.parametrize("fused_kernels", [True, False], ids=["fused-kernels", "torch-path"])
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
-def test_records_and_stats_equal_run_with_cache_reference(model, windows, batch_size):
+def test_records_and_stats_equal_run_with_cache_reference(model, windows, batch_size, fused_kernels, monkeypatch):
+    if fused_kernels and collect_mod._fused_kernels() is None:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(collect_mod, "FUSED_KERNEL", fused_kernels)
     layers = [0, 1, 2]
     rec = collect(model, windows, top_k=TOP_K, context=CONTEXT, n_random=3, batch_size=batch_size,
                   progress=False)
@@ -117,6 +121,7 @@ def test_records_and_stats_equal_run_with_cache_reference(model, windows, batch_
 @pytest.mark.parametrize("batch_size", [1, 8])
 def test_padded_and_direct_context_gathers_give_identical_records(model, windows, batch_size, monkeypatch):
     """Contexts gathered from the padded batch copy equal the direct per-entry gather, edges and BOS included."""
+    monkeypatch.setattr(collect_mod, "FUSED_KERNEL", False)  # both gathers belong to the torch path
     kw = dict(top_k=TOP_K, context=CONTEXT, n_random=3, batch_size=batch_size, progress=False)
     monkeypatch.setattr(collect_mod, "PADDED_CONTEXT_RATIO", 0)  # never padded
     direct = collect(model, windows, **kw)
