@@ -4,7 +4,10 @@
    forward over the same windows and batches (goals: <= 1.05x for all layers, <= 0.6x for the first half,
    whose later layers and unembedding are skipped). Measurements are interleaved in the same process, the
    order rotated each repeat; ``ratio_*`` compare the fastest repeats (load from other processes hurts
-   them least) and ``median_paired_ratio_*`` the median of each repeat's own ratio.
+   them least) and ``median_paired_ratio_*`` the median of each repeat's own ratio. Collection stops after
+   the last layer it hooks, so it skips the unembedding the HF forward pays for: ``*_vs_layers_only``
+   compares it with the decoder stack's own forward (``hf.model``, no unembedding), which is what the
+   hooks and their reductions cost on top of the layers they observe.
 2. Memory: peak RSS of a fresh process collecting 10k and 100k tokens (goal: growth < 300 MB, since the
    running state does not depend on the number of tokens), and the highest RSS sampled while ``collect``
    runs (the process peak itself is set by loading the model). These runs collect layers 0-2 so that
@@ -191,7 +194,18 @@ def main() -> None:
         def collect_half() -> None:
             collect(model, tw, layers=half, batch_size=args.batch_size, progress=False)
 
+        body = getattr(hf, "model", None)  # the decoder stack without the unembedding (LlamaModel)
+
+        def hf_layers_only() -> None:
+            with torch.inference_mode():
+                for b in range(0, len(tw), args.batch_size):
+                    body(input_ids=tw.tokens[b:b + args.batch_size])
+
         runs = {"hf_forward": hf_forward, "collect_all_layers": collect_all, "collect_first_half": collect_half}
+        if body is not None:
+            # Collection stops after the last hooked layer, so it never pays for the unembedding (49k x 576
+            # here): against the forward of the decoder stack alone, the ratio is what the hooks cost.
+            runs["hf_layers_only"] = hf_layers_only
         hf(input_ids=tw.tokens[:1, :16])  # warm-up
         # Warm-up of the collection path; on the CPU it compiles (or loads) the fused kernels: not timed below.
         collect_mod = importlib.import_module("snip_lens.collect")  # (`snip_lens.collect` is the function)
@@ -203,7 +217,7 @@ def main() -> None:
         for r in range(args.repeats):
             # Interleaved, the order rotated every repeat, so drifting load from other processes hits every
             # measurement alike; each collect ratio is paired with the HF forward of its own repeat.
-            for name in order[r % 3:] + order[:r % 3]:
+            for name in order[r % len(order):] + order[:r % len(order)]:
                 times[name].append(_time(runs[name]))
         ratios_all = [c / h for c, h in zip(times["collect_all_layers"], times["hf_forward"])]
         ratios_half = [c / h for c, h in zip(times["collect_first_half"], times["hf_forward"])]
@@ -220,6 +234,14 @@ def main() -> None:
             "median_paired_ratio_first_half": statistics.median(ratios_half),
             "goal_ratio_all_layers": 1.05, "goal_ratio_first_half": 0.6,
         })
+        if "hf_layers_only" in times:
+            paired = [c / h for c, h in zip(times["collect_all_layers"], times["hf_layers_only"])]
+            result.update({"ratio_all_layers_vs_layers_only": best["collect_all_layers"] / best["hf_layers_only"],
+                           "median_paired_ratio_all_layers_vs_layers_only": statistics.median(paired),
+                           "unembedding_share_of_forward": 1 - best["hf_layers_only"] / best["hf_forward"]})
+            print(f"against the decoder stack alone (no unembedding, {best['hf_layers_only']:.2f}s): collect all "
+                  f"layers {result['ratio_all_layers_vs_layers_only']:.3f}x best-of (median paired "
+                  f"{result['median_paired_ratio_all_layers_vs_layers_only']:.3f}x)")
         print(f"{tw.n_tokens} tokens, {args.repeats} interleaved repeats: HF forward {best['hf_forward']:.2f}s "
               f"({result['hf_tokens_per_s']:.0f} tok/s); collect all {n_layers} layers "
               f"{best['collect_all_layers']:.2f}s = {result['ratio_all_layers']:.3f}x best-of "
