@@ -374,9 +374,10 @@ EVIDENCE_OUTPUT_TOKENS = 12
 def _term_weight(token: str, terms: dict[str, float], cache: dict[str, float],
                  token_terms: dict[str, float] | None = None) -> float:
     """A token's weight: the larger of its two readings, as words (the largest weight among its word terms;
-    a token such as '):' holds two) and as itself among ``token_terms`` (the model's tokens counted); either
-    reading alone where the other has none; 0 for a token with no known term (whitespace, a term neither
-    corpus used twice).
+    a token such as '):' holds two) and as itself among ``token_terms`` (the model's tokens counted; a token
+    written without a leading space also as its word-initial form, since input evidence merges the two);
+    either reading alone where the other has none; 0 for a token with no known term (whitespace, a term
+    neither corpus used twice).
 
     Each reading sees what the other misses: word terms pool a word's forms (' self', 'self', 'Self') into
     one steadier count but give a word piece (a suffix, a stem) nothing; token terms weigh the pieces.
@@ -385,10 +386,13 @@ def _term_weight(token: str, terms: dict[str, float], cache: dict[str, float],
     if hit is None:
         from .concepts import term_pieces
 
-        readings = [terms[t] for t in term_pieces(token) if t in terms]
-        word = max(readings) if readings else None
-        own = token_terms.get(token) if token_terms else None
-        known = [v for v in (word, own) if v is not None]
+        words = [terms[t] for t in term_pieces(token) if t in terms]
+        known = [max(words)] if words else []
+        if token_terms:
+            # Input evidence keys a token without its leading space (' The' and 'The' are one entry there),
+            # so such a key reads as either model token: written as it is, or word-initial.
+            forms = (token,) if token.startswith(" ") else (token, " " + token)
+            known += [token_terms[f] for f in forms if f in token_terms]
         hit = cache[token] = max(known) if known else 0.0
     return hit
 

@@ -175,6 +175,10 @@ def test_a_token_weighs_the_larger_of_its_word_and_token_readings():
                        _expl(0, 2, peaks=[(" die", 1.0)]), _expl(0, 3, peaks=[("Die", 1.0)])], concepts, None,
                       n_layers=1, d_mlp=4, match="evidence")
     assert [round(float(v), 4) for v in s.scores[0]] == [-1.0, 4.0, 5.0, 2.0]
+    # input evidence keys ' Haus' and 'Haus' as one entry 'Haus': it reads as either model token
+    haus = {" Haus": 5.0, "Haus": -1.0}
+    assert evidence_score(_expl(0, 0, peaks=[("Haus", 1.0)]), {}, None, haus)[0] == pytest.approx(5.0)
+    assert evidence_score(_expl(0, 0, peaks=[(" Haus", 1.0)]), {}, None, {"Haus": 7.0})[0] == 0.0
 
 
 def test_cli_concepts_with_a_tokenizer_writes_token_terms_and_score_warns_without(tmp_path, capsys, caplog):
