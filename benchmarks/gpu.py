@@ -9,11 +9,14 @@ One command on any CUDA machine::
 
 It checks, and exits 1 when a check fails:
 
-1. ``collect`` on ``--device`` in ``--dtype`` equals ``collect`` on the CPU in float32 on the same windows:
-   top-k positions exactly wherever the float32 values leave no near-tie (a gap of at least the tolerance
-   to the neighbouring rank), values and statistics within the tolerance (float32: 1e-4, bf16/fp16: 3%
-   of the neuron's largest |activation|). On ``--device cpu`` the accelerator code path (sync-free
-   kernels) is forced, so CI compares that path with the CPU one.
+1. ``collect`` on ``--device`` in ``--dtype`` equals ``collect`` on the CPU in the same dtype on the same
+   windows: top-k positions exactly wherever the reference values leave no near-tie (a gap of at least the
+   tolerance to the neighbouring rank), values and statistics within the tolerance (float32: 1e-4,
+   bf16/fp16: 3%), errors measured against each neuron's largest |activation| but never against less than
+   the median of those over its layer (a neuron that barely fires would turn rounding into a huge relative
+   error). On ``--device cpu`` the accelerator code path (sync-free kernels) is forced, so CI compares that
+   path with the CPU one. In bf16/fp16 it also prints, as information and not as a check, how far the run
+   drifts from float32 (through 30 layers of bf16 residuals, far more than any tolerance of one layer).
 2. A zero mask on 1% of the neurons changes the logits, and after ``applied`` exits (normally and by an
    exception) the hooks are exactly those found and the logits are bit-identical to the unmasked ones.
 
@@ -61,7 +64,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-    """(reference model on the CPU in float32, model under test on ``device`` in ``dtype``)."""
+    """(reference model on the CPU in float32, the same on the CPU in ``dtype`` (the float32 one again when
+    ``dtype`` is float32), model under test on ``device`` in ``dtype``)."""
     from snip_lens.testing import tiny_tokenizer
 
     if args.random_weights:
@@ -73,10 +77,12 @@ def _build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
         tok = tiny_tokenizer()
         name = f"random-{args.random_weights}"
         ref = bridge_from_hf(hf, tok, name=name)
+        same = ref if dtype == torch.float32 else bridge_from_hf(copy.deepcopy(hf).to(dtype=dtype), tok, name=name)
         test = bridge_from_hf(copy.deepcopy(hf).to(device=device, dtype=dtype), tok, name=name)
-        return ref, test
+        return ref, same, test
     ref = load_model(args.model)
-    return ref, load_model(args.model, device=str(device), dtype=dtype)
+    same = ref if dtype == torch.float32 else load_model(args.model, dtype=dtype)
+    return ref, same, load_model(args.model, device=str(device), dtype=dtype)
 
 
 def _windows(model, n: int, n_ctx: int, seed: int) -> TokenWindows:
@@ -87,8 +93,11 @@ def _windows(model, n: int, n_ctx: int, seed: int) -> TokenWindows:
 
 
 def _compare(ref, got, tol: float) -> dict:
-    """Positions exact where no near-tie, values within ``tol`` of each neuron's largest |activation|."""
-    scale = ref.top_values[..., :1].abs().clamp(min=1e-6)  # (layer, neuron, 1)
+    """Positions exact where no near-tie, values within ``tol`` of each neuron's largest |activation| (or of
+    its layer's median of those, when larger)."""
+    peak = ref.top_values[..., :1].abs()  # (layer, neuron, 1)
+    typical = peak.median(dim=1, keepdim=True).values  # (layer, 1, 1)
+    scale = torch.maximum(peak, typical).clamp(min=1e-6)
     vals = ref.top_values / scale
     gap_prev = torch.full_like(vals, float("inf"))
     gap_next = torch.full_like(vals, float("inf"))
@@ -101,7 +110,7 @@ def _compare(ref, got, tol: float) -> dict:
     value_err = ((got.top_values - ref.top_values).abs() / scale).max().item()
     stats_err = 0.0
     for name, st in ref.stats.items():
-        s = st.max.abs().clamp(min=1e-6)
+        s = torch.maximum(st.max.abs(), st.max.abs().median(dim=1, keepdim=True).values).clamp(min=1e-6)
         for f in ("mean", "mean_abs", "std", "max"):
             stats_err = max(stats_err, ((getattr(got.stats[name], f) - getattr(st, f)).abs() / s).max().item())
     mismatched_clear = int((clear & ~same).sum())
@@ -168,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device here (torch.cuda.is_available() is False); use --device cpu", file=sys.stderr)
         return 2
-    ref_model, model = _build(args, device, dtype)
+    fp32_model, ref_model, model = _build(args, device, dtype)
     tw = _windows(model, args.windows, args.n_ctx, args.seed)
     tol = 1e-4 if dtype == torch.float32 else 0.03
     print(f"model {model.cfg.model_name} ({model.cfg.n_layers} layers x {model.cfg.d_mlp} neurons) on {device} "
@@ -187,10 +196,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         collect_mod._State.__init__ = init
     cmp = _compare(reference, on_device, tol)
-    print(f"collect on {device} vs CPU float32: {cmp['positions_clear_mismatched']} of {cmp['positions_clear']} "
-          f"clear top-k positions differ ({100 * cmp['positions_equal_fraction']:.2f}% of all positions equal); "
-          f"max value error {cmp['max_value_error']:.2e}, max stats error {cmp['max_stats_error']:.2e} "
-          f"(tolerance {tol:g}) -> {'OK' if cmp['ok'] else 'FAIL'}")
+    dname = str(dtype).replace("torch.", "")
+    print(f"collect on {device} vs CPU, both {dname}: {cmp['positions_clear_mismatched']} of "
+          f"{cmp['positions_clear']} clear top-k positions differ ({100 * cmp['positions_equal_fraction']:.2f}% of "
+          f"all positions equal); max value error {cmp['max_value_error']:.2e}, max stats error "
+          f"{cmp['max_stats_error']:.2e} (tolerance {tol:g}) -> {'OK' if cmp['ok'] else 'FAIL'}")
+    drift = None
+    if fp32_model is not ref_model:
+        drift = _compare(collect(fp32_model, tw, **kw), on_device, tol)
+        print(f"  (information: {dname} on {device} against CPU float32: {100 * drift['positions_equal_fraction']:.2f}% "
+              f"of top-k positions equal, max value error {drift['max_value_error']:.2e}, max stats error "
+              f"{drift['max_stats_error']:.2e}: the dtype's own drift, not a check)")
 
     # 2. masks restore exactly.
     tokens = tw.tokens[:args.batch_size].to(device)
@@ -252,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python benchmarks/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "dtype": str(dtype), "model": str(model.cfg.model_name), "tokens": n, "collect_check": cmp,
+            "dtype_drift_from_float32": drift,
             "mask_check": mk, "performance": perf, "ok": ok}, indent=2))
     print("all checks passed" if ok else "SOME CHECKS FAILED")
     return 0 if ok else 1

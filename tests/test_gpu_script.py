@@ -29,6 +29,8 @@ def test_gpu_check_runs_on_cpu_and_passes(tmp_path, capsys):
     assert "all checks passed" in out and "collection" in out and "lm_metrics" in out
     res = json.loads((tmp_path / "g.json").read_text())
     assert res["ok"] and res["collect_check"]["positions_clear"] > 0 and res["mask_check"]["restored_exactly"]
+    # the reference is the CPU in the same dtype; bf16's drift from float32 is reported beside it
+    assert "both bfloat16" in out and res["dtype_drift_from_float32"]["positions_clear"] > 0
     assert res["performance"]["collect_tokens_per_s"] > 0
 
 
