@@ -2,8 +2,9 @@
 (embedding: the paper's max cosine of sentence embeddings; evidence: the explanation's evidence tokens
 weighted by the forget set's term log-odds) on the demo scenario.
 
-Run on a *pilot split* of the demo scenario only (stdlib source vs pydoc prose, documents split with
-``--seed 1``, while the benchmark and the demo use seed 0), before any other scenario is looked at. One
+Run on a *pilot split* of the demo scenario (stdlib source vs pydoc prose, documents split with ``--seed 1``,
+while the benchmark and the demo use seed 0); the kind and the match were chosen this way before any other
+scenario was looked at. One
 collection, one set of offline concepts (with their term weights), then per explanation kind: offline
 explanations of every neuron; the evidence match over all neurons; and, because embedding 46k explanations
 per kind costs minutes, both matches over one random share of the neurons (``--sample``, the same neurons
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -57,7 +59,7 @@ def main() -> None:
                     help="share of neurons scored by both matches (embedding is the costly one)")
     ap.add_argument("--terms", default="word",
                     help="term weights of the evidence match, comma-separated: word (concepts.terms only), token "
-                         "(word terms and the model's token terms, concepts.token_terms: the default)")
+                         "(word terms and the model's token terms, concepts.token_terms: the library's default)")
     ap.add_argument("--forget", help="forget corpus (default: the demo's, stdlib source)")
     ap.add_argument("--retain", help="retain corpus (default: the demo's, pydoc prose)")
     ap.add_argument("--no-embedding", action="store_true", help="skip the embedding match (and its sample runs)")
@@ -155,7 +157,7 @@ def main() -> None:
     scenario = ("demo (stdlib code vs pydoc prose)" if not (args.forget or args.retain)
                 else f"{d.forget} vs {d.retain}")
     res = {"scenario": f"{scenario}, pilot split", "seed": args.seed,
-           "command": "python benchmarks/snip_pilot.py " + " ".join(__import__("sys").argv[1:]),
+           "command": "python benchmarks/snip_pilot.py " + " ".join(sys.argv[1:]),
            "ks": {spec: k for spec, k in ks.items()}, "sample": args.sample,
            "baseline": {s: round(v, 4) for s, v in base.items()}, "runs": table,
            "concepts": concepts.concepts, "seconds": round(time.perf_counter() - t0, 1),

@@ -136,6 +136,15 @@ def sample_documents(texts: list[str], n: int, *, max_chars: int, seed: int = 0)
     return out
 
 
+def _forget_docs(forget_texts: list[str] | None) -> list[str]:
+    """The forget documents with text, or an error that says there are none."""
+    texts = [t for t in (forget_texts or []) if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise ValueError(f"the forget set is empty ({len(forget_texts or [])} documents, none with text); "
+                         "give documents to forget (e.g. --forget code or a .txt/.jsonl file)")
+    return texts
+
+
 def extract_concepts(forget_texts: list[str], *, client: Any = None, n_samples: int = 10,
                      max_sample_chars: int = 1000, seed: int = 0, reference_texts: list[str] | None = None,
                      n_concepts: int = 30, cache_dir: Any = None) -> DatasetConcepts:
@@ -145,10 +154,7 @@ def extract_concepts(forget_texts: list[str], *, client: Any = None, n_samples: 
     ``generate(messages) -> str``, or None for :func:`distinctive_concepts` against ``reference_texts``.
     With ``cache_dir``, a parsed LLM answer is stored there and reused.
     """
-    texts = [t for t in (forget_texts or []) if isinstance(t, str) and t.strip()]
-    if not texts:
-        raise ValueError(f"the forget set is empty ({len(forget_texts or [])} documents, none with text); "
-                         "give documents to forget (e.g. --forget code or a .txt/.jsonl file)")
+    texts = _forget_docs(forget_texts)
     if client is None:
         concepts, terms = distinctive_concepts_and_terms(texts, _reference(reference_texts), n=n_concepts)
         return DatasetConcepts(concepts, source="distinctive-words (log-odds vs reference)", terms=terms)
@@ -310,10 +316,7 @@ def distinctive_concepts(forget_texts: list[str], reference_texts: list[str] | N
     substring of the forget set (whitespace collapsed). With no reference, the ``pydoc_data`` help topics
     serve as one.
     """
-    forget = [t for t in (forget_texts or []) if isinstance(t, str) and t.strip()]
-    if not forget:
-        raise ValueError(f"the forget set is empty ({len(forget_texts or [])} documents, none with text); "
-                         "give documents to forget")
+    forget = _forget_docs(forget_texts)
     if n < 1:
         raise ValueError(f"n (number of concepts) must be >= 1, got {n}")
     concepts, _ = distinctive_concepts_and_terms(forget, _reference(reference_texts), n, prior_strength=prior_strength,
@@ -370,11 +373,13 @@ def term_pieces(text: str) -> list[str]:
 _DISPLAY_MARKERS = str.maketrans({"\u0120": " ", "\u2581": " ", "\u010a": "\n", "\u0109": "\t"})
 
 
-def _terms_from(z: dict[str, float], f_counts: Counter, r_counts: Counter, max_terms: int) -> dict[str, float]:
-    # Unigrams seen at least twice over both corpora; the rest carry no usable statistic.
-    uni = [(w, v) for w, v in z.items() if "\x00" not in w and f_counts.get(w, 0) + r_counts.get(w, 0) >= 2]
-    uni.sort(key=lambda x: (-abs(x[1]), x[0]))
-    return {w: round(float(v), 4) for w, v in uni[:max_terms]}
+def _terms_from(z: dict[str, float], f_counts: Counter, r_counts: Counter, max_terms: int, *,
+                keep: Any = lambda w: "\x00" not in w) -> dict[str, float]:
+    """The ``max_terms`` items of largest |z| that ``keep`` accepts (by default unigrams, not bigrams) and
+    that both corpora together use at least twice; the rest carry no usable statistic."""
+    kept = [(w, v) for w, v in z.items() if keep(w) and f_counts.get(w, 0) + r_counts.get(w, 0) >= 2]
+    kept.sort(key=lambda x: (-abs(x[1]), x[0]))
+    return {w: round(float(v), 4) for w, v in kept[:max_terms]}
 
 
 def concept_terms(forget_texts: list[str], reference_texts: list[str] | None = None, *,
@@ -386,9 +391,7 @@ def concept_terms(forget_texts: list[str], reference_texts: list[str] | None = N
     (:func:`snip_lens.score.evidence_score`): they come from the raw text alone (the same regex and counts
     as the offline concepts), never from an explainer. With no reference, the ``pydoc_data`` help topics.
     """
-    forget = [t for t in (forget_texts or []) if isinstance(t, str) and t.strip()]
-    if not forget:
-        raise ValueError("the forget set is empty; give documents to forget")
+    forget = _forget_docs(forget_texts)
     f_counts, _, _ = _counts(forget, "counting forget-set tokens")
     r_counts, _, _ = _counts(_reference(reference_texts), "counting reference tokens")
     return _terms_from(log_odds_dirichlet(f_counts, r_counts, prior_strength=prior_strength), f_counts,
@@ -416,9 +419,7 @@ def token_terms(forget_texts: list[str], reference_texts: list[str] | None, toke
     The evidence match reads a token by the larger of this weight and its word terms'
     (:func:`snip_lens.score.evidence_score`).
     """
-    forget = [t for t in (forget_texts or []) if isinstance(t, str) and t.strip()]
-    if not forget:
-        raise ValueError("the forget set is empty; give documents to forget")
+    forget = _forget_docs(forget_texts)
     if not callable(getattr(tokenizer, "decode", None)):
         raise ValueError(f"token_terms needs a Hugging Face tokenizer (with .decode), got {type(tokenizer).__name__}; "
                          "pass model.tokenizer")
@@ -435,9 +436,7 @@ def token_terms(forget_texts: list[str], reference_texts: list[str] | None, toke
     f_counts, r_counts = decoded
     z = log_odds_dirichlet(f_counts, r_counts, prior_strength=prior_strength)
     # whitespace carries no term here either (as in the word counts)
-    kept = [(w, v) for w, v in z.items() if w.strip() and f_counts.get(w, 0) + r_counts.get(w, 0) >= 2]
-    kept.sort(key=lambda x: (-abs(x[1]), x[0]))
-    return {w: round(float(v), 4) for w, v in kept[:max_terms]}
+    return _terms_from(z, f_counts, r_counts, max_terms, keep=str.strip)
 
 
 def _token_counts(texts: list[str], tokenizer: Any, batch: int) -> Counter:

@@ -17,8 +17,10 @@ weigh the word pieces no word count knows). Why: a sentence embedding of "the
 tokens 'X' and 'Y' after 'A'" is mostly the embedding of its template, so its cosine to a concept says
 little about X and Y. On a pilot split of the demo scenario (``benchmarks/snip_pilot.py``) the embedding
 match lowered forget top-1 0.5-1.1 times as much as random pruning (on a quarter of the neurons), the evidence
-match of both kinds of evidence 3.8 times (2% of neurons) and 2.9 times (4%) as much; on the benchmark's
-language scenarios it does far less well (``benchmarks/results/unlearning.md``). ``match="both"`` adds the two,
+match of both kinds of evidence with word terms alone 3.8 times (2% of neurons) and 2.9 times (4%) as much,
+with word and token terms 3.3 and 2.8 times (``benchmarks/results/snip_pilot_terms.json``; on the German
+pilot split 0.7 and 0.7 times against 1.7 and 1.5); on the benchmark's language scenarios it does less well
+(``benchmarks/results/unlearning.md``). ``match="both"`` adds the two,
 each standardised over the scored neurons.
 
 Neurons without a usable explanation get ``-inf``: they rank after every scored neuron and are never
@@ -463,7 +465,8 @@ def score_neurons(explanations: list[NeuronExplanation], concepts: DatasetConcep
     """SNIP importance per neuron (step 3): how well its explanation matches the forget set's concepts.
 
     ``match="embedding"`` (the paper): the max cosine between its explanation's embedding and any concept's.
-    ``match="evidence"``: :func:`evidence_score` against ``concepts.terms`` (``embedder`` may be None; with
+    ``match="evidence"``: :func:`evidence_score` against ``concepts.terms`` and ``concepts.token_terms``
+    (``embedder`` may be None; with
     one, the max cosine breaks ties). ``match="both"``: the two standardised and added. The sweep and the
     CLI default to ``"evidence"``; this function keeps the paper's score as its default.
 

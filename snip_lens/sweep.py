@@ -557,18 +557,15 @@ def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: An
 
         # -- step 3: embed and score -------------------------------------------------------------------
         t = time.perf_counter()
-        if not concepts.terms and config.embed.match != "embedding":
-            # a concepts file from before term weights: add them from the same selection documents
-            from .concepts import concept_terms
+        if config.embed.match != "embedding" and not (concepts.terms and concepts.token_terms):
+            # The evidence match's weights, from the same selection documents: word terms (missing in files
+            # from before format 2) and this model's token terms (snip_lens.concepts.token_terms).
+            from .concepts import concept_terms, token_terms
 
-            concepts = dataclasses.replace(concepts, terms=concept_terms(f_sel, r_sel))
-            concepts.save(concepts_path)
-        if not concepts.token_terms and config.embed.match != "embedding":
-            # the evidence is in this model's tokens: weigh them as tokens (snip_lens.concepts.token_terms)
-            from .concepts import token_terms
-
-            concepts = dataclasses.replace(concepts, token_terms=token_terms(f_sel, r_sel, M.tokenizer(model)),
-                                           tokenizer=M.model_name(model))
+            concepts = dataclasses.replace(
+                concepts, terms=concepts.terms or concept_terms(f_sel, r_sel),
+                token_terms=concepts.token_terms or token_terms(f_sel, r_sel, M.tokenizer(model)),
+                tokenizer=concepts.tokenizer or M.model_name(model))
             concepts.save(concepts_path)
         # The evidence match needs no embeddings (the costliest step), unless quality is scored by embedding.
         from .config import EmbeddingConfig

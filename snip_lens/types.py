@@ -5,6 +5,7 @@ Each is a plain dataclass; tensors travel in safetensors files and records in JS
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,9 +242,10 @@ class DatasetConcepts:
     (positive: the forget set uses it more); what SNIP's evidence match scores an explanation's evidence
     against (:func:`snip_lens.concepts.concept_terms`). Empty in files written before version 2."""
     token_terms: dict[str, float] = field(default_factory=dict)
-    """The same statistic over one model's tokens (as decoded, leading space and case kept): what the evidence
-    match reads first, since evidence is in model tokens (:func:`snip_lens.concepts.token_terms`). Empty when
-    the concepts were made without a tokenizer, and in files written before version 3."""
+    """The same statistic over one model's tokens (as decoded, leading space and case kept): the evidence match
+    weighs a token by the larger of this and its word terms, since evidence is in model tokens
+    (:func:`snip_lens.concepts.token_terms`). Empty when the concepts were made without a tokenizer, and in
+    files written before version 3."""
     tokenizer: str = ""
     """The model whose tokens ``token_terms`` counts (its name as loaded)."""
 
@@ -264,7 +266,7 @@ class DatasetConcepts:
         for name in ("terms", "token_terms"):
             d = getattr(self, name)
             if not isinstance(d, dict) or not all(
-                    isinstance(k, str) and isinstance(v, (int, float)) and v == v for k, v in d.items()):
+                    isinstance(k, str) and isinstance(v, (int, float)) and math.isfinite(v) for k, v in d.items()):
                 raise ValueError(f"DatasetConcepts.{name} must map strings to finite numbers, got {d!r:.200}")
         if self.token_terms and not self.tokenizer:
             raise ValueError("DatasetConcepts.token_terms are given without the tokenizer they count: set "
