@@ -536,10 +536,12 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
                     "Records come from the corpus named 'records', else the first. Default: code")
     sp.add_argument("--windows", type=int, help="windows per corpus (default: all)")
     sp.add_argument("--n-ctx", type=int, default=128, help="tokens per window")
-    sp.add_argument("--top-k", type=int, default=20, help="top-activating records per neuron")
+    sp.add_argument("--top-k", type=int, default=None,
+                    help="top-activating records per neuron (default 64, fewer when the records corpus is smaller)")
     sp.add_argument("--layers", help="layers, e.g. 0-14 or 0,3,5-7 (default: all)")
     sp.add_argument("--context", default="32,8", help="tokens kept BEFORE,AFTER the activating token")
-    sp.add_argument("--n-random", type=int, default=5, help="random non-top records per neuron")
+    sp.add_argument("--n-random", type=int, default=32,
+                    help="random non-top records per neuron (what it does on typical text)")
     sp.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     sp.add_argument("--shard-windows", type=int, default=256, help="windows between checkpoints")
     sp.add_argument("--max-docs", type=int, help="cap on documents read per corpus")

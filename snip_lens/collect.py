@@ -234,16 +234,24 @@ class ActivationRecords:
             raise ValueError(f"neuron {neuron} has index {neuron.index}, outside 0..{self.d_mlp - 1}")
         return self.layers.index(neuron.layer)
 
-    def _record(self, window: int, pos: int, ctx: Tensor) -> ActivationRecord:
-        before = self.context[0]
-        tokens: list[str] = []
-        acts: list[float] = []
-        for j, a in enumerate(ctx.tolist()):
-            if math.isnan(a):
-                continue
-            tokens.append(self.vocab[int(self.windows[window, pos - before + j])])
-            acts.append(float(a))
-        return ActivationRecord(tokens, acts, document=window, position=pos)
+    def _record(self, window: int, pos: int, ctx: list[float]) -> ActivationRecord:
+        start = pos - self.context[0]
+        row = self._window_rows()[window]
+        keep = [j for j, a in enumerate(ctx) if not math.isnan(a)]
+        return ActivationRecord([self.vocab[row[start + j]] for j in keep], [float(ctx[j]) for j in keep],
+                                document=window, position=pos)
+
+    def _window_rows(self) -> list[list[int]]:
+        # token ids as Python lists, built once: indexing a tensor element by element costs microseconds,
+        # and a neuron's records read thousands of tokens
+        cached = self.__dict__.get("_rows_cache")
+        if cached is None or cached[0] is not self.windows:
+            cached = self.__dict__["_rows_cache"] = (self.windows, self.windows.tolist())
+        return cached[1]
+
+    def _records(self, windows: Tensor, positions: Tensor, contexts: Tensor) -> list[ActivationRecord]:
+        return [self._record(w, p, c) for w, p, c in zip(windows.tolist(), positions.tolist(), contexts.tolist())
+                if w >= 0]
 
     def neuron_records(self, neuron: NeuronId) -> NeuronRecords:
         """The neuron's top records (strongest first) and random records.
@@ -253,11 +261,8 @@ class ActivationRecords:
         """
         li = self._row(neuron)
         n = neuron.index
-        top = [self._record(int(self.top_window[li, n, j]), int(self.top_pos[li, n, j]), self.top_context[li, n, j])
-               for j in range(self.top_values.shape[-1]) if int(self.top_window[li, n, j]) >= 0]
-        rnd = [self._record(int(self.random_window[li, n, j]), int(self.random_pos[li, n, j]),
-                            self.random_context[li, n, j])
-               for j in range(self.random_values.shape[-1]) if int(self.random_window[li, n, j]) >= 0]
+        top = self._records(self.top_window[li, n], self.top_pos[li, n], self.top_context[li, n])
+        rnd = self._records(self.random_window[li, n], self.random_pos[li, n], self.random_context[li, n])
         return NeuronRecords(neuron, top, rnd)
 
     def openai_format(self, neuron: NeuronId) -> dict:
@@ -778,13 +783,21 @@ def _token_vocab(model: Any, windows: Tensor) -> dict[int, str]:
     return {int(i): tok.decode([int(i)]) for i in ids}
 
 
+FITTED_TOP_K = 64
+"""Top records per neuron of SNIP's pipeline (``snip collect``, ``CollectionConfig.top_k_records``): the
+evidence match reads the peaks of all of them (``InputEvidence.peaks``)."""
+
+
 def collect(model: Any, corpus: TokenWindows | list[str] | str | dict[str, Any], *, layers: list[int] | None = None,
-            top_k: int = 20, context: tuple[int, int] = (32, 8), n_random: int = 5, batch_size: int = 8,
+            top_k: int | None = 20, context: tuple[int, int] = (32, 8), n_random: int = 5, batch_size: int = 8,
             out_dir: str | os.PathLike | None = None, progress: bool = True, seed: int = 0,
             shard_windows: int = 256, overwrite: bool = False,
             on_shard: Callable[[int], None] | None = None, n_ctx: int = 128,
             max_doc_tokens: int | None = 512, executor: Any = None) -> ActivationRecords:
     """Stream ``corpus`` through ``model`` and collect neuron records and statistics (see module docstring).
+
+    ``top_k``: top records per neuron; None: :data:`FITTED_TOP_K`, or every text token of a smaller records
+    corpus (an explicit ``top_k`` above the corpus's size is an error).
 
     ``corpus``: one ``TokenWindows``, or a dict name -> ``TokenWindows`` whose statistics are kept per
     name; a list of strings (documents) or a source name (``"prose"``, a file, a directory; see
@@ -810,8 +823,9 @@ def collect(model: Any, corpus: TokenWindows | list[str] | str | dict[str, Any],
         raise ValueError(f"batch_size must be a positive number of windows; got {batch_size}")
     if shard_windows <= 0:
         raise ValueError(f"shard_windows must be a positive number of windows; got {shard_windows}")
-    cfg = CollectConfig(layers=tuple(sorted(set(int(x) for x in layers))), top_k=top_k,
-                        context=(int(context[0]), int(context[1])), n_random=n_random, seed=seed)
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer number of records per neuron (or None: "
+                         f"{FITTED_TOP_K}, fewer for a small corpus); got {top_k!r}")
     corpora = _normalise_corpus(corpus, model, n_ctx, seed, max_doc_tokens)
     names = list(corpora)
     rec_name = RECORDS_CORPUS if RECORDS_CORPUS in corpora else names[0]
@@ -825,9 +839,16 @@ def collect(model: Any, corpus: TokenWindows | list[str] | str | dict[str, Any],
                              f"0..{vocab_size - 1}; tokenise it with this model's tokenizer")
     bos_id = be.tokenizer.bos_token_id if models.prepends_bos(model) else None
     n_text = corpora[rec_name].n_tokens - len(_bos_rows(corpora[rec_name].tokens, bos_id))
+    if top_k is None:
+        top_k = max(1, min(FITTED_TOP_K, n_text))
+        if top_k < FITTED_TOP_K:
+            logger.info("records corpus %r has %d text tokens: keeping %d top records per neuron, not %d",
+                        rec_name, n_text, top_k, FITTED_TOP_K)
     if n_text < top_k:
         raise ValueError(f"records corpus {rec_name!r} has {n_text} text tokens (BOS not counted), fewer than "
                          f"top_k={top_k}; use more text or a smaller top_k")
+    cfg = CollectConfig(layers=tuple(sorted(set(int(x) for x in layers))), top_k=top_k,
+                        context=(int(context[0]), int(context[1])), n_random=n_random, seed=seed)
     mname = models.model_name(model)
     chash = _config_hash(cfg, mname, d_mlp, corpora)
 

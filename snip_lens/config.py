@@ -193,13 +193,20 @@ class DataConfig:
 class CollectionConfig:
     """Step 1's input: top-activating records of every MLP neuron."""
 
-    top_k_records: int = 20
-    """Top-activating records kept per neuron for the explainer."""
+    top_k_records: int = 64
+    """Top-activating records kept per neuron for the explainer (its sentence reads the first
+    ``ExplainConfig.max_records``; the evidence match reads the peaks of all)."""
+    random_records: int = 32
+    """Records around random tokens kept per neuron: what it does on typical text (the explainer's random
+    windows; the evidence match reads the activity over all their tokens, ``InputEvidence.active``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.top_k_records, int) or self.top_k_records < 1:
             raise ValueError(f"top_k_records must be a positive integer (CLI --top-k-records), got "
                              f"{self.top_k_records!r}")
+        if not isinstance(self.random_records, int) or self.random_records < 0:
+            raise ValueError(f"random_records must be a non-negative integer (CLI --random-records), got "
+                             f"{self.random_records!r}")
 
 
 @dataclass

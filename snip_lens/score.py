@@ -411,6 +411,8 @@ def _evidence_items(explanation: NeuronExplanation) -> list[list[tuple[str, floa
     sources: list[list[tuple[str, float]]] = []
     if ev is not None and ev.input is not None:
         sources.append([(t.token, t.weight) for t in (ev.input.peaks or ev.input.top_tokens)])
+        if ev.input.active:
+            sources.append([(t.token, t.weight) for t in ev.input.active])
     if ev is not None and ev.output is not None:
         sources.append([(t.token, 1.0) for t in ev.output.promoted[:EVIDENCE_OUTPUT_TOKENS]])
     if not sources:
@@ -424,9 +426,11 @@ def evidence_score(explanation: NeuronExplanation, terms: dict[str, float], cach
                    token_terms: dict[str, float] | None = None) -> tuple[float, str]:
     """(evidence score, the evidence token that weighs most) of one explanation against the term weights.
 
-    Input evidence: the share-weighted mean weight of the peak tokens of its top windows (the strongest
-    tokens when an older file has no peaks); output evidence: the mean weight of its first
-    :data:`EVIDENCE_OUTPUT_TOKENS` promoted tokens; both: the mean of the two. An explanation without
+    Each reading is a share-weighted mean of token weights: the peak tokens of its top windows (the
+    strongest tokens when an older file has no peaks), the tokens carrying its activity on typical text
+    (``InputEvidence.active``, when present), the first :data:`EVIDENCE_OUTPUT_TOKENS` promoted tokens of
+    its output evidence (each alike); the score is the mean of the readings its explanation has (input: the
+    first two, output: the third, both: all three). An explanation without
     typed evidence (imported, or text only) is read by the tokens it quotes ('X' or "X"), else by its words.
     A token's weight is the larger of its word-term and its ``token_terms`` weight (:func:`_term_weight`);
     ``cache`` must be used with one pair of weight maps only.

@@ -110,8 +110,10 @@ class SweepConfig:
     select: Literal["global", "per-layer"] = "global"
     """Top-k over all neurons ("global"), or k/L in each of the L layers ("per-layer": masks that an export
     compacts fully, see ``snip export --compact``)."""
-    top_k_records: int = 20
+    top_k_records: int = 64
     """Top activating records kept per neuron for the explainer."""
+    random_records: int = 32
+    """Records around random tokens kept per neuron (``CollectionConfig.random_records``)."""
     batch_size: int = 8
     """Windows per forward pass."""
     cbt: list[str] = field(default_factory=list)
@@ -499,7 +501,8 @@ def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: An
                          win["forget_sel"].documents + [len(f_sel) + i for i in win["retain_sel"].documents],
                          "records")
     records = collect(model, {"records": probe, "forget": win["forget_sel"], "retain": win["retain_sel"]},
-                      top_k=config.collect.top_k_records, batch_size=config.model.batch_size,
+                      top_k=config.collect.top_k_records, n_random=config.collect.random_records,
+                      batch_size=config.model.batch_size,
                       out_dir=out / "records", progress=progress)
     timings["collect"] = time.perf_counter() - t
 

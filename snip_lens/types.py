@@ -125,20 +125,26 @@ class InputEvidence:
     contexts: list[str] = field(default_factory=list)
     """Text of a few top windows around the peak (the peak token in ``[[ ]]``)."""
     peaks: list[TokenWeight] = field(default_factory=list)
-    """The token at the peak of each top window, weight = share of top windows (all of them, commonest first;
-    the sentence names only the strongest tokens)."""
+    """The token at the peak of every top window, weight = its share of the windows' summed peak activation
+    (all of them, largest first; the sentence names only the strongest tokens). Files written before
+    ``active`` existed weigh each window alike and read only the first ten."""
+    active: list[TokenWeight] = field(default_factory=list)
+    """What carries its activity on typical text: the tokens of its random windows (every token of them,
+    not only the sampled one), weight = share of the |activation| summed over those windows; the largest
+    :data:`snip_lens.explain.input.ACTIVE_TOKENS`, largest first. Empty without random records."""
 
     def to_json(self) -> dict:
         return {"top_tokens": [t.to_json() for t in self.top_tokens],
                 "preceding": [t.to_json() for t in self.preceding],
                 "following": [t.to_json() for t in self.following],
                 "distinctive": [t.to_json() for t in self.distinctive], "contexts": list(self.contexts),
-                "peaks": [t.to_json() for t in self.peaks]}
+                "peaks": [t.to_json() for t in self.peaks], "active": [t.to_json() for t in self.active]}
 
     @classmethod
     def from_json(cls, d: dict) -> "InputEvidence":
         return cls(_tw(d.get("top_tokens")), _tw(d.get("preceding")), _tw(d.get("following")),
-                   _tw(d.get("distinctive")), list(d.get("contexts") or []), _tw(d.get("peaks")))
+                   _tw(d.get("distinctive")), list(d.get("contexts") or []), _tw(d.get("peaks")),
+                   _tw(d.get("active")))
 
 
 @dataclass

@@ -278,6 +278,8 @@ def test_bad_inputs_raise_clearly(model, windows, tmp_path):
         collect(model, {}, progress=False)
     with pytest.raises(ValueError, match="fewer than top_k"):
         collect(model, windows.take(1), top_k=1000, progress=False)
+    with pytest.raises(ValueError, match="top_k must be a positive"):
+        collect(model, windows, top_k=2.5, progress=False)
     with pytest.raises(ValueError, match="vocabulary"):
         collect(model, TokenWindows(torch.full((1, 8), 10**6), [0], "big"), progress=False)
     assert parse_layers("0-2,5") == [0, 1, 2, 5]
@@ -295,6 +297,20 @@ def test_bad_inputs_raise_clearly(model, windows, tmp_path):
     assert torch.equal(again.top_pos, ActivationRecords.load(out).top_pos)
     redo = collect(model, windows.take(4), layers=[0], top_k=3, out_dir=out, progress=False, overwrite=True)
     assert redo.top_k == 3 and ActivationRecords.load(out).top_k == 3
+
+
+def test_top_k_none_keeps_the_pipeline_default_or_every_token_of_a_small_corpus(model, windows, caplog):
+    from snip_lens.collect import FITTED_TOP_K
+
+    small = windows.take(1)  # one window of 24 tokens, the first a BOS
+    with caplog.at_level("INFO", logger="snip_lens.collect"):
+        rec = collect(model, small, top_k=None, n_random=0, progress=False)
+    assert rec.top_k == small.n_tokens - 1 < FITTED_TOP_K
+    assert any(f"has {rec.top_k} text tokens: keeping {rec.top_k} top records" in r.getMessage()
+               for r in caplog.records)
+    big = TokenWindows(windows.tokens.repeat(FITTED_TOP_K, 1), list(range(FITTED_TOP_K * windows.tokens.shape[0])),
+                       "big")
+    assert collect(model, big, layers=[0], top_k=None, n_random=0, progress=False).top_k == FITTED_TOP_K
 
 
 def _assert_same(a: ActivationRecords, b: ActivationRecords):

@@ -10,6 +10,7 @@ import pytest
 
 from snip_lens.config import (
     STAGES,
+    CollectionConfig,
     DataConfig,
     LLMServerConfig,
     ModelConfig,
@@ -117,6 +118,8 @@ def test_config_json_round_trip_and_old_flat_files():
     (lambda: SelectionConfig(methods=[]), "no selection method"),
     (lambda: LLMServerConfig(base_url="ftp://x"), "ftp://x"),
     (lambda: RunConfig(select=SelectionConfig(methods=["llm-judge"])), "--llm-model"),
+    (lambda: CollectionConfig(random_records=-1), "--random-records"),
+    (lambda: CollectionConfig(top_k_records=0), "--top-k-records"),
 ])
 def test_stage_validation_names_the_value(make, needle):
     with pytest.raises(ValueError, match=needle):

@@ -107,13 +107,49 @@ def test_input_evidence_keeps_the_peak_token_of_every_top_window():
             ActivationRecord(["\u0120ein", "\u0120Hund"], [0.0, 1.5]),
             ActivationRecord(["\u0120the", "\u0120dog"], [0.3, 1.0])]
     ev = input_evidence(NeuronRecords(NeuronId(0, 0), recs))
-    assert [(t.token, t.weight) for t in ev.peaks] == [("Hund", 0.5), ("die", 0.25), ("dog", 0.25)]
+    # weight = share of the summed peak activation: Hund 2.0 + 1.5, die 3.0, dog 1.0 of 7.5
+    assert [(t.token, t.weight) for t in ev.peaks] == [("Hund", round(3.5 / 7.5, 6)), ("die", 0.4),
+                                                       ("dog", round(1 / 7.5, 6))]
+    assert ev.active == []  # no random windows
     assert type(ev).from_json(ev.to_json()).peaks == ev.peaks
     # the evidence match reads those peaks, weighted by their share
     terms = concept_terms(GERMAN + ["Der Hund bellt."], ENGLISH + ["The dog barks."])
     score, _ = evidence_score(NeuronExplanation(NeuronId(0, 0), "x", source="t",
                                                 evidence=NeuronEvidence(ev, None)), terms)
-    assert score == pytest.approx(0.5 * terms["hund"] + 0.25 * terms["dog"] + 0.25 * terms["die"])
+    assert score == pytest.approx((3.5 * terms["hund"] + 1.0 * terms["dog"] + 3.0 * terms["die"]) / 7.5, abs=1e-5)
+
+
+def test_peaks_read_every_top_window_and_active_every_token_of_the_random_windows():
+    from snip_lens.explain.input import input_evidence
+    from snip_lens.types import ActivationRecord, NeuronRecords
+
+    top = [ActivationRecord(["\u0120Hund"], [2.0])] * 2 + [ActivationRecord(["\u0120dog"], [1.0])] * 3
+    rnd = [ActivationRecord(["\u0120der", "\u0120Hund", "\u0120the"], [-1.0, 0.5, 0.0]),
+           ActivationRecord(["\u0120the", "\u0120der"], [0.5, 1.0])]
+    ev = input_evidence(NeuronRecords(NeuronId(0, 0), top, rnd), max_records=2)
+    assert [t.token for t in ev.top_tokens] == ["Hund"]  # the sentence reads the first max_records windows
+    assert [(t.token, t.weight) for t in ev.peaks] == [("Hund", round(4 / 7, 6)), ("dog", round(3 / 7, 6))]
+    # |activation| over every token of the random windows: der 1 + 1, Hund 0.5, the 0 + 0.5 of 3
+    assert [(t.token, t.weight) for t in ev.active] == [("der", round(2 / 3, 6)), ("Hund", round(0.5 / 3, 6)),
+                                                        ("the", round(0.5 / 3, 6))]
+    assert type(ev).from_json(ev.to_json()) == ev
+    # the score is the mean of the two input readings
+    terms = {"hund": 4.0, "dog": -2.0, "der": 3.0, "the": -1.0}
+    score, _ = evidence_score(NeuronExplanation(NeuronId(0, 0), "x", source="t",
+                                                evidence=NeuronEvidence(ev, None)), terms)
+    peaks = (4 * 4.0 + 3 * -2.0) / 7
+    active = (2 * 3.0 + 0.5 * 4.0 + 0.5 * -1.0) / 3
+    assert score == pytest.approx((peaks + active) / 2, abs=1e-5)
+
+
+def test_active_keeps_the_largest_shares_only():
+    from snip_lens.explain.input import active_shares
+    from snip_lens.types import ActivationRecord, NeuronRecords
+
+    rnd = [ActivationRecord([f"t{i}" for i in range(10)], [float(i) for i in range(10)])]
+    kept = active_shares(NeuronRecords(NeuronId(0, 0), [], rnd), limit=3)
+    assert [t.token for t in kept] == ["t9", "t8", "t7"]
+    assert kept[0].weight == pytest.approx(9 / 45)  # shares of the whole activity, not of the kept part
 
 
 def _piece_only_in(tok, forget: list[str], reference: list[str]) -> str:

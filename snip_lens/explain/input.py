@@ -8,6 +8,9 @@ own records. It reads
 - the tokens right before and right after the peaks, when most top windows share them;
 - the context tokens that set its top windows apart from its random windows (a smoothed log ratio of the
   share of windows holding each token), i.e. what kind of text it fires in, whatever that text is;
+- for the evidence (not the sentence): the peak token of every top window, weighted by its activation, and
+  the tokens that carry its activity on typical text (every token of its random windows, weighted by
+  |activation|), which the evidence match of :mod:`snip_lens.score` reads;
 
 and writes them into one sentence ("the tokens 'X' and 'Y' after 'A', in text with 'p', 'q' and 'r'") plus
 the typed :class:`~snip_lens.types.InputEvidence` it was written from.
@@ -15,6 +18,7 @@ the typed :class:`~snip_lens.types.InputEvidence` it was written from.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Iterable
@@ -44,6 +48,7 @@ def show_token(token: str) -> str:
     return "'" + "".join(c if c.isprintable() else repr(c)[1:-1] for c in t) + "'"
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def _key(token: str) -> str:
     # Case and surrounding whitespace are kept apart from identity only for display: ' The' and 'The'
     # are one token for the description.
@@ -57,15 +62,55 @@ def _join(items: list[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
+ACTIVE_TOKENS = 64
+"""Tokens kept in ``InputEvidence.active`` (the largest shares of a neuron's activity on typical text)."""
+
+
+def _peak(r) -> int:
+    return max(range(len(r.activations)), key=r.activations.__getitem__)
+
+
+def _shares(mass: dict[str, float], limit: int | None = None) -> list[TokenWeight]:
+    """``mass`` as shares of its total, largest first (ties by token), the first ``limit``; [] without mass."""
+    total = sum(mass.values())
+    if total <= 0:
+        return []
+    items = sorted(mass.items(), key=lambda x: (-x[1], x[0]))[:limit]
+    return [TokenWeight(t, w / total) for t, w in items]
+
+
+def peak_shares(records: NeuronRecords) -> list[TokenWeight]:
+    """The peak token of every top window, weight = its share of the windows' summed |peak activation|
+    (each window alike when every peak is 0)."""
+    mass: Counter[str] = Counter()
+    recs = [r for r in records.top if r.tokens]
+    for r in recs:
+        mass[_key(r.tokens[_peak(r)])] += abs(max(r.activations))
+    return _shares(mass) or _shares(Counter(_key(r.tokens[_peak(r)]) for r in recs))
+
+
+def active_shares(records: NeuronRecords, limit: int = ACTIVE_TOKENS) -> list[TokenWeight]:
+    """The tokens carrying a neuron's activity on typical text: every token of its random windows, weight =
+    its share of the |activation| summed over them (the largest ``limit``). Magnitude, not sign: a gated
+    neuron's strong negative activations move the output as much as positive ones."""
+    mass: Counter[str] = Counter()
+    for r in records.random:
+        for t, a in zip(r.tokens, r.activations):
+            mass[_key(t)] += abs(a)
+    return _shares(mass, limit)
+
+
 def input_evidence(records: NeuronRecords, *, max_records: int = 10, n_tokens: int = 3, n_context: int = 3,
                    strong: float = 0.5, min_share: float = 0.5, n_contexts: int = 3) -> InputEvidence | None:
-    """The :class:`InputEvidence` of one neuron, or None when it has no non-empty top record."""
+    """The :class:`InputEvidence` of one neuron, or None when it has no non-empty top record.
+
+    The sentence's fields read the first ``max_records`` top windows; ``peaks`` reads all of them and
+    ``active`` all random windows (:func:`peak_shares`, :func:`active_shares`)."""
     recs = [r for r in records.top[:max_records] if r.tokens]
     if not recs:
         return None
     mass: Counter[str] = Counter()
     before: Counter[str] = Counter()
-    peaks: Counter[str] = Counter()
     after: Counter[str] = Counter()
     contexts: list[str] = []
     top_df: Counter[str] = Counter()
@@ -78,7 +123,6 @@ def input_evidence(records: NeuronRecords, *, max_records: int = 10, n_tokens: i
                 mass[_key(t)] += a
         if peak <= 0:  # a neuron that never fires positively: its peak token is still what it reads
             mass[_key(r.tokens[p])] += 1.0
-        peaks[_key(r.tokens[p])] += 1
         if p > 0:
             before[_key(r.tokens[p - 1])] += 1
         if p + 1 < len(r.tokens):
@@ -111,8 +155,8 @@ def input_evidence(records: NeuronRecords, *, max_records: int = 10, n_tokens: i
         scored.sort(key=lambda x: (-x[0], -x[1], x[2]))
         distinctive = [TokenWeight(t, z) for z, _, t in scored[:n_context]]
     return InputEvidence(top_tokens=top_tokens, preceding=preceding, following=following,
-                         distinctive=distinctive, contexts=contexts,
-                         peaks=[TokenWeight(t, c / n) for t, c in sorted(peaks.items(), key=lambda x: (-x[1], x[0]))])
+                         distinctive=distinctive, contexts=contexts, peaks=peak_shares(records),
+                         active=active_shares(records))
 
 
 def describe_input(ev: InputEvidence) -> str:
