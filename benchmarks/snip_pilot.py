@@ -24,6 +24,12 @@ default). ``--forget``/``--retain`` take any corpus the sweep reads, e.g. the Ge
 
 (those files are written by ``benchmarks/unlearning.py``; the pilot splits them with seed 1, the benchmark
 with seed 0).
+
+``--records TOP,RANDOM`` sets the records collected per neuron (default: the library's). The results
+``snip_pilot_records.json`` and ``snip_pilot_records_german.json`` measure the current default (peaks of
+64 top windows and the activity over 32 random windows, ``InputEvidence.peaks`` and ``.active``) with
+``--terms token --no-embedding``, and ``..._small.json`` the same readings on the records collected before
+(``--records 20,5``).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import torch
 from snip_lens import models as M
 from snip_lens.collect import collect
 from snip_lens.concepts import extract_concepts
+from snip_lens.config import CollectionConfig
 from snip_lens.corpus import TokenWindows, make_windows
 from snip_lens.embed import get_embedder
 from snip_lens.evaluate import lm_metrics
@@ -63,6 +70,8 @@ def main() -> None:
     ap.add_argument("--forget", help="forget corpus (default: the demo's, stdlib source)")
     ap.add_argument("--retain", help="retain corpus (default: the demo's, pydoc prose)")
     ap.add_argument("--no-embedding", action="store_true", help="skip the embedding match (and its sample runs)")
+    ap.add_argument("--records", default=f"{CollectionConfig.top_k_records},{CollectionConfig.random_records}",
+                    help="TOP,RANDOM records collected per neuron (default: the library's, CollectionConfig)")
     ap.add_argument("--out", default="snip_pilot.json", help="file name under benchmarks/results/")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "snip_lens" / "pilot-embed"))
     args = ap.parse_args()
@@ -83,7 +92,12 @@ def main() -> None:
     fe, re_ = win(f_eval, d.eval_windows, d.seed + 1, "fe"), win(r_eval, d.eval_windows, d.seed + 1, "re")
     probe = TokenWindows(torch.cat([fs.tokens, rs.tokens]), fs.documents + [len(f_sel) + i for i in rs.documents],
                          "records")
-    records = collect(model, {"records": probe, "forget": fs, "retain": rs}, top_k=20, batch_size=8, progress=False)
+    try:
+        n_top, n_random = (int(x) for x in args.records.split(","))
+    except ValueError:
+        raise SystemExit(f"--records takes TOP,RANDOM (two integers, e.g. 64,32), got {args.records!r}") from None
+    records = collect(model, {"records": probe, "forget": fs, "retain": rs}, top_k=n_top, n_random=n_random,
+                      batch_size=8, progress=False)
     concepts = extract_concepts(f_sel, reference_texts=r_sel, seed=d.seed)
     term_kinds = args.terms.split(",")
     bad = [t for t in term_kinds if t not in ("word", "token")]
@@ -159,6 +173,7 @@ def main() -> None:
     res = {"scenario": f"{scenario}, pilot split", "seed": args.seed,
            "command": "python benchmarks/snip_pilot.py " + " ".join(sys.argv[1:]),
            "ks": {spec: k for spec, k in ks.items()}, "sample": args.sample,
+           "records": {"top_k": n_top, "n_random": n_random},
            "baseline": {s: round(v, 4) for s, v in base.items()}, "runs": table,
            "concepts": concepts.concepts, "seconds": round(time.perf_counter() - t0, 1),
            "load_average_1min": round(os.getloadavg()[0], 2)}

@@ -281,13 +281,18 @@ def run_one(config: Any, out: Path, model: Any) -> dict:
 
 BASELINE_METHODS = ["activation", "attribution", "random"]
 
+BASELINE_RECORDS = {"top_k_records": 20, "random_records": 5}
+"""Records settings of the baseline sweeps. The baselines read only the activation statistics (and gradients),
+which no records setting changes, so they keep the small records they ran with: a change to the explainer's
+records defaults reruns the snip sweeps (which collect their own records), not the baselines."""
+
 
 def run_scenario(sc: Scenario, model: Any, work: Path, sizes: dict[str, int], *, snip: bool = True) -> dict:
     """Every method at every k on one scenario; returns the sweep's results dict plus scenario fields.
 
     Sweeps: the non-interpretable methods (activation, attribution, random seed 0); random seeds 1 and 2;
-    snip and hybrid with the default explanation kind; snip with each other kind. They share the
-    activation records (same windows), so collection runs once per scenario.
+    snip and hybrid with the default explanation kind; snip with each other kind. The baselines share one
+    collection (:data:`BASELINE_RECORDS`), the snip sweeps another (the explainer's records settings).
     """
     from snip_lens.sweep import DataConfig, SweepConfig
 
@@ -300,7 +305,7 @@ def run_scenario(sc: Scenario, model: Any, work: Path, sizes: dict[str, int], *,
     data = DataConfig(forget=specs["forget"], retain=specs["retain"], n_ctx=sizes["n_ctx"],
                       select_windows=sizes["select_windows"], eval_windows=sizes["eval_windows"], seed=0)
     first = base / "baselines"
-    main_cfg = SweepConfig(data=data, methods=BASELINE_METHODS, ks=KS, seed=RANDOM_SEEDS[0])
+    main_cfg = SweepConfig(data=data, methods=BASELINE_METHODS, ks=KS, seed=RANDOM_SEEDS[0], **BASELINE_RECORDS)
     main = run_one(main_cfg, first, model)
     runs = [{**r, "seed": RANDOM_SEEDS[0]} if r["method"] == "random" else dict(r) for r in main["runs"]]
     configs = {"baselines": main_cfg.to_json()}
@@ -308,7 +313,7 @@ def run_scenario(sc: Scenario, model: Any, work: Path, sizes: dict[str, int], *,
     for seed in RANDOM_SEEDS[1:]:
         d = base / f"random-seed{seed}"
         _share(first, d, ["records"])
-        cfg = SweepConfig(data=data, methods=["random"], ks=KS, seed=seed)
+        cfg = SweepConfig(data=data, methods=["random"], ks=KS, seed=seed, **BASELINE_RECORDS)
         try:
             res = run_one(cfg, d, model)
         except NotFinished:
@@ -318,9 +323,8 @@ def run_scenario(sc: Scenario, model: Any, work: Path, sizes: dict[str, int], *,
     variants = snip_variants() if snip else []
     for i, (label, over) in enumerate(variants):
         d = base / label
-        _share(first, d, ["records"])
-        if i:
-            _share(base / variants[0][0], d, ["cache"])  # embeddings of texts seen before
+        if i:  # the first snip sweep's records (the explainer's settings) and embeddings of texts seen before
+            _share(base / variants[0][0], d, ["records", "cache"])
         cfg = SweepConfig(data=data, methods=["snip", "hybrid"] if i == 0 else ["snip"], ks=KS,
                           seed=RANDOM_SEEDS[0], **over)
         configs[label] = cfg.to_json()
@@ -354,8 +358,8 @@ def run_mask_modes(sc: Scenario, model: Any, work: Path, sizes: dict[str, int]) 
         d = base / f"mask-{mode.replace(':', '')}"
         _share(base / "baselines", d, ["records", "scores"])
         try:
-            res = run_one(SweepConfig(data=data, methods=MASK_MODE_METHODS, ks=MASK_MODE_KS, mask_mode=mode), d,
-                          model)
+            res = run_one(SweepConfig(data=data, methods=MASK_MODE_METHODS, ks=MASK_MODE_KS, mask_mode=mode,
+                                      **BASELINE_RECORDS), d, model)
         except NotFinished:
             continue
         runs += [{**r, "mask_mode": mode} for r in res["runs"]]
