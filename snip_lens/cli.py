@@ -541,7 +541,7 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--layers", help="layers, e.g. 0-14 or 0,3,5-7 (default: all)")
     sp.add_argument("--context", default="32,8", help="tokens kept BEFORE,AFTER the activating token")
     sp.add_argument("--n-random", type=int, default=32,
-                    help="random non-top records per neuron (what it does on typical text)")
+                    help="random non-top records per neuron (what it does on typical text; default 32)")
     sp.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     sp.add_argument("--shard-windows", type=int, default=256, help="windows between checkpoints")
     sp.add_argument("--max-docs", type=int, help="cap on documents read per corpus")

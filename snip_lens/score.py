@@ -7,21 +7,22 @@ vectors (k=1 per neuron gives the maximum and the concept that attains it).
 
 That is ``match="embedding"``, the paper's score. The default, ``match="evidence"``, matches what an
 explanation quotes rather than how its sentence reads: every explanation keeps the evidence it was written
-from (the tokens its neuron peaks on, the tokens its output promotes), and every set of concepts keeps the
-forget set's term weights (each term's log-odds z-score, forget set vs reference; see
-:func:`snip_lens.concepts.concept_terms`). A neuron's evidence score is the mean weight of its evidence
-terms: for input evidence over the peak tokens of its top windows (weighted by their share), for output
-evidence over its top promoted tokens, for both kinds the mean of the two. A token weighs the larger of its
-two readings: as words (``concepts.terms``) and as the model's own token (``concepts.token_terms``, which
-weigh the word pieces no word count knows). Why: a sentence embedding of "the
-tokens 'X' and 'Y' after 'A'" is mostly the embedding of its template, so its cosine to a concept says
-little about X and Y. On a pilot split of the demo scenario (``benchmarks/snip_pilot.py``) the embedding
-match lowered forget top-1 0.5-1.1 times as much as random pruning (on a quarter of the neurons), the evidence
-match of both kinds of evidence with word terms alone 3.8 times (2% of neurons) and 2.9 times (4%) as much,
-with word and token terms 3.3 and 2.8 times (``benchmarks/results/snip_pilot_terms.json``; on the German
-pilot split 0.7 and 0.7 times against 1.7 and 1.5); on the benchmark's language scenarios it does less well
-(``benchmarks/results/unlearning.md``). ``match="both"`` adds the two,
-each standardised over the scored neurons.
+from, and every set of concepts keeps the forget set's term weights (each term's log-odds z-score, forget
+set vs reference; see :func:`snip_lens.concepts.concept_terms`). A neuron's evidence score is the mean of
+up to three readings, each a share-weighted mean of its evidence tokens' term weights: the peak tokens of
+its top windows (weighted by peak activation), the tokens carrying its activity on typical text (every
+token of its random windows, weighted by |activation|; ``InputEvidence.active``), and its top promoted
+tokens (output evidence). Input explanations have the first two, output the third, both all three. A token
+weighs the larger of its two readings: as words (``concepts.terms``) and as the model's own token
+(``concepts.token_terms``, which weigh the word pieces no word count knows). Why: a sentence embedding of
+"the tokens 'X' and 'Y' after 'A'" is mostly the embedding of its template, so its cosine to a concept says
+little about X and Y; and a neuron's strongest windows say what it can do, its random windows what it
+does on the forget set's kind of text, which is what pruning it takes away. The readings and the records
+behind them (64 top and 32 random windows per neuron) were chosen on pilot splits of the code and German
+scenarios (documents split with seed 1; ``benchmarks/snip_pilot.py``, results in
+``benchmarks/results/snip_pilot_records*.json``); the benchmark's figures are in
+``benchmarks/results/unlearning.md``. ``match="both"`` adds the evidence score and the cosine, each
+standardised over the scored neurons.
 
 Neurons without a usable explanation get ``-inf``: they rank after every scored neuron and are never
 picked by ``top_k`` (NaN is not used, so comparisons and sorting stay well defined).
