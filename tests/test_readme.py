@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -39,6 +41,24 @@ def test_readme_pilot_figures_match_the_pilot_results():
     want = [both2["forget_drop"], rnd2["forget_drop"], both2["retain_drop"], both4["forget_drop"],
             rnd4["forget_drop"], both4["retain_drop"]]
     assert got == [round(w, 3) for w in want]
+
+
+@pytest.mark.parametrize("scenario, results", [("a", "snip_pilot_records.json"),
+                                                ("b", "snip_pilot_records_german.json")])
+def test_readme_pilot_figures_of_the_input_readings_match_their_results(scenario, results):
+    runs = json.loads((ROOT / "benchmarks" / "results" / results).read_text())["runs"]
+    both = [runs[f"snip-both evidence, word and token terms@{k}"] for k in ("2%", "4%")]
+    rnd = [runs[f"random@{k}"] for k in ("2%", "4%")]
+    pattern = (rf"on the pilot of \({scenario}\) ([\d.]+)x / ([\d.]+)x(?: as much as random at 2% / 4%)? "
+               rf"\(([\d.]+) against (?:random's )?([\d.]+), retain ([\d.]+); at 4% ([\d.]+) against ([\d.]+), "
+               rf"retain ([\d.]+)\)")
+    m = re.search(pattern.replace(" ", r"\s+"), README)
+    assert m, f"the README states the input readings' pilot figures on ({scenario})"
+    got = [float(x) for x in m.groups()]
+    want = [round(both[0]["forget_drop"] / rnd[0]["forget_drop"], 1), round(both[1]["forget_drop"] / rnd[1]["forget_drop"], 1),
+            round(both[0]["forget_drop"], 3), round(rnd[0]["forget_drop"], 3), round(both[0]["retain_drop"], 3),
+            round(both[1]["forget_drop"], 3), round(rnd[1]["forget_drop"], 3), round(both[1]["retain_drop"], 3)]
+    assert got == want
 
 
 def test_readme_forgetting_table_matches_the_forgetting_results():
