@@ -4,7 +4,8 @@ Builds the demo's probe corpus exactly as the sweep does (stdlib source vs pydoc
 ``select_windows`` windows of ``n_ctx`` tokens per side), then times in one process:
 
 - the baseline: one forward pass of the model over that probe corpus (batches of ``--batch-size``);
-- collecting the activation records the input-centric explainer reads (for reference);
+- collecting the activation records the input-centric explainer reads (the pipeline's defaults,
+  ``CollectionConfig``; for reference);
 - VocabProj (output-centric evidence) for all 46,080 neurons: weights only;
 - the offline input-centric explainer for all 46,080 neurons (reading each neuron's records included);
 - the offline output-centric and combined explainers for all neurons.
@@ -26,6 +27,7 @@ import torch
 
 from snip_lens import models as M
 from snip_lens.collect import collect
+from snip_lens.config import CollectionConfig
 from snip_lens.corpus import TokenWindows, make_windows
 from snip_lens.explain import ExplainConfig, explain
 from snip_lens.explain.runner import output_projection
@@ -67,7 +69,9 @@ def main() -> None:
           f"{forward_s:.1f} s")
 
     t = time.perf_counter()
-    records = collect(model, probe, top_k=20, batch_size=args.batch_size, progress=False)
+    col = CollectionConfig()  # the records SNIP's pipeline collects (64 top, 32 random windows per neuron)
+    records = collect(model, probe, top_k=col.top_k_records, n_random=col.random_records, batch_size=args.batch_size,
+                      progress=False)
     collect_s = time.perf_counter() - t
 
     cfg_out = ExplainConfig(explanations="output")
@@ -93,6 +97,7 @@ def main() -> None:
 
     res = {
         "model": M.model_name(model), "n_neurons": n_neurons, "probe_tokens": n_tok,
+        "records": {"top_k": col.top_k_records, "n_random": col.random_records},
         "baseline_forward_pass": {"seconds": round(forward_s, 2), "batch_size": args.batch_size},
         "collect_records": entry(collect_s),
         "vocabproj_all_neurons": entry(vocabproj_s),

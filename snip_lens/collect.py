@@ -823,7 +823,7 @@ def collect(model: Any, corpus: TokenWindows | list[str] | str | dict[str, Any],
         raise ValueError(f"batch_size must be a positive number of windows; got {batch_size}")
     if shard_windows <= 0:
         raise ValueError(f"shard_windows must be a positive number of windows; got {shard_windows}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer number of records per neuron (or None: "
                          f"{FITTED_TOP_K}, fewer for a small corpus); got {top_k!r}")
     corpora = _normalise_corpus(corpus, model, n_ctx, seed, max_doc_tokens)
@@ -844,6 +844,7 @@ def collect(model: Any, corpus: TokenWindows | list[str] | str | dict[str, Any],
         if top_k < FITTED_TOP_K:
             logger.info("records corpus %r has %d text tokens: keeping %d top records per neuron, not %d",
                         rec_name, n_text, top_k, FITTED_TOP_K)
+    top_k = int(top_k)
     if n_text < top_k:
         raise ValueError(f"records corpus {rec_name!r} has {n_text} text tokens (BOS not counted), fewer than "
                          f"top_k={top_k}; use more text or a smaller top_k")
