@@ -105,12 +105,9 @@ def main() -> None:
         raise SystemExit(f"--terms takes word and/or token, got {bad}")
     concepts_of = {"word": concepts}
     if "token" in term_kinds:
-        from dataclasses import replace
+        from snip_lens.concepts import with_evidence_terms
 
-        from snip_lens.concepts import token_terms
-
-        concepts_of["token"] = replace(concepts, token_terms=token_terms(f_sel, r_sel, M.tokenizer(model)),
-                                       tokenizer=M.model_name(model))
+        concepts_of["token"] = with_evidence_terms(concepts, f_sel, r_sel, model)
     embedder = None if args.no_embedding else get_embedder("local", cache_dir=args.cache, progress=False)
     projection = output_projection(model, ExplainConfig(explanations="output"), records)
 

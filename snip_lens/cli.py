@@ -185,15 +185,10 @@ def _concepts_cmd(args: argparse.Namespace) -> int:
     concepts = extract_concepts(forget, client=client, n_samples=args.n_samples, seed=args.seed,
                                 reference_texts=reference, n_concepts=args.n_concepts, cache_dir=args.cache_dir)
     if args.tokenizer:
-        import dataclasses
-
-        from . import models as M
-        from .concepts import token_terms
+        from .concepts import with_evidence_terms
         from .config import ModelConfig
 
-        model = ModelConfig(name=args.tokenizer).load()
-        concepts = dataclasses.replace(concepts, token_terms=token_terms(forget, reference, M.tokenizer(model)),
-                                       tokenizer=M.model_name(model))
+        concepts = with_evidence_terms(concepts, forget, reference, ModelConfig(name=args.tokenizer).load())
     concepts.save(out)
     for i, c in enumerate(concepts.concepts, 1):
         print(f"{i}. {c}")
@@ -526,6 +521,8 @@ def _collect_cmd(args: argparse.Namespace) -> int:
 
 
 def _add_collect(sub: argparse._SubParsersAction) -> None:
+    from .config import CollectionConfig
+
     sp = sub.add_parser("collect", help="SNIP step 1 input: top-activating records and activation statistics",
                         description="Stream corpora through the model and keep, for every MLP neuron, its top-k "
                         "activating windows, a few random windows, and activation statistics per corpus. "
@@ -537,11 +534,13 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--windows", type=int, help="windows per corpus (default: all)")
     sp.add_argument("--n-ctx", type=int, default=128, help="tokens per window")
     sp.add_argument("--top-k", type=int, default=None,
-                    help="top-activating records per neuron (default 64, fewer when the records corpus is smaller)")
+                    help=f"top-activating records per neuron (default {CollectionConfig.top_k_records}, fewer when "
+                    "the records corpus is smaller)")
     sp.add_argument("--layers", help="layers, e.g. 0-14 or 0,3,5-7 (default: all)")
     sp.add_argument("--context", default="32,8", help="tokens kept BEFORE,AFTER the activating token")
-    sp.add_argument("--n-random", type=int, default=32,
-                    help="random non-top records per neuron (what it does on typical text; default 32)")
+    sp.add_argument("--n-random", type=int, default=CollectionConfig.random_records,
+                    help="random non-top records per neuron (what it does on typical text; default "
+                    f"{CollectionConfig.random_records})")
     sp.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     sp.add_argument("--shard-windows", type=int, default=256, help="windows between checkpoints")
     sp.add_argument("--max-docs", type=int, help="cap on documents read per corpus")

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 from . import models
 from .backends import backend
 from ._io import atomic_write, atomic_write_text
+from .config import CollectionConfig
 from .corpus import TokenWindows
 from .kernels.topk import NO_INDEX, merge_topk, update_topk, update_topk_sync_free, update_topk_t
 from .types import ActivationRecord, NeuronId, NeuronRecords
@@ -783,7 +784,7 @@ def _token_vocab(model: Any, windows: Tensor) -> dict[int, str]:
     return {int(i): tok.decode([int(i)]) for i in ids}
 
 
-FITTED_TOP_K = 64
+FITTED_TOP_K = CollectionConfig.top_k_records
 """Top records per neuron of SNIP's pipeline (``snip collect``, ``CollectionConfig.top_k_records``): the
 evidence match reads the peaks of all of them (``InputEvidence.peaks``)."""
 

@@ -439,6 +439,25 @@ def token_terms(forget_texts: list[str], reference_texts: list[str] | None, toke
     return _terms_from(z, f_counts, r_counts, max_terms, keep=str.strip)
 
 
+def with_evidence_terms(concepts: DatasetConcepts, forget_texts: list[str], reference_texts: list[str] | None,
+                        model: Any) -> DatasetConcepts:
+    """``concepts`` with the evidence match's weights filled in from these documents where it has none: word
+    terms (:func:`concept_terms`; absent from files before format 2) and ``model``'s token terms
+    (:func:`token_terms`). Weights it already has are kept, with the tokenizer they were counted with."""
+    if concepts.terms and concepts.token_terms:
+        return concepts
+    import dataclasses
+
+    from . import models
+
+    if concepts.token_terms:
+        tokens, name = concepts.token_terms, concepts.tokenizer
+    else:
+        tokens, name = token_terms(forget_texts, reference_texts, models.tokenizer(model)), models.model_name(model)
+    return dataclasses.replace(concepts, terms=concepts.terms or concept_terms(forget_texts, reference_texts),
+                               token_terms=tokens, tokenizer=name)
+
+
 def _token_counts(texts: list[str], tokenizer: Any, batch: int) -> Counter:
     counts: Counter = Counter()
     for b in range(0, len(texts), batch):

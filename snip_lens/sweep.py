@@ -31,7 +31,7 @@ from . import models as M
 from ._io import atomic_write_json, iter_jsonl
 from .evaluate.generation import GenerationConfig
 from .evaluate.relearn import RelearnConfig
-from .config import DataConfig, RunConfig, from_flat
+from .config import CollectionConfig, DataConfig, RunConfig, from_flat
 from .report import (
     MethodDetail,
     PrunedNeuron,
@@ -110,9 +110,9 @@ class SweepConfig:
     select: Literal["global", "per-layer"] = "global"
     """Top-k over all neurons ("global"), or k/L in each of the L layers ("per-layer": masks that an export
     compacts fully, see ``snip export --compact``)."""
-    top_k_records: int = 64
+    top_k_records: int = CollectionConfig.top_k_records
     """Top activating records kept per neuron for the explainer."""
-    random_records: int = 32
+    random_records: int = CollectionConfig.random_records
     """Records around random tokens kept per neuron (``CollectionConfig.random_records``)."""
     batch_size: int = 8
     """Windows per forward pass."""
@@ -561,14 +561,10 @@ def run_sweep(config: RunConfig | SweepConfig, out_dir: str | Path, *, model: An
         # -- step 3: embed and score -------------------------------------------------------------------
         t = time.perf_counter()
         if config.embed.match != "embedding" and not (concepts.terms and concepts.token_terms):
-            # The evidence match's weights, from the same selection documents: word terms (missing in files
-            # from before format 2) and this model's token terms (snip_lens.concepts.token_terms).
-            from .concepts import concept_terms, token_terms
+            # the evidence match's weights, from the same selection documents
+            from .concepts import with_evidence_terms
 
-            concepts = dataclasses.replace(
-                concepts, terms=concepts.terms or concept_terms(f_sel, r_sel),
-                token_terms=concepts.token_terms or token_terms(f_sel, r_sel, M.tokenizer(model)),
-                tokenizer=concepts.tokenizer or M.model_name(model))
+            concepts = with_evidence_terms(concepts, f_sel, r_sel, model)
             concepts.save(concepts_path)
         # The evidence match needs no embeddings (the costliest step), unless quality is scored by embedding.
         from .config import EmbeddingConfig

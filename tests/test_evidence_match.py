@@ -203,6 +203,22 @@ def test_concepts_keep_their_token_terms_and_older_files_load(tmp_path):
         DatasetConcepts(["a"], token_terms={" a": float("nan")}, tokenizer="m")
 
 
+def test_with_evidence_terms_fills_only_the_missing_weights():
+    from snip_lens.concepts import with_evidence_terms
+    from snip_lens.testing import tiny_model
+
+    model = tiny_model("llama")
+    bare = DatasetConcepts(["Der Hund"], source="t")
+    filled = with_evidence_terms(bare, GERMAN, ENGLISH, model)
+    assert filled.terms and filled.token_terms and filled.tokenizer == "tiny-llama"
+    assert filled.concepts == bare.concepts and filled.source == bare.source
+    # weights it already has are kept, with the tokenizer that counted them
+    kept = DatasetConcepts(["Der Hund"], source="t", token_terms={" die": 3.0}, tokenizer="other")
+    got = with_evidence_terms(kept, GERMAN, ENGLISH, model)
+    assert (got.token_terms, got.tokenizer) == ({" die": 3.0}, "other") and got.terms == filled.terms
+    assert with_evidence_terms(filled, [], None, None) is filled  # complete: nothing recounted
+
+
 def test_a_token_weighs_the_larger_of_its_word_and_token_readings():
     tt = {"ung": 4.0, " the": -3.0, " die": 5.0}
     concepts = DatasetConcepts(["Der Hund"], source="t", terms={"the": -1.0, "die": 2.0}, token_terms=tt,

@@ -23,7 +23,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable
 
-from ..types import InputEvidence, NeuronEvidence, NeuronExplanation, NeuronRecords, TokenWeight
+from ..types import ActivationRecord, InputEvidence, NeuronEvidence, NeuronExplanation, NeuronRecords, TokenWeight
 
 _BPE_MARKERS = str.maketrans({"Ġ": " ", "▁": " ", "Ċ": "\n", "ĉ": "\t"})
 """Byte-level BPE and SentencePiece display markers (tokenizer conventions, not text)."""
@@ -66,7 +66,8 @@ ACTIVE_TOKENS = 64
 """Tokens kept in ``InputEvidence.active`` (the largest shares of a neuron's activity on typical text)."""
 
 
-def _peak(r) -> int:
+def _peak(r: ActivationRecord) -> int:
+    """Index of a window's largest activation (the first, on ties)."""
     return max(range(len(r.activations)), key=r.activations.__getitem__)
 
 
@@ -116,7 +117,7 @@ def input_evidence(records: NeuronRecords, *, max_records: int = 10, n_tokens: i
     top_df: Counter[str] = Counter()
     for r in recs:
         acts = r.activations
-        p = max(range(len(acts)), key=acts.__getitem__)
+        p = _peak(r)
         peak = acts[p]
         for t, a in zip(r.tokens, acts):
             if a > 0 and a >= strong * peak:
