@@ -443,7 +443,7 @@ def with_evidence_terms(concepts: DatasetConcepts, forget_texts: list[str], refe
                         model: Any) -> DatasetConcepts:
     """``concepts`` with the evidence match's weights filled in from these documents where it has none: word
     terms (:func:`concept_terms`; absent from files before format 2) and ``model``'s token terms
-    (:func:`token_terms`). Weights it already has are kept, with the tokenizer they were counted with."""
+    (:func:`token_terms`). Weights it already has are kept, and so is the name of their tokenizer."""
     if concepts.terms and concepts.token_terms:
         return concepts
     import dataclasses
